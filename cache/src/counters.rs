@@ -90,7 +90,14 @@ impl Counters {
 }
 
 fn open_locked(path: &Path) -> io::Result<File> {
-    let open = || OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path);
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+    };
     let file = match open() {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {

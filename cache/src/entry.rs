@@ -93,7 +93,10 @@ pub(crate) fn decode(kind: Kind, mut bytes: Vec<u8>) -> Result<Vec<u8>, EntryErr
     let header_len = u64::from_le_bytes(len);
     let actual = (bytes.len() - HEADER_LEN) as u64;
     if header_len != actual {
-        return Err(EntryError::Length { header: header_len, actual });
+        return Err(EntryError::Length {
+            header: header_len,
+            actual,
+        });
     }
     if Digest::of(&bytes[HEADER_LEN..]).0[..] != bytes[16..48] {
         return Err(EntryError::Checksum);
@@ -122,14 +125,20 @@ mod tests {
             if i == 6 || i == 7 {
                 continue; // reserved bytes carry no meaning
             }
-            assert!(decode(Kind::Result, bad).is_err(), "flip at {i} went unnoticed");
+            assert!(
+                decode(Kind::Result, bad).is_err(),
+                "flip at {i} went unnoticed"
+            );
         }
         for cut in 0..framed.len() {
             assert!(decode(Kind::Result, framed[..cut].to_vec()).is_err());
         }
         assert_eq!(
             decode(Kind::Manifest, framed),
-            Err(EntryError::WrongKind { found: 'R', expected: 'M' })
+            Err(EntryError::WrongKind {
+                found: 'R',
+                expected: 'M'
+            })
         );
     }
 }

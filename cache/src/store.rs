@@ -32,7 +32,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { max_size: 10 << 30, max_files: 0 }
+        Limits {
+            max_size: 10 << 30,
+            max_files: 0,
+        }
     }
 }
 
@@ -77,7 +80,10 @@ pub enum Lookup {
 
 impl Store {
     pub fn open(dir: impl Into<PathBuf>, limits: Limits) -> Store {
-        Store { dir: dir.into(), limits }
+        Store {
+            dir: dir.into(),
+            limits,
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -101,7 +107,10 @@ impl Store {
     /// [`Lookup::Corrupt`]; the caller treats it as a miss.
     pub fn get(&self, kind: Kind, key: &Digest) -> Result<Lookup, StoreError> {
         let path = self.path_of(kind, key);
-        let read_err = |source| StoreError::Read { path: path.clone(), source };
+        let read_err = |source| StoreError::Read {
+            path: path.clone(),
+            source,
+        };
         let mut file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Lookup::Miss),
@@ -113,7 +122,10 @@ impl Store {
         match entry::decode(kind, bytes) {
             Ok(payload) => {
                 let now = SystemTime::now();
-                let stale = meta.modified().map(|m| m + TOUCH_GRANULARITY < now).unwrap_or(true);
+                let stale = meta
+                    .modified()
+                    .map(|m| m + TOUCH_GRANULARITY < now)
+                    .unwrap_or(true);
                 if stale {
                     // Best effort: a failed touch only makes the entry look older to eviction.
                     let _ = file.set_modified(now);
@@ -136,8 +148,10 @@ impl Store {
         let path = self.path_of(kind, key);
         let framed = entry::encode(kind, payload);
         let previous = fs::symlink_metadata(&path).map(|m| m.len()).ok();
-        write_atomically(&path, &framed)
-            .map_err(|source| StoreError::Write { path: path.clone(), source })?;
+        write_atomically(&path, &framed).map_err(|source| StoreError::Write {
+            path: path.clone(),
+            source,
+        })?;
         let (size_delta, files_delta) = match previous {
             Some(old) => (framed.len() as i64 - old as i64, 0),
             None => (framed.len() as i64, 1),
@@ -145,7 +159,10 @@ impl Store {
         let counters = self.account(key, size_delta, files_delta)?;
         if self.over_limits(&counters) {
             self.cleanup_shard(&self.shard_dir(key))
-                .map_err(|source| StoreError::Write { path: self.shard_dir(key), source })?;
+                .map_err(|source| StoreError::Write {
+                    path: self.shard_dir(key),
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -177,7 +194,10 @@ impl Store {
     }
 
     fn shard_limits(&self) -> (u64, u64) {
-        (self.limits.max_size / SHARDS, self.limits.max_files / SHARDS)
+        (
+            self.limits.max_size / SHARDS,
+            self.limits.max_files / SHARDS,
+        )
     }
 
     fn over_limits(&self, c: &Counters) -> bool {
@@ -264,7 +284,12 @@ impl Store {
         if evicted > 0 {
             tracing::debug!(shard = %dir.display(), evicted, size, files, "cleaned shard");
         }
-        Ok(CleanupReport { evicted, stale_tmp, size, files })
+        Ok(CleanupReport {
+            evicted,
+            stale_tmp,
+            size,
+            files,
+        })
     }
 }
 
@@ -317,14 +342,21 @@ fn list_shard(dir: &Path) -> io::Result<(Vec<(PathBuf, SystemTime, u64)>, u64)> 
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
     let tmp = dir.join(format!(
         "{TMP_PREFIX}{}.{}.{}",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed),
         nanos.subsec_nanos()
     ));
-    let create = || fs::OpenOptions::new().write(true).create_new(true).open(&tmp);
+    let create = || {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+    };
     let mut file = match create() {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -354,8 +386,14 @@ mod tests {
         let store = Store::open(dir.path(), Limits::default());
         store.put(Kind::Result, &key(1), b"abc").unwrap();
         assert!(matches!(store.get(Kind::Result, &key(1)).unwrap(), Lookup::Hit(b) if b == b"abc"));
-        assert!(matches!(store.get(Kind::Manifest, &key(1)).unwrap(), Lookup::Miss));
-        assert!(matches!(store.get(Kind::Result, &key(2)).unwrap(), Lookup::Miss));
+        assert!(matches!(
+            store.get(Kind::Manifest, &key(1)).unwrap(),
+            Lookup::Miss
+        ));
+        assert!(matches!(
+            store.get(Kind::Result, &key(2)).unwrap(),
+            Lookup::Miss
+        ));
         assert_eq!(store.usage().1, 1);
     }
 
@@ -369,9 +407,15 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         fs::write(&path, bytes).unwrap();
-        assert!(matches!(store.get(Kind::Result, &key(1)).unwrap(), Lookup::Corrupt(_)));
+        assert!(matches!(
+            store.get(Kind::Result, &key(1)).unwrap(),
+            Lookup::Corrupt(_)
+        ));
         assert!(!path.exists());
-        assert!(matches!(store.get(Kind::Result, &key(1)).unwrap(), Lookup::Miss));
+        assert!(matches!(
+            store.get(Kind::Result, &key(1)).unwrap(),
+            Lookup::Miss
+        ));
         assert_eq!(store.usage(), (0, 0));
     }
 
@@ -380,11 +424,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Limits::default());
         store.put(Kind::Result, &key(1), b"x").unwrap();
-        let leaf = store.path_of(Kind::Result, &key(1)).parent().unwrap().to_path_buf();
+        let leaf = store
+            .path_of(Kind::Result, &key(1))
+            .parent()
+            .unwrap()
+            .to_path_buf();
         let tmp = leaf.join(".tmp.999.0.0");
         fs::write(&tmp, b"half an entry").unwrap();
         let old = SystemTime::now() - STALE_TMP - Duration::from_secs(5);
-        File::options().write(true).open(&tmp).unwrap().set_modified(old).unwrap();
+        File::options()
+            .write(true)
+            .open(&tmp)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
         let report = store.cleanup().unwrap();
         assert_eq!(report.stale_tmp, 1);
         assert_eq!(report.files, 1);
@@ -395,7 +448,13 @@ mod tests {
     fn eviction_keeps_store_under_cap_and_drops_oldest() {
         let dir = tempfile::tempdir().unwrap();
         // 16 KiB in all: 1 KiB per shard; entries of ~300 bytes.
-        let store = Store::open(dir.path(), Limits { max_size: 16 * 1024, max_files: 0 });
+        let store = Store::open(
+            dir.path(),
+            Limits {
+                max_size: 16 * 1024,
+                max_files: 0,
+            },
+        );
         let payload = vec![7u8; 250];
         for n in 0..400 {
             store.put(Kind::Result, &key(n), &payload).unwrap();
@@ -405,13 +464,22 @@ mod tests {
         let (size, _) = store.usage();
         assert!(size <= 16 * 1024);
         // The newest entry survives.
-        assert!(matches!(store.get(Kind::Result, &key(399)).unwrap(), Lookup::Hit(_)));
+        assert!(matches!(
+            store.get(Kind::Result, &key(399)).unwrap(),
+            Lookup::Hit(_)
+        ));
     }
 
     #[test]
     fn count_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Limits { max_size: 0, max_files: 32 });
+        let store = Store::open(
+            dir.path(),
+            Limits {
+                max_size: 0,
+                max_files: 32,
+            },
+        );
         for n in 0..200 {
             store.put(Kind::Blob, &key(n), b"b").unwrap();
         }

@@ -1,1 +1,15 @@
-//! placeholder
+//! `kiln`, the compiler wrapper: argument classification, cache keys, the local cache flow and
+//! statistics. The binary (`main.rs`) only parses kiln's own command line and calls in here.
+
+pub mod args;
+mod codec;
+pub mod compile;
+pub mod compiler;
+pub mod config;
+pub mod depfile;
+pub mod env;
+pub mod files;
+pub mod manifest;
+pub mod process;
+pub mod result;
+pub mod stats;

@@ -1,0 +1,827 @@
+//! One wrapped compile: classify, look up, and on a miss compile and store.
+//!
+//! The flow, and what each step guarantees:
+//! 1. The command is classified ([`crate::args`]). Anything uncacheable runs the real compiler
+//!    in place of kiln (`exec`), unchanged.
+//! 2. The *manifest key* hashes the compiler's identity, the arguments that matter, the source
+//!    and the environment that changes the output. Its manifest lists, per earlier result, the
+//!    headers used with their digests and the paths that must stay absent (shadowing).
+//! 3. A hit writes the outputs atomically and replays stdout and stderr.
+//! 4. A miss runs the compiler once, with `-MD -MF <tmp>` added when the user asked for no
+//!    dependency file, so kiln learns every header without a second preprocessor pass. The
+//!    headers are hashed after the compile; if any changed during it, nothing is stored.
+//!
+//! A failure of kiln itself never fails the build: before the compile it falls back to running
+//! the compiler directly, after it the compile's own result stands.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use anyhow::Context;
+use kiln_cache::{Digest, Hasher, Kind, Limits, Lookup, Store};
+
+use crate::args::{self, Compile, Lang, Reason};
+use crate::compiler::{self, Family, Identity};
+use crate::config::Config;
+use crate::depfile;
+use crate::env::{Env, COMPILER_VARS, SIDE_OUTPUT_VARS};
+use crate::files::{self, Hashed};
+use crate::manifest::{FileRecord, Manifest};
+use crate::process;
+use crate::result::{CompileResult, Part};
+use crate::stats::{self, Outcome};
+
+/// Everything one invocation needs, gathered by `main`.
+#[derive(Debug)]
+pub struct Invocation<'a> {
+    pub config: &'a Config,
+    pub env: &'a Env,
+    pub cwd: PathBuf,
+    /// The real compiler.
+    pub compiler: PathBuf,
+    /// The arguments as given (after the compiler).
+    pub args: Vec<OsString>,
+    /// Whether kiln's stderr is a terminal (compilers colour diagnostics then).
+    pub stderr_tty: bool,
+}
+
+/// Why the cache steps aside for this compile.
+enum Skip {
+    Uncacheable(Reason),
+    Error(anyhow::Error),
+}
+
+impl From<Reason> for Skip {
+    fn from(r: Reason) -> Skip {
+        Skip::Uncacheable(r)
+    }
+}
+
+impl From<anyhow::Error> for Skip {
+    fn from(e: anyhow::Error) -> Skip {
+        Skip::Error(e)
+    }
+}
+
+/// A classified compile with its key, ready for lookup.
+struct Prepared {
+    compile: Compile,
+    identity: Identity,
+    source: Hashed,
+    key: Digest,
+}
+
+/// Runs one compile through the cache and returns the exit code.
+pub fn run(inv: &Invocation) -> i32 {
+    let started = Instant::now();
+    let t0 = SystemTime::now();
+    let cfg = inv.config;
+    if cfg.disable {
+        return exec_direct(inv);
+    }
+    let store = Store::open(
+        &cfg.dir,
+        Limits {
+            max_size: cfg.max_size,
+            max_files: cfg.max_files,
+        },
+    );
+    let prepared = match prepare(inv) {
+        Ok(p) => p,
+        Err(skip) => {
+            let outcome = match skip {
+                Skip::Uncacheable(r) => {
+                    tracing::debug!(
+                        reason = r.name(),
+                        "uncacheable: running the compiler directly"
+                    );
+                    Outcome::Uncacheable(r)
+                }
+                Skip::Error(e) => {
+                    eprintln!("kiln: warning: {e:#}; compiling without the cache");
+                    Outcome::Error
+                }
+            };
+            if cfg.stats {
+                stats::record(&cfg.dir, outcome, 0);
+            }
+            return exec_direct(inv);
+        }
+    };
+    tracing::debug!(key = %prepared.key, source = %prepared.compile.source, "manifest key");
+
+    let mut corrupt = 0;
+    if !cfg.recache {
+        match lookup(inv, &store, &prepared, &mut corrupt) {
+            Ok(Some(result)) => match deliver(inv, &prepared.compile, &result) {
+                Ok(()) => {
+                    let saved = i64::from(result.compile_ms) - started.elapsed().as_millis() as i64;
+                    tracing::debug!(saved_ms = saved, "cache hit");
+                    if cfg.stats {
+                        stats::record(&cfg.dir, Outcome::Hit { saved_ms: saved }, corrupt);
+                    }
+                    return 0;
+                }
+                Err(e) => {
+                    eprintln!(
+                        "kiln: warning: cannot write cached outputs: {e:#}; compiling instead"
+                    );
+                }
+            },
+            Ok(None) => tracing::debug!("cache miss"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cache lookup failed; compiling"),
+        }
+    }
+    compile_and_store(inv, &store, prepared, t0, started, corrupt)
+}
+
+fn exec_direct(inv: &Invocation) -> i32 {
+    let err = process::exec(&inv.compiler, &inv.args);
+    eprintln!("kiln: cannot run {}: {err}", inv.compiler.display());
+    127
+}
+
+fn prepare(inv: &Invocation) -> Result<Prepared, Skip> {
+    let args: Vec<String> = inv
+        .args
+        .iter()
+        .map(|a| a.to_str().map(str::to_owned))
+        .collect::<Option<_>>()
+        .ok_or(Reason::NonUtf8)?;
+    let args = args::expand_response_files(&args, &inv.cwd)?;
+    let compile = args::classify(args)?;
+    if SIDE_OUTPUT_VARS.iter().any(|v| inv.env.os(v).is_some()) {
+        return Err(Reason::Environment.into());
+    }
+    let identity = compiler::identify(&inv.compiler, &inv.config.dir)?;
+    let source_path = inv.cwd.join(&compile.source);
+    let source = files::hash_file(&source_path)
+        .with_context(|| format!("cannot read source {}", source_path.display()))?;
+    if source.scan.time && inv.env.get("SOURCE_DATE_EPOCH").is_none() {
+        return Err(Reason::TimeMacros.into());
+    }
+    if source.scan.incbin {
+        return Err(Reason::Incbin.into());
+    }
+    let key = manifest_key(inv, &compile, &identity, &source)?;
+    Ok(Prepared {
+        compile,
+        identity,
+        source,
+        key,
+    })
+}
+
+/// The 15-minute UTC slot a `__DATE__` result belongs to. Every time zone's offset is a
+/// multiple of 15 minutes, so the local date never changes within a slot.
+fn date_slot() -> String {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("utc-slot-{}", secs / 900)
+}
+
+fn manifest_key(
+    inv: &Invocation,
+    c: &Compile,
+    id: &Identity,
+    source: &Hashed,
+) -> anyhow::Result<Digest> {
+    let cfg = inv.config;
+    let rel = |s: &str| relativize(s, cfg.base_dir.as_deref(), &inv.cwd);
+    let mut h = Hasher::new("kiln manifest key v1");
+    h.digest(&id.digest())
+        .str(c.lang.name())
+        .str(&rel(&c.source))
+        .digest(&source.digest);
+    h.field(&[u8::from(c.assembly)]);
+    for a in &c.hashed_args {
+        h.str(&rel(a));
+    }
+    h.str(match &c.dep_file {
+        None => "deps:none",
+        Some(d) if d.user_headers_only => "deps:mmd",
+        Some(_) => "deps:md",
+    });
+    let output_matters =
+        (c.dep_file.is_some() && !c.dep_target_given) || c.split_dwarf || c.embeds_output_path;
+    if output_matters {
+        h.str("output").str(&rel(&c.output.to_string_lossy()));
+    }
+    let cwd = inv.cwd.to_string_lossy();
+    let mapped_cwd = c
+        .prefix_maps
+        .iter()
+        .rev()
+        .find(|(old, _)| cwd.starts_with(old.as_str()))
+        .map(|(old, new)| format!("{new}{}", &cwd[old.len()..]));
+    // The object records the working directory when it has debug info (DW_AT_comp_dir) and an
+    // absolute path when it writes profile data; a dependency file is not relocatable.
+    let cwd_in_output = (c.debug && cfg.hash_dir && !c.comp_dir_given)
+        || c.embeds_output_path
+        || c.profile_use_default
+        || c.split_dwarf
+        || (cfg.base_dir.is_some() && c.dep_file.is_some());
+    if cwd_in_output {
+        let recorded = match &mapped_cwd {
+            Some(m) if !c.embeds_output_path => m.clone(),
+            _ => cwd.into_owned(),
+        };
+        h.str("cwd").str(&recorded);
+    }
+    for var in COMPILER_VARS {
+        if let Some(v) = inv.env.os(var) {
+            h.str(var).field(v.as_encoded_bytes());
+        }
+    }
+    if inv.stderr_tty && !c.color_given {
+        h.str("color");
+    }
+    for p in &c.profile_inputs {
+        hash_path_contents(&mut h, &inv.cwd.join(p));
+    }
+    if c.profile_use_default {
+        hash_path_contents(&mut h, &inv.cwd.join(c.output.with_extension("gcda")));
+    }
+    if c.native_cpu {
+        h.str("cpu").str(&cpu_identity());
+    }
+    if source.scan.date {
+        h.str(&date_slot());
+    }
+    Ok(h.finish())
+}
+
+/// Hashes a profile file, or every file in a profile directory, or notes its absence.
+fn hash_path_contents(h: &mut Hasher, path: &Path) {
+    h.str(&path.to_string_lossy());
+    if let Ok(rd) = fs::read_dir(path) {
+        let mut names: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        names.sort();
+        for p in names {
+            if let Ok(data) = fs::read(&p) {
+                h.str(&p.to_string_lossy()).digest(&Digest::of(&data));
+            }
+        }
+    } else if let Ok(data) = fs::read(path) {
+        h.digest(&Digest::of(&data));
+    } else {
+        h.str("absent");
+    }
+}
+
+/// The host CPU as `-march=native` sees it.
+fn cpu_identity() -> String {
+    let info = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let pick = |field: &str| {
+        info.lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    format!(
+        "{}|{}|{}",
+        pick("vendor_id"),
+        pick("model name"),
+        pick("flags")
+    )
+}
+
+/// With a base directory, absolute paths under it are hashed relative to the working directory,
+/// so the same tree checked out elsewhere has the same keys. `-I/abs` and `-ffile-prefix-map=/abs=x`
+/// style arguments are rewritten too.
+fn relativize(arg: &str, base: Option<&Path>, cwd: &Path) -> String {
+    let Some(base) = base else {
+        return arg.to_owned();
+    };
+    let base = base.to_string_lossy();
+    let Some(at) = arg.find(base.as_ref()) else {
+        return arg.to_owned();
+    };
+    let (prefix, path) = arg.split_at(at);
+    if !(prefix.is_empty() || prefix.starts_with('-')) {
+        return arg.to_owned();
+    }
+    let (path, rest) = match path.split_once('=') {
+        Some((p, r)) => (p, format!("={r}")),
+        None => (path, String::new()),
+    };
+    format!(
+        "{prefix}{}{rest}",
+        relative_path(Path::new(path), cwd).display()
+    )
+}
+
+/// `path` relative to `from`, lexically (both absolute).
+fn relative_path(path: &Path, from: &Path) -> PathBuf {
+    let p: Vec<Component> = path.components().collect();
+    let f: Vec<Component> = from.components().collect();
+    let common = p.iter().zip(&f).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..f.len() {
+        out.push("..");
+    }
+    for c in &p[common..] {
+        out.push(c.as_os_str());
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
+fn lookup(
+    inv: &Invocation,
+    store: &Store,
+    p: &Prepared,
+    corrupt: &mut u32,
+) -> anyhow::Result<Option<CompileResult>> {
+    let manifest = match store.get(Kind::Manifest, &p.key)? {
+        Lookup::Hit(bytes) => match Manifest::decode(&bytes) {
+            Some(m) => m,
+            None => return Ok(None),
+        },
+        Lookup::Miss => return Ok(None),
+        Lookup::Corrupt(_) => {
+            *corrupt += 1;
+            return Ok(None);
+        }
+    };
+    let Some(found) = manifest.lookup(&inv.cwd, &date_slot()) else {
+        tracing::debug!(
+            entries = manifest.entries.len(),
+            "no manifest entry matches the headers on disk"
+        );
+        return Ok(None);
+    };
+    let result = match store.get(Kind::Result, &found.result)? {
+        Lookup::Hit(bytes) => CompileResult::decode(&bytes),
+        Lookup::Miss => None,
+        Lookup::Corrupt(_) => {
+            *corrupt += 1;
+            None
+        }
+    };
+    if result.is_some() && !found.refreshed.is_empty() && !inv.config.read_only {
+        // Headers that had to be re-read are now known stable: remember their stat.
+        let mut m = manifest;
+        m.refresh(&found.refreshed);
+        let _ = store.put(Kind::Manifest, &p.key, &m.encode());
+    }
+    Ok(result)
+}
+
+/// Writes a result's files and replays its output.
+fn deliver(inv: &Invocation, c: &Compile, r: &CompileResult) -> anyhow::Result<()> {
+    let object = r.get(Part::Object).context("result has no object")?;
+    write_output(&inv.cwd.join(&c.output), object)?;
+    if let Some(d) = &c.dep_file {
+        let bytes = r
+            .get(Part::DepFile)
+            .context("result has no dependency file")?;
+        write_output(&inv.cwd.join(&d.path), bytes)?;
+    }
+    if let Some(dwo) = r.get(Part::Dwo) {
+        write_output(&inv.cwd.join(args::dwo_path(&c.output)), dwo)?;
+    }
+    replay(
+        r.get(Part::Stdout).unwrap_or(&[]),
+        r.get(Part::Stderr).unwrap_or(&[]),
+    );
+    Ok(())
+}
+
+fn replay(stdout: &[u8], stderr: &[u8]) {
+    // A closed stdout or stderr is the caller's business, as it would be for the compiler.
+    let _ = std::io::stdout().write_all(stdout);
+    let _ = std::io::stderr().write_all(stderr);
+}
+
+/// Writes a build output through a temporary file and a rename, so the build never sees half
+/// an object.
+fn write_output(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .context("output has no file name")?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.kiln-{}", std::process::id()));
+    fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| {
+        let _ = fs::remove_file(&tmp);
+        format!("cannot write {}", path.display())
+    })
+}
+
+/// A temporary file in the cache's `tmp/` directory, removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(dir: &Path, suffix: &str) -> anyhow::Result<TempFile> {
+        let tmp = dir.join("tmp");
+        fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        Ok(TempFile(
+            tmp.join(format!("{}.{nanos}{suffix}", std::process::id())),
+        ))
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+fn compile_and_store(
+    inv: &Invocation,
+    store: &Store,
+    p: Prepared,
+    t0: SystemTime,
+    started: Instant,
+    corrupt: u32,
+) -> i32 {
+    let cfg = inv.config;
+    let c = &p.compile;
+    let mut args = c.args.clone();
+    let own_deps = match (&c.dep_file, c.lang.preprocessed()) {
+        (None, true) => match TempFile::new(&cfg.dir, ".d") {
+            Ok(t) => {
+                args.extend([
+                    "-MD".to_owned(),
+                    "-MF".to_owned(),
+                    t.0.to_string_lossy().into_owned(),
+                ]);
+                Some(t)
+            }
+            Err(e) => {
+                eprintln!("kiln: warning: {e:#}; compiling without the cache");
+                return exec_direct(inv);
+            }
+        },
+        _ => None,
+    };
+    if let Some(d) = &c.dep_file {
+        if d.add_mf {
+            args.extend(["-MF".to_owned(), d.path.to_string_lossy().into_owned()]);
+        }
+    }
+    if inv.stderr_tty && !c.color_given {
+        args.push(match p.identity.family {
+            Family::Gcc => "-fdiagnostics-color=always".to_owned(),
+            Family::Clang => "-fcolor-diagnostics".to_owned(),
+        });
+    }
+    let output = match process::capture(&inv.compiler, &args, Some(true)) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("kiln: cannot run {}: {e}", inv.compiler.display());
+            return 127;
+        }
+    };
+    let compile_ms = started.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
+    replay(&output.stdout, &output.stderr);
+    let code = exit_code(&output.status);
+    if code != 0 {
+        if cfg.stats {
+            stats::record(&cfg.dir, Outcome::CompileFailed, corrupt);
+        }
+        return code;
+    }
+    if cfg.read_only {
+        if cfg.stats {
+            stats::record(&cfg.dir, Outcome::Miss, corrupt);
+        }
+        return 0;
+    }
+    let outcome = match store_result(inv, store, &p, own_deps.as_ref(), t0, compile_ms, &output) {
+        Ok(()) => Outcome::Miss,
+        Err(Skip::Uncacheable(r)) => {
+            tracing::debug!(reason = r.name(), "compiled, but not stored");
+            Outcome::Uncacheable(r)
+        }
+        Err(Skip::Error(e)) => {
+            eprintln!("kiln: warning: compiled, but cannot store the result: {e:#}");
+            Outcome::Error
+        }
+    };
+    if cfg.stats {
+        stats::record(&cfg.dir, outcome, corrupt);
+    }
+    0
+}
+
+fn exit_code(status: &std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+fn store_result(
+    inv: &Invocation,
+    store: &Store,
+    p: &Prepared,
+    own_deps: Option<&TempFile>,
+    t0: SystemTime,
+    compile_ms: u32,
+    output: &std::process::Output,
+) -> Result<(), Skip> {
+    let c = &p.compile;
+    let cwd = &inv.cwd;
+    // The source must be what was hashed before the compile.
+    let source_now =
+        files::stat(&cwd.join(&c.source)).context("source vanished during the compile")?;
+    if source_now != p.source.stat || source_now.changed_since(t0) {
+        return Err(Reason::ModifiedDuringCompile.into());
+    }
+
+    let headers = if c.lang.preprocessed() {
+        header_list(inv, p, own_deps)?
+    } else {
+        Vec::new()
+    };
+    let mut records = Vec::with_capacity(headers.len());
+    let mut scan = p.source.scan;
+    let mut result_key = Hasher::new("kiln result key v1");
+    result_key.digest(&p.key);
+    for h in &headers {
+        let hashed = match files::hash_file(&cwd.join(h)) {
+            Ok(x) => x,
+            Err(_) => return Err(Reason::ModifiedDuringCompile.into()),
+        };
+        if hashed.stat.changed_since(t0) {
+            return Err(Reason::ModifiedDuringCompile.into());
+        }
+        scan = scan.union(hashed.scan);
+        result_key.str(h).digest(&hashed.digest);
+        records.push(FileRecord {
+            path: h.clone(),
+            digest: hashed.digest,
+            stat: hashed.stat,
+            stable: hashed.stable,
+        });
+    }
+    if scan.time && inv.env.get("SOURCE_DATE_EPOCH").is_none() {
+        return Err(Reason::TimeMacros.into());
+    }
+    if scan.incbin {
+        return Err(Reason::Incbin.into());
+    }
+    let date = scan.date.then(date_slot);
+    if let Some(d) = &date {
+        result_key.str(d);
+    }
+    let result_key = result_key.finish();
+
+    let mut parts = vec![(Part::Object, read_output(cwd, &c.output)?)];
+    if !output.stdout.is_empty() {
+        parts.push((Part::Stdout, output.stdout.clone()));
+    }
+    if !output.stderr.is_empty() {
+        parts.push((Part::Stderr, output.stderr.clone()));
+    }
+    if let Some(d) = &c.dep_file {
+        parts.push((Part::DepFile, read_output(cwd, &d.path)?));
+    }
+    if c.split_dwarf {
+        let dwo = cwd.join(args::dwo_path(&c.output));
+        // Only a .dwo this compile wrote; an old one lying there is not part of the result.
+        if files::stat(&dwo).is_ok_and(|s| s.changed_since(t0)) {
+            parts.push((Part::Dwo, read_output(cwd, &args::dwo_path(&c.output))?));
+        }
+    }
+    let result = CompileResult { compile_ms, parts };
+    store
+        .put(Kind::Result, &result_key, &result.encode())
+        .context("cannot store the result")?;
+
+    let negatives = negative_paths(inv, p, &headers);
+    let mut manifest = match store.get(Kind::Manifest, &p.key) {
+        Ok(Lookup::Hit(bytes)) => Manifest::decode(&bytes).unwrap_or_default(),
+        _ => Manifest::default(),
+    };
+    manifest.add(records, negatives, date, result_key);
+    store
+        .put(Kind::Manifest, &p.key, &manifest.encode())
+        .context("cannot store the manifest")?;
+    tracing::debug!(result = %result_key, headers = headers.len(), "stored");
+    Ok(())
+}
+
+fn read_output(cwd: &Path, path: &Path) -> Result<Vec<u8>, Skip> {
+    let full = cwd.join(path);
+    fs::read(&full)
+        .with_context(|| format!("cannot read compiler output {}", full.display()))
+        .map_err(Skip::Error)
+}
+
+/// Every header the compile read, from the dependency file kiln or the user asked for. With
+/// `-MMD` (system headers left out) the compiler is asked again with `-M`.
+fn header_list(
+    inv: &Invocation,
+    p: &Prepared,
+    own_deps: Option<&TempFile>,
+) -> Result<Vec<String>, Skip> {
+    let c = &p.compile;
+    let text = match (own_deps, &c.dep_file) {
+        (Some(t), _) => fs::read_to_string(&t.0).context("cannot read the dependency list")?,
+        (None, Some(d)) if !d.user_headers_only => {
+            fs::read_to_string(inv.cwd.join(&d.path)).context("cannot read the dependency file")?
+        }
+        _ => {
+            let tmp = TempFile::new(&inv.config.dir, ".d")?;
+            let mut args = deps_only_args(&c.args);
+            args.extend([
+                "-M".to_owned(),
+                "-MF".to_owned(),
+                tmp.0.to_string_lossy().into_owned(),
+            ]);
+            let out =
+                process::capture(&inv.compiler, &args, None).context("cannot list the headers")?;
+            if !out.status.success() {
+                return Err(Skip::Error(anyhow::anyhow!(
+                    "listing headers with -M failed"
+                )));
+            }
+            fs::read_to_string(&tmp.0).context("cannot read the dependency list")?
+        }
+    };
+    let source = normalize(&c.source);
+    Ok(depfile::prerequisites(&text)
+        .into_iter()
+        .filter(|h| normalize(h) != source)
+        .collect())
+}
+
+/// The compile's arguments with its outputs and dependency options removed, for a `-M` run.
+fn deps_only_args(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut skip_next = false;
+    for a in args {
+        if skip_next {
+            skip_next = false;
+            continue;
+        }
+        match a.as_str() {
+            "-o" | "-MF" | "-MT" | "-MQ" => skip_next = true,
+            "-c" | "-S" | "-MD" | "-MMD" | "-MP" => {}
+            s if s.starts_with("-Wp,-MD,") || s.starts_with("-Wp,-MMD,") => {}
+            s if s.len() > 3
+                && (s.starts_with("-MF") || s.starts_with("-MT") || s.starts_with("-MQ")) => {}
+            s if s.len() > 2 && s.starts_with("-o") => {}
+            _ => out.push(a.clone()),
+        }
+    }
+    out
+}
+
+/// Lexical normal form of a path: no `.` components, no repeated or trailing slashes.
+fn normalize(p: &str) -> String {
+    let mut out = PathBuf::new();
+    for c in Path::new(p).components() {
+        if c != Component::CurDir {
+            out.push(c.as_os_str());
+        }
+    }
+    let s = out.to_string_lossy().into_owned();
+    if s.is_empty() {
+        ".".to_owned()
+    } else {
+        s
+    }
+}
+
+/// Paths where a header of the same name would have been found first, had it existed: for each
+/// header, the directories before its own on the include path. Only paths absent now are
+/// recorded (one present now was passed over for a reason, such as an include relative to the
+/// including file), so a later lookup fails exactly when a new file could shadow a used one.
+fn negative_paths(inv: &Invocation, p: &Prepared, headers: &[String]) -> Vec<String> {
+    const MAX: usize = 4096;
+    let c = &p.compile;
+    let source_dir = Path::new(&c.source)
+        .parent()
+        .map(|d| d.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let system = match c.lang {
+        Lang::Cxx | Lang::ObjCxx | Lang::CxxPreprocessed => &p.identity.cxx_dirs,
+        _ => &p.identity.c_dirs,
+    };
+    let dirs = &c.include_dirs;
+    let chain: Vec<String> = std::iter::once(&source_dir)
+        .chain(&dirs.quote)
+        .chain(&dirs.angle)
+        .chain(&dirs.system)
+        .chain(system)
+        .chain(&dirs.after)
+        .map(|d| normalize(d))
+        .collect();
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for h in headers {
+        let h = normalize(h);
+        // The most specific directory of the chain that holds this header.
+        let found = chain
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| {
+                let rest = if d == "." {
+                    Some(h.as_str()).filter(|h| !h.starts_with('/'))
+                } else {
+                    h.strip_prefix(d.as_str()).and_then(|r| r.strip_prefix('/'))
+                };
+                rest.map(|r| (i, d.len(), r))
+            })
+            .max_by_key(|(i, len, _)| (*len, std::cmp::Reverse(*i)));
+        let Some((idx, _, rest)) = found else {
+            continue;
+        };
+        let own = &chain[idx];
+        for earlier in &chain[..idx] {
+            if earlier == own {
+                continue;
+            }
+            let candidate = if earlier == "." {
+                rest.to_owned()
+            } else {
+                format!("{earlier}/{rest}")
+            };
+            if seen.insert(candidate.clone())
+                && fs::symlink_metadata(inv.cwd.join(&candidate)).is_err()
+            {
+                out.push(candidate);
+                if out.len() >= MAX {
+                    return out;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths() {
+        assert_eq!(
+            relative_path(Path::new("/a/b/c"), Path::new("/a/x")),
+            Path::new("../b/c")
+        );
+        assert_eq!(
+            relative_path(Path::new("/a"), Path::new("/a")),
+            Path::new(".")
+        );
+        let cwd = Path::new("/home/u/proj/build");
+        let base = Some(Path::new("/home/u"));
+        assert_eq!(
+            relativize("-I/home/u/proj/include", base, cwd),
+            "-I../include"
+        );
+        assert_eq!(
+            relativize("-ffile-prefix-map=/home/u/proj=.", base, cwd),
+            "-ffile-prefix-map=..=."
+        );
+        assert_eq!(relativize("/home/u/proj/a.c", base, cwd), "../a.c");
+        assert_eq!(relativize("-I/usr/include", base, cwd), "-I/usr/include");
+        assert_eq!(relativize("-I/home/u/x", None, cwd), "-I/home/u/x");
+    }
+
+    #[test]
+    fn deps_only_strips_outputs() {
+        let args: Vec<String> = [
+            "-c",
+            "a.c",
+            "-o",
+            "a.o",
+            "-MMD",
+            "-MF",
+            "a.d",
+            "-MTx",
+            "-O2",
+            "-Wp,-MMD,k.d",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(deps_only_args(&args), ["a.c", "-O2"]);
+    }
+
+    #[test]
+    fn normal_forms() {
+        assert_eq!(normalize("./include//a.h"), "include/a.h");
+        assert_eq!(normalize(""), ".");
+        assert_eq!(normalize("/usr/include/"), "/usr/include");
+    }
+}

@@ -1,0 +1,276 @@
+//! Configuration: a TOML file, overridden by `KILN_*` variables, overridden by flags.
+//!
+//! [`Config::load`] is the one place that merges the three; the result is plain data passed
+//! explicitly to whatever needs it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use crate::env::Env;
+
+/// Settings in effect for one invocation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The local cache directory (`dir`, `KILN_DIR`).
+    pub dir: PathBuf,
+    /// Size cap of the local cache in bytes (`max_size`, `KILN_CACHE_SIZE`; "10G", "500M").
+    pub max_size: u64,
+    /// Entry-count cap of the local cache, 0 for none (`max_files`, `KILN_CACHE_FILES`).
+    pub max_files: u64,
+    /// Absolute paths under this directory are made relative to the working directory before
+    /// they are hashed, so checkouts in different places share results (`base_dir`,
+    /// `KILN_BASE_DIR`).
+    pub base_dir: Option<PathBuf>,
+    /// Hash the working directory when debug info records it (`hash_dir`, `KILN_HASH_DIR`).
+    /// Turning this off shares results between directories at the price of a wrong
+    /// `DW_AT_comp_dir`.
+    pub hash_dir: bool,
+    /// Run every compile directly, without the cache (`disable`, `KILN_DISABLE`).
+    pub disable: bool,
+    /// Use hits but store nothing (`read_only`, `KILN_READONLY`).
+    pub read_only: bool,
+    /// Ignore hits and store fresh results (`recache`, `KILN_RECACHE`).
+    pub recache: bool,
+    /// Keep statistics (`stats`, `KILN_STATS`).
+    pub stats: bool,
+    /// Where the file came from, for `kiln config`.
+    pub source: Option<PathBuf>,
+}
+
+/// The TOML file's shape: every field optional, unknown fields refused with their name.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    dir: Option<PathBuf>,
+    max_size: Option<SizeValue>,
+    max_files: Option<u64>,
+    base_dir: Option<PathBuf>,
+    hash_dir: Option<bool>,
+    disable: Option<bool>,
+    read_only: Option<bool>,
+    recache: Option<bool>,
+    stats: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+/// Flags given on kiln's own command line (before the compiler).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub dir: Option<PathBuf>,
+    pub disable: Option<bool>,
+    pub recache: Option<bool>,
+}
+
+impl Config {
+    /// Merges the configuration file (`KILN_CONFIG` or `<config dir>/kiln/kiln.toml`, absent is
+    /// fine), the environment and `flags`.
+    pub fn load(env: &Env, flags: &Overrides) -> anyhow::Result<Config> {
+        let (path, explicit) = match env.get("KILN_CONFIG") {
+            Some(p) => (Some(PathBuf::from(p)), true),
+            None => (
+                config_home(env).map(|d| d.join("kiln").join("kiln.toml")),
+                false,
+            ),
+        };
+        let mut file = FileConfig::default();
+        let mut source = None;
+        if let Some(path) = &path {
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    file = toml::from_str(&text).with_context(|| {
+                        format!("invalid configuration file {}", path.display())
+                    })?;
+                    source = Some(path.clone());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "cannot read configuration file {} (KILN_CONFIG)",
+                            path.display()
+                        )
+                    })
+                }
+            }
+        }
+
+        let dir = match flags.dir.clone().or_else(|| env.get("KILN_DIR").map(PathBuf::from)).or(file.dir) {
+            Some(d) => d,
+            None => match cache_home(env) {
+                Some(home) => home.join("kiln"),
+                None => bail!("cannot find a cache directory: set KILN_DIR (neither XDG_CACHE_HOME nor HOME is set)"),
+            },
+        };
+        let max_size = match env.get("KILN_CACHE_SIZE") {
+            Some(text) => parse_size(text).context("invalid KILN_CACHE_SIZE")?,
+            None => match file.max_size {
+                Some(SizeValue::Bytes(b)) => b,
+                Some(SizeValue::Text(t)) => {
+                    parse_size(&t).context("invalid max_size in the configuration file")?
+                }
+                None => 10 << 30,
+            },
+        };
+        let max_files = match env.get("KILN_CACHE_FILES") {
+            Some(t) => t
+                .parse()
+                .with_context(|| format!("invalid KILN_CACHE_FILES {t:?}: want a whole number"))?,
+            None => file.max_files.unwrap_or(0),
+        };
+        let flag = |name: &str, file_value: Option<bool>, default: bool| -> anyhow::Result<bool> {
+            match env.get(name) {
+                Some(text) => env.flag(name).with_context(|| {
+                    format!("invalid {name}={text:?}: want 1/0, true/false, yes/no or on/off")
+                }),
+                None => Ok(file_value.unwrap_or(default)),
+            }
+        };
+        let base_dir = env
+            .get("KILN_BASE_DIR")
+            .map(PathBuf::from)
+            .or(file.base_dir);
+        if let Some(b) = &base_dir {
+            if !b.is_absolute() {
+                bail!("base_dir must be an absolute path, not {}", b.display());
+            }
+        }
+        Ok(Config {
+            dir,
+            max_size,
+            max_files,
+            base_dir,
+            hash_dir: flag("KILN_HASH_DIR", file.hash_dir, true)?,
+            disable: flags
+                .disable
+                .map_or_else(|| flag("KILN_DISABLE", file.disable, false), Ok)?,
+            read_only: flag("KILN_READONLY", file.read_only, false)?,
+            recache: flags
+                .recache
+                .map_or_else(|| flag("KILN_RECACHE", file.recache, false), Ok)?,
+            stats: flag("KILN_STATS", file.stats, true)?,
+            source,
+        })
+    }
+}
+
+fn config_home(env: &Env) -> Option<PathBuf> {
+    env.get("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env.get("HOME").map(|h| Path::new(h).join(".config")))
+}
+
+fn cache_home(env: &Env) -> Option<PathBuf> {
+    env.get("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env.get("HOME").map(|h| Path::new(h).join(".cache")))
+}
+
+/// Parses a size: plain bytes, or a number with K, M, G or T (powers of 1024), optionally
+/// followed by `B` or `iB`: `10G`, `1.5GiB`, `500M`, `4096`.
+pub fn parse_size(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let value: f64 = num
+        .trim()
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+        .with_context(|| format!("{text:?} is not a size (examples: 10G, 500M, 1.5GiB, 4096)"))?;
+    Ok((value * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        for (text, want) in [
+            ("4096", 4096),
+            ("10G", 10 << 30),
+            ("500M", 500 << 20),
+            ("1.5GiB", 3 << 29),
+            ("2k", 2048),
+            ("1TB", 1 << 40),
+        ] {
+            assert_eq!(parse_size(text).unwrap(), want, "{text}");
+        }
+        for bad in ["", "G", "-1G", "ten", "1X"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kiln.toml");
+        std::fs::write(
+            &file,
+            "dir = \"/from/file\"\nmax_size = \"2G\"\nhash_dir = false\n",
+        )
+        .unwrap();
+        let cfg = |pairs: &[(&str, &str)], flags: &Overrides| {
+            let mut all = vec![("KILN_CONFIG", file.to_str().unwrap())];
+            all.extend_from_slice(pairs);
+            Config::load(&Env::from_pairs(all.iter().copied()), flags).unwrap()
+        };
+        let c = cfg(&[], &Overrides::default());
+        assert_eq!(
+            (c.dir.as_path(), c.max_size, c.hash_dir),
+            (Path::new("/from/file"), 2 << 30, false)
+        );
+        let c = cfg(
+            &[("KILN_DIR", "/from/env"), ("KILN_CACHE_SIZE", "1M")],
+            &Overrides::default(),
+        );
+        assert_eq!(
+            (c.dir.as_path(), c.max_size),
+            (Path::new("/from/env"), 1 << 20)
+        );
+        let flags = Overrides {
+            dir: Some("/from/flag".into()),
+            ..Overrides::default()
+        };
+        let c = cfg(&[("KILN_DIR", "/from/env")], &flags);
+        assert_eq!(c.dir, Path::new("/from/flag"));
+    }
+
+    #[test]
+    fn bad_settings_say_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kiln.toml");
+        std::fs::write(&file, "max_sise = 3\n").unwrap();
+        let env = Env::from_pairs([("KILN_CONFIG", file.to_str().unwrap())]);
+        let err = format!(
+            "{:#}",
+            Config::load(&env, &Overrides::default()).unwrap_err()
+        );
+        assert!(err.contains("max_sise"), "{err}");
+        let env = Env::from_pairs([("KILN_DIR", "/x"), ("KILN_DISABLE", "maybe")]);
+        let err = format!(
+            "{:#}",
+            Config::load(&env, &Overrides::default()).unwrap_err()
+        );
+        assert!(err.contains("KILN_DISABLE"), "{err}");
+        let env = Env::from_pairs([("KILN_CONFIG", "/nonexistent/kiln.toml")]);
+        assert!(Config::load(&env, &Overrides::default()).is_err());
+    }
+}

@@ -1,0 +1,183 @@
+//! Reading and hashing the files a compile depends on, and telling whether they changed.
+
+use std::fs::{File, Metadata};
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kiln_cache::Digest;
+use memchr::memmem;
+
+/// File timestamps are coarse (a kernel tick, up to 10 ms). A file whose mtime or ctime is
+/// within this margin of an instant may have changed at that instant without its timestamps
+/// showing it, so kiln treats it as changed.
+pub const TIMESTAMP_SLACK: Duration = Duration::from_millis(100);
+
+/// Macros and directives in a file that make its compile depend on more than its text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// `__DATE__`: the output changes from day to day.
+    pub date: bool,
+    /// `__TIME__` or `__TIMESTAMP__`: the output changes from second to second.
+    pub time: bool,
+    /// `.incbin`: the assembler reads a file kiln does not see.
+    pub incbin: bool,
+}
+
+impl Scan {
+    pub fn of(data: &[u8]) -> Scan {
+        Scan {
+            date: memmem::find(data, b"__DATE__").is_some(),
+            time: memmem::find(data, b"__TIME__").is_some()
+                || memmem::find(data, b"__TIMESTAMP__").is_some(),
+            incbin: memmem::find(data, b".incbin").is_some(),
+        }
+    }
+
+    pub fn bits(self) -> u8 {
+        u8::from(self.date) | u8::from(self.time) << 1 | u8::from(self.incbin) << 2
+    }
+
+    pub fn from_bits(b: u8) -> Scan {
+        Scan {
+            date: b & 1 != 0,
+            time: b & 2 != 0,
+            incbin: b & 4 != 0,
+        }
+    }
+
+    pub fn union(self, o: Scan) -> Scan {
+        Scan {
+            date: self.date || o.date,
+            time: self.time || o.time,
+            incbin: self.incbin || o.incbin,
+        }
+    }
+}
+
+/// What `stat` says about a file: enough to notice any change made after it was hashed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stat {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub ino: u64,
+    pub dev: u64,
+}
+
+impl Stat {
+    pub fn of(m: &Metadata) -> Stat {
+        Stat {
+            size: m.size(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            ino: m.ino(),
+            dev: m.dev(),
+        }
+    }
+
+    /// The later of mtime and ctime.
+    pub fn changed_ns(&self) -> i64 {
+        self.mtime_ns.max(self.ctime_ns)
+    }
+
+    /// Whether the file changed at or after `instant` (less the timestamp slack).
+    pub fn changed_since(&self, instant: SystemTime) -> bool {
+        self.changed_ns() >= nanos(instant) - TIMESTAMP_SLACK.as_nanos() as i64
+    }
+}
+
+/// Nanoseconds since the epoch.
+pub fn nanos(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// A hashed file.
+#[derive(Debug, Clone)]
+pub struct Hashed {
+    pub digest: Digest,
+    pub stat: Stat,
+    pub scan: Scan,
+    /// The file had been still for longer than the timestamp slack when it was hashed, so an
+    /// identical stat later proves it unchanged since.
+    pub stable: bool,
+    pub data: Vec<u8>,
+}
+
+/// Why a file could not be hashed.
+#[derive(Debug, thiserror::Error)]
+pub enum HashError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// It changed while being read.
+    #[error("file changed while it was read")]
+    Changed,
+}
+
+/// Reads and hashes a file. The file is stat'ed before and after reading; if it changed in
+/// between, the read is refused.
+pub fn hash_file(path: &Path) -> Result<Hashed, HashError> {
+    let mut file = File::open(path)?;
+    let before = Stat::of(&file.metadata()?);
+    let mut data = Vec::with_capacity(before.size as usize);
+    file.read_to_end(&mut data)?;
+    let after = Stat::of(&file.metadata()?);
+    if before != after || data.len() as u64 != after.size {
+        return Err(HashError::Changed);
+    }
+    let now = nanos(SystemTime::now());
+    Ok(Hashed {
+        digest: Digest::of(&data),
+        scan: Scan::of(&data),
+        stable: now - after.changed_ns() >= TIMESTAMP_SLACK.as_nanos() as i64,
+        stat: after,
+        data,
+    })
+}
+
+/// The stat of `path`, following links as the compiler does.
+pub fn stat(path: &Path) -> io::Result<Stat> {
+    std::fs::metadata(path).map(|m| Stat::of(&m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_finds_macros() {
+        assert_eq!(
+            Scan::of(b"const char *d = __DATE__;"),
+            Scan {
+                date: true,
+                time: false,
+                incbin: false
+            }
+        );
+        assert!(Scan::of(b"__TIMESTAMP__").time);
+        assert!(Scan::of(b"asm(\".incbin \\\"x\\\"\")").incbin);
+        assert_eq!(Scan::of(b"int main(){}"), Scan::default());
+        let s = Scan {
+            date: true,
+            time: false,
+            incbin: true,
+        };
+        assert_eq!(Scan::from_bits(s.bits()), s);
+    }
+
+    #[test]
+    fn fresh_file_is_not_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h.h");
+        std::fs::write(&p, "int x;").unwrap();
+        let h = hash_file(&p).unwrap();
+        assert!(!h.stable);
+        assert_eq!(h.digest, Digest::of(b"int x;"));
+        assert!(h
+            .stat
+            .changed_since(SystemTime::now() - Duration::from_secs(5)));
+    }
+}

@@ -1,0 +1,321 @@
+//! Direct-mode manifests: for one set of (compiler, arguments, source), which header files with
+//! which contents led to which result.
+//!
+//! A manifest lists every header a compile opened (from the compiler's own dependency output)
+//! with its digest and stat, and the *negative* paths: places earlier on the include path where
+//! a header of the same name did not exist. A lookup succeeds only if every header still has
+//! its digest and no negative path has appeared, so a new header that would shadow an old one
+//! is a miss. Headers whose stat is unchanged since they were hashed (and had been still for a
+//! while before) are not read again.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use kiln_cache::Digest;
+
+use crate::codec::{Reader, Writer};
+use crate::files::{self, Stat};
+
+const FORMAT: u8 = 1;
+/// Results kept per manifest; the oldest go first.
+const MAX_ENTRIES: usize = 32;
+/// Past this many distinct file records a manifest starts over.
+const MAX_FILES: usize = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRecord {
+    pub path: String,
+    pub digest: Digest,
+    pub stat: Stat,
+    /// The stat can vouch for the content (see [`crate::files::Hashed::stable`]).
+    pub stable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub files: Vec<u32>,
+    pub negatives: Vec<u32>,
+    /// The day the result was made, when a header uses `__DATE__`.
+    pub date: Option<String>,
+    pub result: Digest,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Manifest {
+    pub files: Vec<FileRecord>,
+    pub negatives: Vec<String>,
+    pub entries: Vec<Entry>,
+}
+
+/// The outcome of checking a manifest against the file system.
+#[derive(Debug)]
+pub struct Found {
+    pub result: Digest,
+    /// Records that were re-read and are now stable: writing them back saves the re-read
+    /// next time.
+    pub refreshed: Vec<(usize, Stat)>,
+}
+
+impl Manifest {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(FORMAT);
+        w.u32(self.files.len() as u32);
+        for f in &self.files {
+            w.str(&f.path);
+            w.digest(&f.digest);
+            w.u64(f.stat.size);
+            w.i64(f.stat.mtime_ns);
+            w.i64(f.stat.ctime_ns);
+            w.u64(f.stat.ino);
+            w.u64(f.stat.dev);
+            w.u8(u8::from(f.stable));
+        }
+        w.u32(self.negatives.len() as u32);
+        for n in &self.negatives {
+            w.str(n);
+        }
+        w.u32(self.entries.len() as u32);
+        for e in &self.entries {
+            w.u32(e.files.len() as u32);
+            e.files.iter().for_each(|i| w.u32(*i));
+            w.u32(e.negatives.len() as u32);
+            e.negatives.iter().for_each(|i| w.u32(*i));
+            w.str(e.date.as_deref().unwrap_or(""));
+            w.digest(&e.result);
+        }
+        w.0
+    }
+
+    /// Decodes a manifest; `None` for another format version or damage.
+    pub fn decode(bytes: &[u8]) -> Option<Manifest> {
+        let mut r = Reader(bytes);
+        if r.u8()? != FORMAT {
+            return None;
+        }
+        let mut m = Manifest::default();
+        for _ in 0..r.u32()? {
+            m.files.push(FileRecord {
+                path: r.str()?,
+                digest: r.digest()?,
+                stat: Stat {
+                    size: r.u64()?,
+                    mtime_ns: r.i64()?,
+                    ctime_ns: r.i64()?,
+                    ino: r.u64()?,
+                    dev: r.u64()?,
+                },
+                stable: r.u8()? != 0,
+            });
+        }
+        for _ in 0..r.u32()? {
+            m.negatives.push(r.str()?);
+        }
+        let (nf, nn) = (m.files.len() as u32, m.negatives.len() as u32);
+        for _ in 0..r.u32()? {
+            let files = (0..r.u32()?)
+                .map(|_| r.u32().filter(|i| *i < nf))
+                .collect::<Option<Vec<_>>>()?;
+            let negatives = (0..r.u32()?)
+                .map(|_| r.u32().filter(|i| *i < nn))
+                .collect::<Option<Vec<_>>>()?;
+            let date = r.str().filter(|d| !d.is_empty());
+            m.entries.push(Entry {
+                files,
+                negatives,
+                date,
+                result: r.digest()?,
+            });
+        }
+        r.is_empty().then_some(m)
+    }
+
+    /// Finds the newest entry whose headers all still match, relative to `cwd`.
+    pub fn lookup(&self, cwd: &Path, today: &str) -> Option<Found> {
+        // Each file and negative is checked at most once across entries.
+        // A verified file: its stat now, and whether that stat can vouch for it next time.
+        let mut file_ok: HashMap<u32, Option<(Stat, bool)>> = HashMap::new();
+        let mut digests: HashMap<&str, Option<(Digest, Stat, bool)>> = HashMap::new();
+        let mut absent: HashMap<u32, bool> = HashMap::new();
+        'entries: for e in self.entries.iter().rev() {
+            if e.date.as_deref().is_some_and(|d| d != today) {
+                continue;
+            }
+            for &i in &e.negatives {
+                let ok = *absent.entry(i).or_insert_with(|| {
+                    std::fs::symlink_metadata(cwd.join(&self.negatives[i as usize])).is_err()
+                });
+                if !ok {
+                    continue 'entries;
+                }
+            }
+            for &i in &e.files {
+                let rec = &self.files[i as usize];
+                let verdict = file_ok.entry(i).or_insert_with(|| {
+                    let path = cwd.join(&rec.path);
+                    match files::stat(&path) {
+                        Ok(st) if rec.stable && st == rec.stat => Some((st, true)),
+                        Ok(_) => {
+                            let d = digests.entry(rec.path.as_str()).or_insert_with(|| {
+                                files::hash_file(&path)
+                                    .ok()
+                                    .map(|h| (h.digest, h.stat, h.stable))
+                            });
+                            d.filter(|(digest, _, _)| *digest == rec.digest)
+                                .map(|(_, st, stable)| (st, stable))
+                        }
+                        Err(_) => None,
+                    }
+                });
+                if verdict.is_none() {
+                    continue 'entries;
+                }
+            }
+            let refreshed = e
+                .files
+                .iter()
+                .filter_map(|&i| {
+                    let rec = &self.files[i as usize];
+                    let (now, stable) = file_ok.get(&i).copied().flatten()?;
+                    (stable && (now != rec.stat || !rec.stable)).then_some((i as usize, now))
+                })
+                .collect();
+            return Some(Found {
+                result: e.result,
+                refreshed,
+            });
+        }
+        None
+    }
+
+    /// Records that re-read files are stable with their new stat.
+    pub fn refresh(&mut self, refreshed: &[(usize, Stat)]) {
+        for &(i, stat) in refreshed {
+            if let Some(rec) = self.files.get_mut(i) {
+                rec.stat = stat;
+                rec.stable = true;
+            }
+        }
+    }
+
+    /// Adds a result for the given headers and negative paths, keeping the manifest bounded.
+    pub fn add(
+        &mut self,
+        files: Vec<FileRecord>,
+        negatives: Vec<String>,
+        date: Option<String>,
+        result: Digest,
+    ) {
+        if self.files.len() + files.len() > MAX_FILES {
+            *self = Manifest::default();
+        }
+        let mut file_idx = Vec::with_capacity(files.len());
+        for f in files {
+            let i = match self
+                .files
+                .iter()
+                .position(|g| g.path == f.path && g.digest == f.digest)
+            {
+                Some(i) => {
+                    self.files[i] = f;
+                    i
+                }
+                None => {
+                    self.files.push(f);
+                    self.files.len() - 1
+                }
+            };
+            file_idx.push(i as u32);
+        }
+        let mut neg_idx = Vec::with_capacity(negatives.len());
+        for n in negatives {
+            let i = match self.negatives.iter().position(|g| *g == n) {
+                Some(i) => i,
+                None => {
+                    self.negatives.push(n);
+                    self.negatives.len() - 1
+                }
+            };
+            neg_idx.push(i as u32);
+        }
+        self.entries.retain(|e| e.result != result);
+        self.entries.push(Entry {
+            files: file_idx,
+            negatives: neg_idx,
+            date,
+            result,
+        });
+        if self.entries.len() > MAX_ENTRIES {
+            self.entries.remove(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(dir: &Path, name: &str) -> FileRecord {
+        let h = files::hash_file(&dir.join(name)).unwrap();
+        FileRecord {
+            path: name.into(),
+            digest: h.digest,
+            stat: h.stat,
+            stable: true,
+        }
+    }
+
+    #[test]
+    fn lookup_checks_contents_and_negatives() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("a.h"), "int a;").unwrap();
+        let mut m = Manifest::default();
+        m.add(
+            vec![record(d, "a.h")],
+            vec!["early/a.h".into()],
+            None,
+            Digest::of(b"r1"),
+        );
+        let m = Manifest::decode(&m.encode()).unwrap();
+        assert_eq!(m.lookup(d, "today").unwrap().result, Digest::of(b"r1"));
+
+        // A header appearing earlier on the include path is a miss.
+        std::fs::create_dir(d.join("early")).unwrap();
+        std::fs::write(d.join("early/a.h"), "int shadow;").unwrap();
+        assert!(m.lookup(d, "today").is_none());
+        std::fs::remove_file(d.join("early/a.h")).unwrap();
+
+        // Changed contents are a miss, even with an identical size.
+        std::fs::write(d.join("a.h"), "int b;").unwrap();
+        assert!(m.lookup(d, "today").is_none());
+    }
+
+    #[test]
+    fn date_bound_entries_expire() {
+        let mut m = Manifest::default();
+        m.add(vec![], vec![], Some("Nov 22 2026".into()), Digest::of(b"r"));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(m.lookup(dir.path(), "Nov 22 2026").is_some());
+        assert!(m.lookup(dir.path(), "Nov 23 2026").is_none());
+    }
+
+    #[test]
+    fn bounded_and_decoding_refuses_damage() {
+        let mut m = Manifest::default();
+        for n in 0..(MAX_ENTRIES as u32 + 5) {
+            m.add(
+                vec![],
+                vec![format!("n{n}")],
+                None,
+                Digest::of(&n.to_le_bytes()),
+            );
+        }
+        assert_eq!(m.entries.len(), MAX_ENTRIES);
+        let bytes = m.encode();
+        assert!(Manifest::decode(&bytes[..bytes.len() - 1]).is_none());
+        let mut bad = bytes.clone();
+        bad[0] = 99;
+        assert!(Manifest::decode(&bad).is_none());
+    }
+}

@@ -1,0 +1,175 @@
+//! Statistics: what kiln did with each compile, kept in `DIR/stats/` as eight small counter
+//! files (a process picks one by its pid, so parallel builds rarely wait on each other).
+
+use std::path::{Path, PathBuf};
+
+use kiln_cache::{Counters, Limits, Store};
+use serde_json::json;
+
+use crate::args::Reason;
+
+const SHARDS: u32 = 8;
+
+/// What happened to one invocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit {
+        saved_ms: i64,
+    },
+    Miss,
+    Uncacheable(Reason),
+    /// The compiler itself failed: passed through, not cached.
+    CompileFailed,
+    /// kiln failed and ran the compiler directly.
+    Error,
+}
+
+fn dir(cache_dir: &Path) -> PathBuf {
+    cache_dir.join("stats")
+}
+
+/// Counts one outcome, plus `corrupt` damaged entries met on the way.
+pub fn record(cache_dir: &Path, outcome: Outcome, corrupt: u32) {
+    let shard = dir(cache_dir).join((std::process::id() % SHARDS).to_string());
+    let result = Counters::update(&shard, |c| {
+        match outcome {
+            Outcome::Hit { saved_ms } => {
+                c.add("hits", 1);
+                c.add("time_saved_ms", saved_ms.max(0));
+            }
+            Outcome::Miss => c.add("misses", 1),
+            Outcome::Uncacheable(r) => c.add(&format!("uncacheable.{}", r.name()), 1),
+            Outcome::CompileFailed => c.add("compile_failed", 1),
+            Outcome::Error => c.add("errors", 1),
+        }
+        c.add("corrupt_entries", i64::from(corrupt));
+    });
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "cannot update statistics");
+    }
+}
+
+/// The sum of all shards.
+pub fn load(cache_dir: &Path) -> Counters {
+    let mut total = Counters::default();
+    for n in 0..SHARDS {
+        if let Ok(c) = Counters::read(&dir(cache_dir).join(n.to_string())) {
+            total.merge(&c);
+        }
+    }
+    total
+}
+
+/// Resets every counter.
+pub fn zero(cache_dir: &Path) -> std::io::Result<()> {
+    for n in 0..SHARDS {
+        Counters::update(&dir(cache_dir).join(n.to_string()), |c| c.values.clear())?;
+    }
+    Ok(())
+}
+
+/// The statistics as a JSON document.
+pub fn to_json(c: &Counters, store: &Store, limits: Limits) -> serde_json::Value {
+    let (size, files) = store.usage();
+    let uncacheable: serde_json::Map<String, serde_json::Value> = Reason::ALL
+        .iter()
+        .map(|r| {
+            (
+                r.name().to_owned(),
+                json!(c.get(&format!("uncacheable.{}", r.name()))),
+            )
+        })
+        .filter(|(_, v)| v.as_i64() != Some(0))
+        .collect();
+    let uncacheable_total: i64 = Reason::ALL
+        .iter()
+        .map(|r| c.get(&format!("uncacheable.{}", r.name())))
+        .sum();
+    json!({
+        "requests": c.get("hits") + c.get("misses") + c.get("compile_failed") + c.get("errors") + uncacheable_total,
+        "hits": c.get("hits"),
+        "misses": c.get("misses"),
+        "compile_failed": c.get("compile_failed"),
+        "errors": c.get("errors"),
+        "uncacheable": uncacheable_total,
+        "uncacheable_by_reason": uncacheable,
+        "corrupt_entries": c.get("corrupt_entries"),
+        "time_saved_ms": c.get("time_saved_ms"),
+        "cache_dir": store.dir(),
+        "cache_size_bytes": size,
+        "cache_entries": files,
+        "cache_max_size_bytes": limits.max_size,
+        "cache_max_entries": limits.max_files,
+    })
+}
+
+/// The statistics as a table for people.
+pub fn to_text(j: &serde_json::Value) -> String {
+    let n = |k: &str| j[k].as_i64().unwrap_or(0);
+    let pct = |part: i64, whole: i64| {
+        if whole > 0 {
+            format!("{:5.1} %", 100.0 * part as f64 / whole as f64)
+        } else {
+            String::new()
+        }
+    };
+    let cacheable = n("hits") + n("misses");
+    let mut out = String::new();
+    let mut line = |label: &str, value: String| out.push_str(&format!("{label:<28}{value}\n"));
+    line(
+        "Cache directory",
+        j["cache_dir"].as_str().unwrap_or("").to_owned(),
+    );
+    line("Compile requests", n("requests").to_string());
+    line(
+        "  Hits",
+        format!("{:<10}{}", n("hits"), pct(n("hits"), cacheable)),
+    );
+    line(
+        "  Misses",
+        format!("{:<10}{}", n("misses"), pct(n("misses"), cacheable)),
+    );
+    line("  Uncacheable", n("uncacheable").to_string());
+    if let Some(reasons) = j["uncacheable_by_reason"].as_object() {
+        for (reason, count) in reasons {
+            line(&format!("    {reason}"), count.to_string());
+        }
+    }
+    line("  Compile failed", n("compile_failed").to_string());
+    line("  Errors", n("errors").to_string());
+    line("Corrupt entries replaced", n("corrupt_entries").to_string());
+    line(
+        "Time saved",
+        format!("{:.1} s", n("time_saved_ms") as f64 / 1000.0),
+    );
+    let max = n("cache_max_size_bytes");
+    let limit = if max > 0 {
+        format!(" of {}", human_bytes(max as u64))
+    } else {
+        String::new()
+    };
+    line(
+        "Cache size",
+        format!(
+            "{}{limit} ({} entries)",
+            human_bytes(n("cache_size_bytes") as u64),
+            n("cache_entries")
+        ),
+    );
+    out
+}
+
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
