@@ -236,8 +236,26 @@ def _opt_value(args: list[str], opt: str) -> str | None:
     return None
 
 
+def debian_lua_configure(srcdir: Path) -> None:
+    """Debian's lua5.4 patches make luaconf.h include a header that debian/rules
+    generates in its configure step; generate it the same way."""
+    luaconf = srcdir / "luaconf.h"
+    m = re.search(r'#include "(lua[\d.]*-deb-multiarch\.h)"', luaconf.read_text(errors="replace"))
+    if not m or (srcdir / m.group(1)).is_file():
+        return
+    p = subprocess.run(["dpkg-architecture", "-qDEB_HOST_MULTIARCH"], capture_output=True, text=True)
+    arch = p.stdout.strip() if p.returncode == 0 else ""
+    if not arch:
+        p = subprocess.run(["gcc", "-print-multiarch"], capture_output=True, text=True)
+        arch = p.stdout.strip() or f"{platform.machine()}-linux-gnu"
+    (srcdir / m.group(1)).write_text("#ifndef _LUA_DEB_MULTIARCH_\n#define _LUA_DEB_MULTIARCH_\n"
+                                     f'#define DEB_HOST_MULTIARCH "{arch}"\n#endif\n')
+    log(f"lua: generated {srcdir / m.group(1)} (as debian/rules does)")
+
+
 def lua_commands(src: Path, build: Path, cc: str) -> list[Compile]:
     srcdir = src / "src"
+    debian_lua_configure(srcdir)
     files = sorted(p for p in srcdir.glob("*.c") if p.name not in LUA_EXCLUDE)
     if not files:
         raise BenchError(f"no C files in {srcdir}")
@@ -250,16 +268,22 @@ def lua_commands(src: Path, build: Path, cc: str) -> list[Compile]:
 
 
 def leveldb_commands(src: Path, build: Path, cc: str, cxx: str) -> list[Compile]:
+    """Configure leveldb with CMake; return its library's C++ compile commands.
+
+    compile_commands.json gives the file list, but CMake leaves the dependency
+    flags (-MD -MT <obj> -MF <obj>.d) out of it even though the real build
+    passes them.  With Ninja we therefore take each command exactly as the
+    build would run it (`ninja -t commands leveldb`)."""
     if not shutil.which("cmake"):
         raise BenchError("cmake not found (apt-get install cmake)")
+    gen = "Ninja" if shutil.which("ninja") else "Unix Makefiles"
     ccj = build / "compile_commands.json"
-    stamp = build / "kiln-bench-compilers.txt"
-    want = f"{cc}\n{cxx}\n"
+    stamp = build / "kiln-bench-config.txt"
+    want = f"{cc}\n{cxx}\n{gen}\n"
     if not (ccj.is_file() and stamp.is_file() and stamp.read_text() == want):
         if build.exists():
             shutil.rmtree(build)
         build.mkdir(parents=True)
-        gen = "Ninja" if shutil.which("ninja") else "Unix Makefiles"
         run_cmd(["cmake", "-S", str(src), "-B", str(build), "-G", gen,
                  "-DCMAKE_BUILD_TYPE=Release",
                  f"-DCMAKE_C_COMPILER={cc}", f"-DCMAKE_CXX_COMPILER={cxx}",
@@ -270,15 +294,32 @@ def leveldb_commands(src: Path, build: Path, cc: str, cxx: str) -> list[Compile]
         if not ccj.is_file():
             raise BenchError(f"cmake did not write {ccj}")
         stamp.write_text(want)
-    entries = json.loads(ccj.read_text())
+
+    real: dict[str, list[str]] = {}       # object (relative to build) -> real build command
+    if gen == "Ninja":
+        p = run_cmd(["ninja", "-C", str(build), "-t", "commands", "leveldb"],
+                    "ninja -t commands", check=False, quiet=True)
+        if p.returncode == 0:
+            for line in p.stdout.splitlines():
+                try:
+                    a = shlex.split(line)
+                except ValueError:
+                    continue
+                o = _opt_value(a, "-o")
+                if a and a[0] == cxx and "-c" in a and o:
+                    real[o] = a
+        else:
+            log("warning: `ninja -t commands` failed; using compile_commands.json as is")
+
     out = []
-    for e in entries:
+    for e in json.loads(ccj.read_text()):
         args = e.get("arguments") or shlex.split(e["command"])
         o = e.get("output") or _opt_value(args, "-o")
         if not o or "leveldb.dir/" not in o.replace("\\", "/"):
             continue
         if not e["file"].endswith((".cc", ".cpp", ".cxx")):
             continue
+        args = real.get(o, args)
         cwd = Path(e["directory"])
         args = [cxx, *args[1:]]
         obj = (cwd / o).resolve()
@@ -292,6 +333,8 @@ def leveldb_commands(src: Path, build: Path, cc: str, cxx: str) -> list[Compile]
         raise BenchError(f"no leveldb library C++ compile commands in {ccj}")
     if not 30 <= len(out) <= 80:
         log(f"warning: expected ~40-60 leveldb library files, found {len(out)}")
+    ndep = sum(len(c.outputs) > 1 for c in out)
+    log(f"leveldb: {gen} build; {ndep}/{len(out)} commands carry -MD -MT -MF depfile flags")
     out.sort(key=lambda c: c.name)
     return out
 
@@ -446,7 +489,8 @@ def find_sccache() -> str | None:
 
 def resolve_tools(args) -> list[Tool]:
     tools: list[Tool] = []
-    for name in args.tools:
+    # Check kiln first so a missing binary fails fast, before any slow install.
+    for name in sorted(args.tools, key=lambda n: n != "kiln"):
         if name == "ccache":
             exe = shutil.which("ccache")
             if not exe:
@@ -484,7 +528,8 @@ def resolve_tools(args) -> list[Tool]:
                     continue
                 raise BenchError(msg + " (or --skip-missing, or --tools without kiln)")
             tools.append(Kiln(str(k.resolve())))
-    return tools
+    order = {n: i for i, n in enumerate(args.tools)}
+    return sorted(tools, key=lambda t: order[t.name])
 
 
 # --------------------------------------------------------------------------
@@ -786,7 +831,7 @@ def main(argv=None) -> int:
     ccname, cxxname = Path(cc).name, Path(cxx).name
 
     banner("tools")
-    tools = resolve_tools(args)
+    tools = [] if args.prepare_only else resolve_tools(args)
     plain = Plain()
     log(f"cc={cc}  cxx={cxx}")
     for t in tools:

@@ -1,0 +1,563 @@
+//! The local cache with real gcc and clang: byte-identical results, hits, misses for the
+//! right reasons, and robustness under parallel builds, damage and kills.
+
+use std::process::Output;
+
+use kiln_tests::{ok, require, settle, Project};
+
+const MAIN_C: &str = r#"#include <stdio.h>
+#include "util.h"
+int helper(void) { int unused; return 0; }
+int main(void) { printf("%s %d\n", GREETING, twice(21)); return helper(); }
+"#;
+
+fn sample(p: &Project, ext: &str) -> String {
+    p.write("inc1/config.h", "#define GREETING \"hello\"\n");
+    p.write(
+        "inc2/util.h",
+        "#include \"config.h\"\nstatic inline int twice(int x) { return 2 * x; }\n",
+    );
+    let src = format!("src/main.{ext}");
+    p.write(&src, MAIN_C);
+    std::fs::create_dir_all(p.path("obj")).unwrap();
+    settle();
+    src
+}
+
+fn remove_outputs(p: &Project) {
+    for f in ["obj/main.o", "obj/main.d", "obj/main.dwo"] {
+        let _ = std::fs::remove_file(p.path(f));
+    }
+}
+
+/// The outputs of one compile: object, dependency file, split DWARF, stderr, exit status.
+fn outputs(p: &Project, out: &Output) -> (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, Option<i32>) {
+    let opt = |f: &str| std::fs::read(p.path(f)).unwrap_or_default();
+    (
+        p.read("obj/main.o"),
+        opt("obj/main.d"),
+        opt("obj/main.dwo"),
+        out.stderr.clone(),
+        out.status.code(),
+    )
+}
+
+#[test]
+fn results_are_byte_identical_to_the_bare_compiler() {
+    for (cc, ext) in [
+        ("gcc", "c"),
+        ("g++", "cpp"),
+        ("clang", "c"),
+        ("clang++", "cpp"),
+    ] {
+        require(cc);
+        let p = Project::new();
+        let src = sample(&p, ext);
+        let args = [
+            cc,
+            "-c",
+            &src,
+            "-o",
+            "obj/main.o",
+            "-Iinc1",
+            "-I",
+            "inc2",
+            "-MD",
+            "-g",
+            "-gsplit-dwarf",
+            "-Wall",
+            "-O1",
+        ];
+        let bare = ok(&p.bare(&args)).clone();
+        let expected = outputs(&p, &bare);
+        assert!(
+            !expected.1.is_empty() && !expected.2.is_empty(),
+            "{cc}: no .d or .dwo from the bare compile"
+        );
+        assert!(
+            String::from_utf8_lossy(&expected.3).contains("unused"),
+            "{cc}: expected a warning"
+        );
+
+        remove_outputs(&p);
+        let miss = ok(&p.kiln(&args)).clone();
+        assert_eq!(
+            outputs(&p, &miss),
+            expected,
+            "{cc}: miss differs from the bare compiler"
+        );
+
+        remove_outputs(&p);
+        let hit = ok(&p.kiln(&args)).clone();
+        assert_eq!(
+            outputs(&p, &hit),
+            expected,
+            "{cc}: hit differs from the bare compiler"
+        );
+        assert_eq!((p.stat("hits"), p.stat("misses")), (1, 1), "{cc}");
+    }
+}
+
+#[test]
+fn editing_a_header_is_a_miss() {
+    require("gcc");
+    let p = Project::new();
+    let src = sample(&p, "c");
+    let args = ["gcc", "-c", &src, "-o", "obj/main.o", "-Iinc1", "-Iinc2"];
+    ok(&p.kiln(&args));
+    ok(&p.kiln(&args));
+    assert_eq!((p.stat("hits"), p.stat("misses")), (1, 1));
+
+    p.write("inc1/config.h", "#define GREETING \"changed\"\n");
+    settle();
+    ok(&p.kiln(&args));
+    let cached = p.read("obj/main.o");
+    assert_eq!((p.stat("hits"), p.stat("misses")), (1, 2));
+    ok(&p.bare(&args));
+    assert_eq!(cached, p.read("obj/main.o"));
+    ok(&p.kiln(&args));
+    assert_eq!(p.stat("hits"), 2);
+}
+
+#[test]
+fn a_shadowing_header_earlier_on_the_include_path_is_a_miss() {
+    require("gcc");
+    let p = Project::new();
+    let src = sample(&p, "c");
+    let args = ["gcc", "-c", &src, "-o", "obj/main.o", "-Iinc1", "-Iinc2"];
+    ok(&p.kiln(&args));
+    // inc1 comes before inc2: a util.h there now wins.
+    p.write(
+        "inc1/util.h",
+        "#include \"config.h\"\nstatic inline int twice(int x) { return 3 * x; }\n",
+    );
+    settle();
+    ok(&p.kiln(&args));
+    assert_eq!((p.stat("hits"), p.stat("misses")), (0, 2));
+    let cached = p.read("obj/main.o");
+    ok(&p.bare(&args));
+    assert_eq!(cached, p.read("obj/main.o"));
+    // And the source directory comes first of all for quoted includes.
+    p.write("src/config.h", "#define GREETING \"nearest\"\n");
+    settle();
+    ok(&p.kiln(&args));
+    assert_eq!(p.stat("misses"), 3);
+}
+
+#[test]
+fn two_parallel_batches_of_fifty() {
+    require("gcc");
+    let p = Project::new();
+    let src = sample(&p, "c");
+    for i in 0..50 {
+        p.write(
+            &format!("many/f{i}.c"),
+            &format!("#include \"util.h\"\nint f{i}(int x) {{ return twice(x) + {i}; }}\n"),
+        );
+    }
+    settle();
+    ok(&p.bare(&["gcc", "-c", &src, "-o", "obj/bare.o", "-Iinc1", "-Iinc2"]));
+    let bare = p.read("obj/bare.o");
+
+    // The same file fifty times at once, each to its own output.
+    std::thread::scope(|s| {
+        for i in 0..50 {
+            let (p, src) = (&p, &src);
+            s.spawn(move || {
+                let out = format!("obj/same{i}.o");
+                ok(&p.kiln(&["gcc", "-c", src, "-o", &out, "-Iinc1", "-Iinc2"]));
+            });
+        }
+    });
+    for i in 0..50 {
+        assert_eq!(
+            p.read(&format!("obj/same{i}.o")),
+            bare,
+            "same{i}.o is wrong"
+        );
+    }
+    // Fifty different files at once.
+    std::thread::scope(|s| {
+        for i in 0..50 {
+            let p = &p;
+            s.spawn(move || {
+                ok(&p.kiln(&[
+                    "gcc",
+                    "-c",
+                    &format!("many/f{i}.c"),
+                    "-o",
+                    &format!("obj/f{i}.o"),
+                    "-Iinc1",
+                    "-Iinc2",
+                ]));
+            });
+        }
+    });
+    let s = p.stats();
+    assert_eq!(s["requests"], 100, "{s}");
+    assert_eq!(
+        s["hits"].as_i64().unwrap() + s["misses"].as_i64().unwrap(),
+        100,
+        "{s}"
+    );
+    assert_eq!(
+        (s["errors"].as_i64(), s["uncacheable"].as_i64()),
+        (Some(0), Some(0)),
+        "{s}"
+    );
+    // Everything is now served from the cache, byte for byte.
+    for i in 0..50 {
+        let out = format!("obj/f{i}.o");
+        let fresh = p.read(&out);
+        ok(&p.kiln(&[
+            "gcc",
+            "-c",
+            &format!("many/f{i}.c"),
+            "-o",
+            &out,
+            "-Iinc1",
+            "-Iinc2",
+        ]));
+        assert_eq!(p.read(&out), fresh);
+    }
+    assert_eq!(p.stat("hits") - s["hits"].as_i64().unwrap(), 50);
+}
+
+#[test]
+fn a_corrupt_entry_is_detected_and_replaced() {
+    require("gcc");
+    let p = Project::new();
+    let src = sample(&p, "c");
+    let args = ["gcc", "-c", &src, "-o", "obj/main.o", "-Iinc1", "-Iinc2"];
+    ok(&p.kiln(&args));
+    let good = p.read("obj/main.o");
+    let results = p.entries('R');
+    assert_eq!(results.len(), 1);
+    let mut bytes = std::fs::read(&results[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&results[0], bytes).unwrap();
+
+    ok(&p.kiln(&args));
+    assert_eq!(p.read("obj/main.o"), good);
+    assert_eq!(
+        (p.stat("hits"), p.stat("misses"), p.stat("corrupt_entries")),
+        (0, 2, 1)
+    );
+    ok(&p.kiln(&args));
+    assert_eq!(p.stat("hits"), 1);
+    assert_eq!(p.read("obj/main.o"), good);
+}
+
+#[test]
+fn eviction_keeps_the_cache_under_a_small_cap() {
+    require("gcc");
+    let mut p = Project::new();
+    p.env.push(("KILN_CACHE_SIZE".into(), "48K".into()));
+    for i in 0..60 {
+        p.write(
+            &format!("e/f{i}.c"),
+            &format!("int f{i}(int x) {{ return x * {i}; }}\nint g{i}(void) {{ return {i}; }}\n"),
+        );
+    }
+    settle();
+    for i in 0..60 {
+        ok(&p.kiln(&[
+            "gcc",
+            "-c",
+            &format!("e/f{i}.c"),
+            "-o",
+            &format!("e/f{i}.o"),
+        ]));
+    }
+    let s = p.stats();
+    assert!(s["cache_size_bytes"].as_i64().unwrap() <= 48 * 1024, "{s}");
+    let on_disk: u64 = p
+        .entries('R')
+        .iter()
+        .chain(&p.entries('M'))
+        .map(|f| f.metadata().unwrap().len())
+        .sum();
+    assert!(on_disk <= 48 * 1024, "{on_disk} bytes on disk");
+    assert!(!p.entries('R').is_empty());
+    // The most recent compile is still a hit.
+    ok(&p.kiln(&["gcc", "-c", "e/f59.c", "-o", "e/f59.o"]));
+    assert_eq!(p.stat("hits"), 1);
+}
+
+#[test]
+fn uncacheable_commands_and_failures_pass_through() {
+    require("gcc");
+    let p = Project::new();
+    let src = sample(&p, "c");
+    // Linking runs the compiler unchanged.
+    ok(&p.kiln(&["gcc", &src, "-Iinc1", "-Iinc2", "-o", "app"]));
+    let run = p.command(p.path("app")).output().unwrap();
+    assert_eq!(run.stdout, b"hello 42\n");
+    assert_eq!(p.reason("link"), 1);
+
+    // A failing compile: same status and diagnostics as the compiler, never cached.
+    p.write("bad.c", "int main(void) { return missing; }\n");
+    let bare = p.bare(&["gcc", "-c", "bad.c", "-o", "bad.o"]);
+    for n in 1..=2 {
+        let out = p.kiln(&["gcc", "-c", "bad.c", "-o", "bad.o"]);
+        assert_eq!(out.status.code(), bare.status.code());
+        assert_eq!(out.stderr, bare.stderr);
+        assert_eq!(p.stat("compile_failed"), n);
+    }
+    assert!(p.entries('R').is_empty());
+
+    ok(&p.kiln(&["gcc", "-E", &src, "-Iinc1", "-Iinc2", "-o", "pre.i"]));
+    assert!(p.path("pre.i").exists());
+    assert_eq!(p.reason("preprocess"), 1);
+    assert_eq!(p.stat("requests"), 4);
+}
+
+#[test]
+fn masquerade_link_and_launcher_forms() {
+    require("gcc");
+    let p = Project::new();
+    let src = sample(&p, "c");
+    let bin = p.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(kiln_tests::kiln_bin(), bin.join("gcc")).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    for _ in 0..2 {
+        let out = p
+            .command("gcc")
+            .env("PATH", &path)
+            .args(["-c", &src, "-o", "obj/main.o", "-Iinc1", "-Iinc2"])
+            .output()
+            .unwrap();
+        ok(&out);
+    }
+    assert_eq!((p.stat("hits"), p.stat("misses")), (1, 1));
+    // The launcher form, with the compiler by absolute path (CMAKE_C_COMPILER_LAUNCHER=kiln).
+    let gcc = String::from_utf8(p.bare(&["which", "gcc"]).stdout).unwrap();
+    ok(&p.kiln(&[
+        gcc.trim(),
+        "-c",
+        &src,
+        "-o",
+        "obj/main.o",
+        "-Iinc1",
+        "-Iinc2",
+    ]));
+    assert_eq!(p.stat("hits"), 2);
+    // A compiler that does not exist is a clear error.
+    let out = p.kiln(&["no-such-cc", "-c", &src]);
+    assert_eq!(out.status.code(), Some(127));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot find the compiler"));
+}
+
+#[test]
+fn time_macros() {
+    require("gcc");
+    let p = Project::new();
+    p.write("t.c", "const char *t = __TIME__;\n");
+    p.write("d.c", "const char *d = __DATE__;\n");
+    p.write("h.h", "#define STAMP __TIMESTAMP__\n");
+    p.write("th.c", "#include \"h.h\"\nconst char *s = STAMP;\n");
+    settle();
+    for _ in 0..2 {
+        ok(&p.kiln(&["gcc", "-c", "t.c"]));
+        ok(&p.kiln(&["gcc", "-c", "th.c"]));
+        ok(&p.kiln(&["gcc", "-c", "d.c"]));
+    }
+    assert_eq!(p.reason("time_macros"), 4);
+    assert_eq!(
+        (p.stat("hits"), p.stat("misses")),
+        (1, 1),
+        "__DATE__ is cached for the day"
+    );
+    // With SOURCE_DATE_EPOCH the expansion is fixed, so __TIME__ is cacheable.
+    let mut p2 = Project::new();
+    p2.env
+        .push(("SOURCE_DATE_EPOCH".into(), "1700000000".into()));
+    p2.write("t.c", "const char *t = __TIME__;\n");
+    settle();
+    ok(&p2.kiln(&["gcc", "-c", "t.c"]));
+    ok(&p2.kiln(&["gcc", "-c", "t.c"]));
+    assert_eq!(p2.stat("hits"), 1);
+}
+
+#[test]
+fn dependency_file_forms() {
+    require("gcc");
+    let p = Project::new();
+    let src = sample(&p, "c");
+    let forms: [&[&str]; 4] = [
+        &["-MMD"],
+        &["-MD", "-MT", "custom-target", "-MP"],
+        &["-Wp,-MD,obj/main.d"],
+        &["-MD", "-MF", "obj/main.d", "-MQ", "$(OBJ)"],
+    ];
+    for (n, extra) in forms.iter().enumerate() {
+        let mut args = vec!["gcc", "-c", &src, "-o", "obj/main.o", "-Iinc1", "-Iinc2"];
+        args.extend_from_slice(extra);
+        remove_outputs(&p);
+        let bare = ok(&p.bare(&args)).clone();
+        let expected = outputs(&p, &bare);
+        assert!(!expected.1.is_empty(), "{extra:?}: no dependency file");
+        for _ in 0..2 {
+            remove_outputs(&p);
+            let out = ok(&p.kiln(&args)).clone();
+            assert_eq!(outputs(&p, &out), expected, "{extra:?}");
+        }
+        assert_eq!(p.stat("hits"), n as i64 + 1, "{extra:?}");
+    }
+    // -MMD leaves system headers out of the user's file, but kiln still tracks them: the
+    // manifest knows stdio.h.
+    assert!(!String::from_utf8_lossy(&{
+        remove_outputs(&p);
+        ok(&p.kiln(&[
+            "gcc",
+            "-c",
+            &src,
+            "-o",
+            "obj/main.o",
+            "-Iinc1",
+            "-Iinc2",
+            "-MMD",
+        ]));
+        p.read("obj/main.d")
+    })
+    .contains("stdio.h"));
+    let manifests: Vec<u8> = p
+        .entries('M')
+        .iter()
+        .flat_map(|m| std::fs::read(m).unwrap())
+        .collect();
+    assert!(String::from_utf8_lossy(&manifests).contains("stdio.h"));
+}
+
+#[test]
+fn response_files_are_expanded() {
+    require("clang");
+    let p = Project::new();
+    let src = sample(&p, "c");
+    p.write(
+        "args.rsp",
+        &format!("-c {src} -o obj/main.o -Iinc1\n-Iinc2 -O2\n"),
+    );
+    ok(&p.kiln(&["clang", "@args.rsp"]));
+    let first = p.read("obj/main.o");
+    ok(&p.kiln(&["clang", "@args.rsp"]));
+    assert_eq!(p.stat("hits"), 1);
+    ok(&p.bare(&["clang", "@args.rsp"]));
+    assert_eq!(p.read("obj/main.o"), first);
+}
+
+#[test]
+fn debug_info_records_the_directory_unless_mapped() {
+    require("gcc");
+    // Two checkouts of the same tree.
+    let root = tempfile::tempdir().unwrap();
+    let cache = root.path().join("cache");
+    let mk = |name: &str| {
+        let mut p = Project::new();
+        p.cache = cache.clone();
+        let dir = root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        p.dir = tempfile::TempDir::new_in(&dir).unwrap();
+        sample(&p, "c");
+        p
+    };
+    let (a, b) = (mk("a"), mk("b"));
+    let plain = [
+        "gcc",
+        "-c",
+        "src/main.c",
+        "-o",
+        "obj/main.o",
+        "-Iinc1",
+        "-Iinc2",
+        "-g",
+    ];
+    ok(&a.kiln(&plain));
+    ok(&b.kiln(&plain));
+    assert_eq!(
+        b.stat("hits"),
+        0,
+        "-g records the directory: another checkout must miss"
+    );
+    let in_b = b.read("obj/main.o");
+    ok(&b.bare(&plain));
+    assert_eq!(in_b, b.read("obj/main.o"));
+
+    // With the directory mapped away and a base directory, the checkouts share results.
+    let run = |p: &Project| {
+        let map = format!("-ffile-prefix-map={}=.", p.dir.path().display());
+        let mut cmd = p.command(kiln_tests::kiln_bin());
+        cmd.env("KILN_BASE_DIR", root.path()).args([
+            "gcc",
+            "-c",
+            "src/main.c",
+            "-o",
+            "obj/main.o",
+            "-Iinc1",
+            "-Iinc2",
+            "-g",
+            &map,
+        ]);
+        ok(&cmd.output().unwrap());
+        let cached = p.read("obj/main.o");
+        ok(&p.bare(&[
+            "gcc",
+            "-c",
+            "src/main.c",
+            "-o",
+            "obj/main.o",
+            "-Iinc1",
+            "-Iinc2",
+            "-g",
+            &map,
+        ]));
+        assert_eq!(
+            cached,
+            p.read("obj/main.o"),
+            "mapped object differs from the compiler's"
+        );
+    };
+    run(&a);
+    run(&b);
+    assert_eq!(b.stat("hits"), 1);
+}
+
+#[test]
+fn killed_compiles_never_leave_an_entry_that_serves_wrong_bytes() {
+    require("gcc");
+    let p = Project::new();
+    let src = sample(&p, "c");
+    let args = [
+        "gcc",
+        "-c",
+        &src,
+        "-o",
+        "obj/main.o",
+        "-Iinc1",
+        "-Iinc2",
+        "-O2",
+        "-g",
+    ];
+    for i in 0..12u64 {
+        let mut child = p
+            .command(kiln_tests::kiln_bin())
+            .args(args)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis((i * 13) % 70));
+        let _ = child.kill();
+        let _ = child.wait();
+        if i % 4 == 3 {
+            let _ = std::fs::remove_dir_all(&p.cache);
+        }
+    }
+    ok(&p.bare(&args));
+    let expected = p.read("obj/main.o");
+    for _ in 0..2 {
+        let _ = std::fs::remove_file(p.path("obj/main.o"));
+        ok(&p.kiln(&args));
+        assert_eq!(p.read("obj/main.o"), expected);
+    }
+}
