@@ -383,6 +383,12 @@ class Tool:
             shutil.rmtree(cache_dir)
         cache_dir.mkdir(parents=True)
 
+    def empty_config(self) -> str:
+        """An empty config file next to the cache dir: default settings, whatever ~/.config holds."""
+        f = self.cache_dir.with_name(self.cache_dir.name + ".empty.toml")
+        f.write_text("")
+        return str(f)
+
     def before_cold(self) -> None: ...
     def teardown(self) -> None: ...
 
@@ -425,7 +431,7 @@ class Sccache(Tool):
     def setup(self, cache_dir):
         super().setup(cache_dir)
         self.env.update(SCCACHE_DIR=str(cache_dir), SCCACHE_CACHE_SIZE="10G",
-                        SCCACHE_SERVER_PORT=SCCACHE_PORT)
+                        SCCACHE_SERVER_PORT=SCCACHE_PORT, SCCACHE_CONF=self.empty_config())
 
     def stop(self):
         subprocess.run([self.exe, "--stop-server"], capture_output=True, env=self.env)
@@ -462,6 +468,7 @@ class Kiln(Tool):
     def setup(self, cache_dir):
         super().setup(cache_dir)
         self.env["KILN_DIR"] = str(cache_dir)
+        self.env["KILN_CONFIG"] = self.empty_config()
 
     def before_cold(self):
         p = subprocess.run([self.exe, "stats", "--zero"], capture_output=True, text=True, env=self.env)
@@ -720,6 +727,12 @@ def print_tables(summary: dict, notes: list[str]) -> None:
             log(f"{label:<12} {fmt(v['cold_total_s'], '12.2f')} {fmt(v['warm_total_s'], '12.2f')} "
                 f"{fmt(v['warm_median_ms'], '15.1f')} {fmt(cr, '10.3f')}x {fmt(wr, '15.3f')}x")
         log(f"(plain baseline for cold/plain = mean of all plain pass totals: {fmt(base, '.2f')} s)")
+        pb, pa = rows.get("plain"), rows.get("plain-after")
+        if pb and pa:
+            log(f"machine drift, plain-after vs plain: cold total "
+                f"{(pa['cold_total_s'] / pb['cold_total_s'] - 1) * 100:+.1f}%, warm median "
+                f"{(pa['warm_median_ms'] / pb['warm_median_ms'] - 1) * 100:+.1f}%  "
+                "(cold/plain differences smaller than this are noise)")
     for n in notes:
         log(f"note: {n}")
 

@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::depfile;
 use crate::env::{Env, COMPILER_VARS, SIDE_OUTPUT_VARS};
 use crate::files::{self, Hashed};
-use crate::manifest::{FileRecord, Manifest};
+use crate::manifest::{DirRecord, FileRecord, Manifest};
 use crate::process;
 use crate::result::{CompileResult, Part};
 use crate::stats::{self, Outcome};
@@ -415,6 +415,10 @@ fn write_output(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .to_string_lossy();
     let tmp = dir.join(format!(".{name}.kiln-{}", std::process::id()));
     fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    // Renaming over an existing file makes ext4 flush the new data to disk first
+    // (auto_da_alloc), a synchronous write on every hit; removing the old file first avoids it.
+    // Readers see the old file, then none, then the new one whole: never a part.
+    let _ = fs::remove_file(path);
     fs::rename(&tmp, path).with_context(|| {
         let _ = fs::remove_file(&tmp);
         format!("cannot write {}", path.display())
@@ -706,8 +710,13 @@ fn normalize(p: &str) -> String {
 /// Paths where a header of the same name would have been found first, had it existed: for each
 /// header, the directories before its own on the include path. Only paths absent now are
 /// recorded (one present now was passed over for a reason, such as an include relative to the
-/// including file), so a later lookup fails exactly when a new file could shadow a used one.
-fn negative_paths(inv: &Invocation, p: &Prepared, headers: &[String]) -> Vec<String> {
+/// including file), so a later lookup fails when a new file could shadow a used one. Each is
+/// cut back to its first missing component (see [`first_missing`]).
+fn negative_paths(
+    inv: &Invocation,
+    p: &Prepared,
+    headers: &[String],
+) -> Vec<(String, Option<DirRecord>)> {
     const MAX: usize = 4096;
     let c = &p.compile;
     let source_dir = Path::new(&c.source)
@@ -729,6 +738,7 @@ fn negative_paths(inv: &Invocation, p: &Prepared, headers: &[String]) -> Vec<Str
         .collect();
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
+    let mut parents = std::collections::HashMap::new();
     for h in headers {
         let h = normalize(h);
         // The most specific directory of the chain that holds this header.
@@ -752,22 +762,65 @@ fn negative_paths(inv: &Invocation, p: &Prepared, headers: &[String]) -> Vec<Str
             if earlier == own {
                 continue;
             }
-            let candidate = if earlier == "." {
-                rest.to_owned()
-            } else {
-                format!("{earlier}/{rest}")
-            };
-            if seen.insert(candidate.clone())
-                && fs::symlink_metadata(inv.cwd.join(&candidate)).is_err()
-            {
-                out.push(candidate);
-                if out.len() >= MAX {
-                    return out;
+            if let Some(missing) = first_missing(&inv.cwd, earlier, rest) {
+                if seen.insert(missing.clone()) {
+                    let parent = dir_record(&inv.cwd, &missing, &mut parents);
+                    out.push((missing, parent));
+                    if out.len() >= MAX {
+                        return out;
+                    }
                 }
             }
         }
     }
     out
+}
+
+/// The fingerprint of the directory `path` would appear in (memoized in `cache`).
+fn dir_record(
+    cwd: &Path,
+    path: &str,
+    cache: &mut std::collections::HashMap<String, Option<DirRecord>>,
+) -> Option<DirRecord> {
+    let parent = match path.rsplit_once('/') {
+        Some(("", _)) => "/".to_owned(),
+        Some((p, _)) => p.to_owned(),
+        None => ".".to_owned(),
+    };
+    cache
+        .entry(parent.clone())
+        .or_insert_with(|| {
+            let stat = files::stat(&cwd.join(&parent)).ok()?;
+            let age = files::nanos(SystemTime::now()) - stat.changed_ns();
+            let stable = age >= files::TIMESTAMP_SLACK.as_nanos() as i64;
+            Some(DirRecord {
+                path: parent,
+                stat,
+                stable,
+            })
+        })
+        .clone()
+}
+
+/// The shortest path under `dir` along `rest` that does not exist, if any. As long as it
+/// stays absent, nothing below it can appear, so one `stat` covers a whole subtree: C++'s
+/// `bits/*.h` in a directory without `bits/` is a single negative.
+fn first_missing(cwd: &Path, dir: &str, rest: &str) -> Option<String> {
+    let mut path = if dir == "." {
+        String::new()
+    } else {
+        dir.to_owned()
+    };
+    for component in rest.split('/') {
+        if !path.is_empty() {
+            path.push('/');
+        }
+        path.push_str(component);
+        if fs::symlink_metadata(cwd.join(&path)).is_err() {
+            return Some(path);
+        }
+    }
+    None
 }
 
 #[cfg(test)]

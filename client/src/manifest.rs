@@ -6,7 +6,8 @@
 //! a header of the same name did not exist. A lookup succeeds only if every header still has
 //! its digest and no negative path has appeared, so a new header that would shadow an old one
 //! is a miss. Headers whose stat is unchanged since they were hashed (and had been still for a
-//! while before) are not read again.
+//! while before) are not read again. Negative paths are grouped by their parent directory: a
+//! directory whose stat is unchanged has gained no entry, so its negatives need no look.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,7 +17,7 @@ use kiln_cache::Digest;
 use crate::codec::{Reader, Writer};
 use crate::files::{self, Stat};
 
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
 /// Results kept per manifest; the oldest go first.
 const MAX_ENTRIES: usize = 32;
 /// Past this many distinct file records a manifest starts over.
@@ -40,11 +41,46 @@ pub struct Entry {
     pub result: Digest,
 }
 
+/// A directory that must gain no entry, with its stat when that was last known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirRecord {
+    pub path: String,
+    pub stat: Stat,
+    pub stable: bool,
+}
+
+/// A path that must not exist, and the directory it would appear in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negative {
+    pub path: String,
+    /// Index into [`Manifest::dirs`], when the parent could be fingerprinted.
+    pub dir: Option<u32>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Manifest {
     pub files: Vec<FileRecord>,
-    pub negatives: Vec<String>,
+    pub dirs: Vec<DirRecord>,
+    pub negatives: Vec<Negative>,
     pub entries: Vec<Entry>,
+}
+
+fn put_stat(w: &mut Writer, s: &Stat) {
+    w.u64(s.size);
+    w.i64(s.mtime_ns);
+    w.i64(s.ctime_ns);
+    w.u64(s.ino);
+    w.u64(s.dev);
+}
+
+fn get_stat(r: &mut Reader) -> Option<Stat> {
+    Some(Stat {
+        size: r.u64()?,
+        mtime_ns: r.i64()?,
+        ctime_ns: r.i64()?,
+        ino: r.u64()?,
+        dev: r.u64()?,
+    })
 }
 
 /// The outcome of checking a manifest against the file system.
@@ -64,16 +100,19 @@ impl Manifest {
         for f in &self.files {
             w.str(&f.path);
             w.digest(&f.digest);
-            w.u64(f.stat.size);
-            w.i64(f.stat.mtime_ns);
-            w.i64(f.stat.ctime_ns);
-            w.u64(f.stat.ino);
-            w.u64(f.stat.dev);
+            put_stat(&mut w, &f.stat);
             w.u8(u8::from(f.stable));
+        }
+        w.u32(self.dirs.len() as u32);
+        for d in &self.dirs {
+            w.str(&d.path);
+            put_stat(&mut w, &d.stat);
+            w.u8(u8::from(d.stable));
         }
         w.u32(self.negatives.len() as u32);
         for n in &self.negatives {
-            w.str(n);
+            w.str(&n.path);
+            w.u32(n.dir.unwrap_or(u32::MAX));
         }
         w.u32(self.entries.len() as u32);
         for e in &self.entries {
@@ -98,18 +137,26 @@ impl Manifest {
             m.files.push(FileRecord {
                 path: r.str()?,
                 digest: r.digest()?,
-                stat: Stat {
-                    size: r.u64()?,
-                    mtime_ns: r.i64()?,
-                    ctime_ns: r.i64()?,
-                    ino: r.u64()?,
-                    dev: r.u64()?,
-                },
+                stat: get_stat(&mut r)?,
                 stable: r.u8()? != 0,
             });
         }
         for _ in 0..r.u32()? {
-            m.negatives.push(r.str()?);
+            m.dirs.push(DirRecord {
+                path: r.str()?,
+                stat: get_stat(&mut r)?,
+                stable: r.u8()? != 0,
+            });
+        }
+        let nd = m.dirs.len() as u32;
+        for _ in 0..r.u32()? {
+            let path = r.str()?;
+            let dir = match r.u32()? {
+                u32::MAX => None,
+                i if i < nd => Some(i),
+                _ => return None,
+            };
+            m.negatives.push(Negative { path, dir });
         }
         let (nf, nn) = (m.files.len() as u32, m.negatives.len() as u32);
         for _ in 0..r.u32()? {
@@ -137,13 +184,22 @@ impl Manifest {
         let mut file_ok: HashMap<u32, Option<(Stat, bool)>> = HashMap::new();
         let mut digests: HashMap<&str, Option<(Digest, Stat, bool)>> = HashMap::new();
         let mut absent: HashMap<u32, bool> = HashMap::new();
+        let mut dir_unchanged: HashMap<u32, bool> = HashMap::new();
         'entries: for e in self.entries.iter().rev() {
             if e.date.as_deref().is_some_and(|d| d != today) {
                 continue;
             }
             for &i in &e.negatives {
+                let neg = &self.negatives[i as usize];
                 let ok = *absent.entry(i).or_insert_with(|| {
-                    std::fs::symlink_metadata(cwd.join(&self.negatives[i as usize])).is_err()
+                    let unchanged = neg.dir.is_some_and(|d| {
+                        *dir_unchanged.entry(d).or_insert_with(|| {
+                            let rec = &self.dirs[d as usize];
+                            rec.stable
+                                && files::stat(&cwd.join(&rec.path)).is_ok_and(|st| st == rec.stat)
+                        })
+                    });
+                    unchanged || std::fs::symlink_metadata(cwd.join(&neg.path)).is_err()
                 });
                 if !ok {
                     continue 'entries;
@@ -202,7 +258,7 @@ impl Manifest {
     pub fn add(
         &mut self,
         files: Vec<FileRecord>,
-        negatives: Vec<String>,
+        negatives: Vec<(String, Option<DirRecord>)>,
         date: Option<String>,
         result: Digest,
     ) {
@@ -228,11 +284,24 @@ impl Manifest {
             file_idx.push(i as u32);
         }
         let mut neg_idx = Vec::with_capacity(negatives.len());
-        for n in negatives {
-            let i = match self.negatives.iter().position(|g| *g == n) {
-                Some(i) => i,
+        for (path, dir) in negatives {
+            let dir = dir.map(|d| match self.dirs.iter().position(|g| g.path == d.path) {
+                Some(i) => {
+                    self.dirs[i] = d;
+                    i as u32
+                }
                 None => {
-                    self.negatives.push(n);
+                    self.dirs.push(d);
+                    self.dirs.len() as u32 - 1
+                }
+            });
+            let i = match self.negatives.iter().position(|g| g.path == path) {
+                Some(i) => {
+                    self.negatives[i].dir = dir;
+                    i
+                }
+                None => {
+                    self.negatives.push(Negative { path, dir });
                     self.negatives.len() - 1
                 }
             };
@@ -273,7 +342,7 @@ mod tests {
         let mut m = Manifest::default();
         m.add(
             vec![record(d, "a.h")],
-            vec!["early/a.h".into()],
+            vec![("early/a.h".into(), None)],
             None,
             Digest::of(b"r1"),
         );
@@ -292,6 +361,62 @@ mod tests {
     }
 
     #[test]
+    fn an_unchanged_directory_vouches_for_its_negatives() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("inc")).unwrap();
+        let mut st = files::stat(&d.join("inc")).unwrap();
+        let rec = |stat| {
+            Some(DirRecord {
+                path: "inc".into(),
+                stat,
+                stable: true,
+            })
+        };
+        let mut m = Manifest::default();
+        m.add(
+            vec![],
+            vec![("inc/a.h".into(), rec(st))],
+            None,
+            Digest::of(b"r"),
+        );
+        assert!(m.lookup(d, "").is_some());
+        // A new entry changes the directory's stat, so the negative is checked and fails.
+        std::fs::write(d.join("inc/a.h"), "x").unwrap();
+        assert!(m.lookup(d, "").is_none());
+        // A stale fingerprint would vouch wrongly, which is why only a stat equal to the
+        // recorded one counts: record the new stat and the lookup trusts it.
+        st = files::stat(&d.join("inc")).unwrap();
+        let mut m = Manifest::default();
+        m.add(
+            vec![],
+            vec![("inc/a.h".into(), rec(st))],
+            None,
+            Digest::of(b"r"),
+        );
+        assert!(
+            m.lookup(d, "").is_some(),
+            "vouched by the unchanged directory"
+        );
+        let unstable = Some(DirRecord {
+            path: "inc".into(),
+            stat: st,
+            stable: false,
+        });
+        let mut m = Manifest::default();
+        m.add(
+            vec![],
+            vec![("inc/a.h".into(), unstable)],
+            None,
+            Digest::of(b"r"),
+        );
+        assert!(
+            m.lookup(d, "").is_none(),
+            "an unstable fingerprint vouches for nothing"
+        );
+    }
+
+    #[test]
     fn date_bound_entries_expire() {
         let mut m = Manifest::default();
         m.add(vec![], vec![], Some("Nov 22 2026".into()), Digest::of(b"r"));
@@ -306,7 +431,7 @@ mod tests {
         for n in 0..(MAX_ENTRIES as u32 + 5) {
             m.add(
                 vec![],
-                vec![format!("n{n}")],
+                vec![(format!("n{n}"), None)],
                 None,
                 Digest::of(&n.to_le_bytes()),
             );

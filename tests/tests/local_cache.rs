@@ -31,7 +31,9 @@ fn remove_outputs(p: &Project) {
 }
 
 /// The outputs of one compile: object, dependency file, split DWARF, stderr, exit status.
-fn outputs(p: &Project, out: &Output) -> (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, Option<i32>) {
+type Outputs = (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, Option<i32>);
+
+fn outputs(p: &Project, out: &Output) -> Outputs {
     let opt = |f: &str| std::fs::read(p.path(f)).unwrap_or_default();
     (
         p.read("obj/main.o"),
