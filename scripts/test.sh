@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what the tests need (real gcc, g++ and clang), then runs every
+# test in the workspace. Used by the README and by CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+for tool in gcc g++ clang clang++ make; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing test dependencies (missing: ${missing[*]})"
+  as_root apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc g++ clang make
+fi
+
+cargo test --workspace "$@"
