@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import filecmp
+import hashlib
 import json
 import os
 import platform
@@ -486,6 +487,16 @@ class Kiln(Tool):
         return {"hits": _int(raw.get("hits")), "misses": _int(raw.get("misses")), "raw": raw}
 
 
+def binary_id(path: str) -> str:
+    """sha256 prefix + mtime: identifies exactly which build of a binary was measured."""
+    try:
+        h = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+        mt = _dt.datetime.fromtimestamp(Path(path).stat().st_mtime).isoformat(timespec="seconds")
+        return f"sha256:{h} mtime:{mt}"
+    except OSError as e:
+        return f"unreadable ({e})"
+
+
 def find_sccache() -> str | None:
     exe = shutil.which("sccache")
     if exe:
@@ -847,8 +858,12 @@ def main(argv=None) -> int:
     tools = [] if args.prepare_only else resolve_tools(args)
     plain = Plain()
     log(f"cc={cc}  cxx={cxx}")
+    kiln_ids = {}
     for t in tools:
         log(f"{t.name}: {t.exe}  [{t.version()}]")
+        if t.name == "kiln":
+            kiln_ids["start"] = binary_id(t.exe)
+            log(f"kiln binary: {kiln_ids['start']}")
 
     banner("sources and compile commands")
     compiles: list[Compile] = []
@@ -893,11 +908,19 @@ def main(argv=None) -> int:
                 raise BenchError("plain compile failed; cannot benchmark")
     runs.append(run_tool(plain, "plain-after", args.rounds, compiles, work, args.repeat))
 
+    failures = [f"{r.label} round {r.round}: {r.error.splitlines()[0]}" for r in runs if r.error]
+    for t in tools:
+        if t.name == "kiln":
+            kiln_ids["end"] = binary_id(t.exe)
+            if kiln_ids["end"] != kiln_ids["start"]:
+                loud(f"kiln binary CHANGED during the run ({kiln_ids['start']} -> "
+                     f"{kiln_ids['end']}); results mix two builds, re-run")
+                failures.append("kiln binary changed during the run")
+
     # ---- correctness
     banner("correctness (warm-pass outputs vs plain, byte for byte)")
     ref = Path(runs[0].saved)
     mismatches: dict[str, list[str]] = {}
-    failures = [f"{r.label} round {r.round}: {r.error.splitlines()[0]}" for r in runs if r.error]
     for r in runs[1:]:
         if r.error or not r.saved:
             continue
@@ -953,6 +976,7 @@ def main(argv=None) -> int:
                 "cc": cc, "cxx": cxx, "argv": sys.argv[1:], "repeat": args.repeat,
                 "rounds": args.rounds, "work": str(work), "elapsed_s": elapsed,
                 "versions": {t.name: t.version() for t in tools},
+                "tool_paths": {t.name: t.exe for t in tools}, "kiln_binary": kiln_ids,
             },
             "projects": {p: {"source": src_dirs[p],
                              "files": [c.name for c in compiles if c.project == p]}

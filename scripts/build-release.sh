@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace --bins
 if [ "$(uname -s)" = Linux ] && ldconfig -p 2>/dev/null | grep -q 'libc.so.6' && [ -e "$(gcc -print-file-name=libc.a 2>/dev/null || echo /nonexistent)" ]; then
-  cargo rustc --release -p kiln-client --bin kiln -- -C target-feature=+crt-static
+  cargo rustc --release -p kiln-client --bin kiln -- -C target-feature=+crt-static -C relocation-model=static
 fi
 echo "kiln: $(pwd)/target/release/kiln"

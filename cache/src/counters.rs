@@ -82,8 +82,13 @@ impl Counters {
         f(&mut counters);
         let rendered = counters.render();
         file.seek(SeekFrom::Start(0))?;
-        file.set_len(0)?;
         file.write_all(rendered.as_bytes())?;
+        // Overwrite in place and shorten only when needed: truncating to zero first would free
+        // the file's block on every update (a synchronous discard on some disks) and make ext4
+        // flush the file on close.
+        if (rendered.len() as u64) < text.len() as u64 {
+            file.set_len(rendered.len() as u64)?;
+        }
         Ok(counters)
         // The lock is released when `file` is closed.
     }

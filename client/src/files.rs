@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_cache::Digest;
-use memchr::memmem;
+use memchr::arch::all::twoway::Finder;
 
 /// File timestamps are coarse (a kernel tick, up to 10 ms). A file whose mtime or ctime is
 /// within this margin of an instant may have changed at that instant without its timestamps
@@ -27,11 +27,13 @@ pub struct Scan {
 
 impl Scan {
     pub fn of(data: &[u8]) -> Scan {
+        // The portable searchers: the SIMD ones first probe the CPU, which costs more than the
+        // whole scan of a typical source on a hit (CPUID traps to the hypervisor in a VM).
+        let has = |needle: &[u8]| Finder::new(needle).find(data, needle).is_some();
         Scan {
-            date: memmem::find(data, b"__DATE__").is_some(),
-            time: memmem::find(data, b"__TIME__").is_some()
-                || memmem::find(data, b"__TIMESTAMP__").is_some(),
-            incbin: memmem::find(data, b".incbin").is_some(),
+            date: has(b"__DATE__"),
+            time: has(b"__TIME__") || has(b"__TIMESTAMP__"),
+            incbin: has(b".incbin"),
         }
     }
 
