@@ -101,7 +101,9 @@ pub fn run(inv: &Invocation) -> i32 {
                     Outcome::Uncacheable(r)
                 }
                 Skip::Error(e) => {
-                    eprintln!("kiln: warning: {e:#}; compiling without the cache");
+                    // Not on stderr: the compiler's own diagnostics must come out unchanged (a
+                    // missing source, say, is the compiler's to report). `kiln stats` counts it.
+                    tracing::warn!("{e:#}; compiling without the cache");
                     Outcome::Error
                 }
             };
@@ -126,12 +128,10 @@ pub fn run(inv: &Invocation) -> i32 {
                     return 0;
                 }
                 Err(e) => {
-                    eprintln!(
-                        "kiln: warning: cannot write cached outputs: {e:#}; compiling instead"
-                    );
+                    tracing::warn!("cannot write cached outputs: {e:#}; compiling instead");
                 }
             },
-            Ok(None) => tracing::debug!("cache miss"),
+            Ok(None) => {}
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "cache lookup failed; compiling"),
         }
     }
@@ -346,23 +346,45 @@ fn lookup(
             Some(m) => m,
             None => return Ok(None),
         },
-        Lookup::Miss => return Ok(None),
-        Lookup::Corrupt(_) => {
+        Lookup::Miss => {
+            tracing::debug!("miss: first compile of this source with these arguments and compiler");
+            return Ok(None);
+        }
+        Lookup::Corrupt(e) => {
+            tracing::debug!("miss: the manifest was damaged ({e}) and has been removed");
             *corrupt += 1;
             return Ok(None);
         }
     };
+    if manifest.preprocessor {
+        let key = preprocessed_key(inv, p)?;
+        tracing::debug!(%key, "preprocessor mode: a project file uses __has_include");
+        return Ok(match store.get(Kind::Result, &key)? {
+            Lookup::Hit(bytes) => CompileResult::decode(&bytes),
+            Lookup::Miss => {
+                tracing::debug!("miss: no result for this preprocessed text");
+                None
+            }
+            Lookup::Corrupt(_) => {
+                *corrupt += 1;
+                None
+            }
+        });
+    }
     let Some(found) = manifest.lookup(&inv.cwd, &date_slot()) else {
-        tracing::debug!(
-            entries = manifest.entries.len(),
-            "no manifest entry matches the headers on disk"
-        );
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug!("miss: {}", manifest.explain_miss(&inv.cwd, &date_slot()));
+        }
         return Ok(None);
     };
     let result = match store.get(Kind::Result, &found.result)? {
         Lookup::Hit(bytes) => CompileResult::decode(&bytes),
-        Lookup::Miss => None,
-        Lookup::Corrupt(_) => {
+        Lookup::Miss => {
+            tracing::debug!("miss: the headers match, but the result was evicted");
+            None
+        }
+        Lookup::Corrupt(e) => {
+            tracing::debug!("miss: the result was damaged ({e}) and has been removed");
             *corrupt += 1;
             None
         }
@@ -470,7 +492,10 @@ fn compile_and_store(
                 Some(t)
             }
             Err(e) => {
-                eprintln!("kiln: warning: {e:#}; compiling without the cache");
+                tracing::warn!("{e:#}; compiling without the cache");
+                if inv.config.stats {
+                    stats::record(&inv.config.dir, Outcome::Error, corrupt);
+                }
                 return exec_direct(inv);
             }
         },
@@ -516,7 +541,7 @@ fn compile_and_store(
             Outcome::Uncacheable(r)
         }
         Err(Skip::Error(e)) => {
-            eprintln!("kiln: warning: compiled, but cannot store the result: {e:#}");
+            tracing::warn!("compiled, but cannot store the result: {e:#}");
             Outcome::Error
         }
     };
@@ -558,6 +583,7 @@ fn store_result(
     };
     let mut records = Vec::with_capacity(headers.len());
     let mut scan = p.source.scan;
+    let mut has_include = Vec::with_capacity(headers.len());
     let mut result_key = Hasher::new("kiln result key v1");
     result_key.digest(&p.key);
     for h in &headers {
@@ -569,6 +595,7 @@ fn store_result(
             return Err(Reason::ModifiedDuringCompile.into());
         }
         scan = scan.union(hashed.scan);
+        has_include.push(hashed.scan.has_include);
         result_key.str(h).digest(&hashed.digest);
         records.push(FileRecord {
             path: h.clone(),
@@ -584,10 +611,24 @@ fn store_result(
         return Err(Reason::Incbin.into());
     }
     let date = scan.date.then(date_slot);
-    if let Some(d) = &date {
-        result_key.str(d);
-    }
-    let result_key = result_key.finish();
+
+    let system = system_dirs(p);
+    let untrusted = p.source.scan.has_include
+        || records
+            .iter()
+            .zip(&has_include)
+            .any(|(r, has)| *has && !under_any(&r.path, &system));
+    let result_key = if untrusted {
+        // `__has_include` in a project file: the output depends on files that may not exist,
+        // which neither the dependency list nor the negative paths see. Key this result by the
+        // preprocessor's output, as ccache's preprocessor mode does.
+        preprocessed_key(inv, p)?
+    } else {
+        if let Some(d) = &date {
+            result_key.str(d);
+        }
+        result_key.finish()
+    };
 
     let mut parts = vec![(Part::Object, read_output(cwd, &c.output)?)];
     if !output.stdout.is_empty() {
@@ -611,12 +652,20 @@ fn store_result(
         .put(Kind::Result, &result_key, &result.encode())
         .context("cannot store the result")?;
 
-    let negatives = negative_paths(inv, p, &headers);
-    let mut manifest = match store.get(Kind::Manifest, &p.key) {
-        Ok(Lookup::Hit(bytes)) => Manifest::decode(&bytes).unwrap_or_default(),
-        _ => Manifest::default(),
+    let manifest = if untrusted {
+        Manifest {
+            preprocessor: true,
+            ..Manifest::default()
+        }
+    } else {
+        let negatives = negative_paths(inv, p, &headers);
+        let mut manifest = match store.get(Kind::Manifest, &p.key) {
+            Ok(Lookup::Hit(bytes)) => Manifest::decode(&bytes).unwrap_or_default(),
+            _ => Manifest::default(),
+        };
+        manifest.add(records, negatives, date, result_key);
+        manifest
     };
-    manifest.add(records, negatives, date, result_key);
     store
         .put(Kind::Manifest, &p.key, &manifest.encode())
         .context("cannot store the manifest")?;
@@ -629,6 +678,44 @@ fn read_output(cwd: &Path, path: &Path) -> Result<Vec<u8>, Skip> {
     fs::read(&full)
         .with_context(|| format!("cannot read compiler output {}", full.display()))
         .map_err(Skip::Error)
+}
+
+/// The key of a result in preprocessor mode: the manifest key and the digest of `-E` output.
+fn preprocessed_key(inv: &Invocation, p: &Prepared) -> anyhow::Result<Digest> {
+    let mut args = deps_only_args(&p.compile.args);
+    args.push("-E".to_owned());
+    let out =
+        process::capture(&inv.compiler, &args, None).context("cannot run the preprocessor")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "the preprocessor failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(Hasher::new("kiln preprocessed key v1")
+        .digest(&p.key)
+        .digest(&Digest::of(&out.stdout))
+        .finish())
+}
+
+/// The compiler's own include directories and `-isystem` ones, normalized.
+fn system_dirs(p: &Prepared) -> Vec<String> {
+    let own = match p.compile.lang {
+        Lang::Cxx | Lang::ObjCxx | Lang::CxxPreprocessed => &p.identity.cxx_dirs,
+        _ => &p.identity.c_dirs,
+    };
+    own.iter()
+        .chain(&p.compile.include_dirs.system)
+        .map(|d| normalize(d))
+        .collect()
+}
+
+fn under_any(path: &str, dirs: &[String]) -> bool {
+    let path = normalize(path);
+    dirs.iter().any(|d| {
+        path.strip_prefix(d.as_str())
+            .is_some_and(|rest| rest.starts_with('/'))
+    })
 }
 
 /// Every header the compile read, from the dependency file kiln or the user asked for. With

@@ -23,29 +23,30 @@ pub struct Scan {
     pub time: bool,
     /// `.incbin`: the assembler reads a file kiln does not see.
     pub incbin: bool,
+    /// `__has_include`: the output depends on files that may not exist, which no dependency
+    /// list names.
+    pub has_include: bool,
 }
+
+/// Below this size the portable substring search is cheaper than the SIMD one, which first
+/// probes the CPU (CPUID traps to the hypervisor in a VM: ~50 µs, more than scanning a typical
+/// source on a hit). Above it, the SIMD search wins by far (megabytes of headers on a miss).
+const SIMD_SCAN_MIN: usize = 64 * 1024;
 
 impl Scan {
     pub fn of(data: &[u8]) -> Scan {
-        // The portable searchers: the SIMD ones first probe the CPU, which costs more than the
-        // whole scan of a typical source on a hit (CPUID traps to the hypervisor in a VM).
-        let has = |needle: &[u8]| Finder::new(needle).find(data, needle).is_some();
+        let has = |needle: &[u8]| {
+            if data.len() < SIMD_SCAN_MIN {
+                Finder::new(needle).find(data, needle).is_some()
+            } else {
+                memchr::memmem::find(data, needle).is_some()
+            }
+        };
         Scan {
             date: has(b"__DATE__"),
             time: has(b"__TIME__") || has(b"__TIMESTAMP__"),
             incbin: has(b".incbin"),
-        }
-    }
-
-    pub fn bits(self) -> u8 {
-        u8::from(self.date) | u8::from(self.time) << 1 | u8::from(self.incbin) << 2
-    }
-
-    pub fn from_bits(b: u8) -> Scan {
-        Scan {
-            date: b & 1 != 0,
-            time: b & 2 != 0,
-            incbin: b & 4 != 0,
+            has_include: has(b"__has_include"),
         }
     }
 
@@ -54,6 +55,7 @@ impl Scan {
             date: self.date || o.date,
             time: self.time || o.time,
             incbin: self.incbin || o.incbin,
+            has_include: self.has_include || o.has_include,
         }
     }
 }
@@ -151,23 +153,20 @@ mod tests {
 
     #[test]
     fn scan_finds_macros() {
-        assert_eq!(
-            Scan::of(b"const char *d = __DATE__;"),
-            Scan {
-                date: true,
-                time: false,
-                incbin: false
-            }
-        );
+        let d = Scan::of(b"const char *d = __DATE__;");
+        assert!(d.date && !d.time && !d.incbin && !d.has_include);
         assert!(Scan::of(b"__TIMESTAMP__").time);
         assert!(Scan::of(b"asm(\".incbin \\\"x\\\"\")").incbin);
+        assert!(Scan::of(b"#if __has_include(<x.h>)").has_include);
         assert_eq!(Scan::of(b"int main(){}"), Scan::default());
-        let s = Scan {
-            date: true,
-            time: false,
-            incbin: true,
-        };
-        assert_eq!(Scan::from_bits(s.bits()), s);
+        // Both searchers agree, either side of the size where kiln switches between them.
+        for len in [SIMD_SCAN_MIN - 100, SIMD_SCAN_MIN + 100] {
+            let mut big = vec![b'x'; len];
+            big[len - 20..len - 12].copy_from_slice(b"__TIME__");
+            assert!(Scan::of(&big).time && !Scan::of(&big).date, "{len}");
+        }
+        let u = Scan::of(b"__DATE__").union(Scan::of(b".incbin"));
+        assert!(u.date && u.incbin && !u.time);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use kiln_cache::Digest;
 use crate::codec::{Reader, Writer};
 use crate::files::{self, Stat};
 
-const FORMAT: u8 = 2;
+const FORMAT: u8 = 3;
 /// Results kept per manifest; the oldest go first.
 const MAX_ENTRIES: usize = 32;
 /// Past this many distinct file records a manifest starts over.
@@ -59,6 +59,9 @@ pub struct Negative {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Manifest {
+    /// Direct mode cannot be trusted for this key (a project file uses `__has_include`): results
+    /// are keyed by the preprocessor's output instead, and the lists below are empty.
+    pub preprocessor: bool,
     pub files: Vec<FileRecord>,
     pub dirs: Vec<DirRecord>,
     pub negatives: Vec<Negative>,
@@ -96,6 +99,7 @@ impl Manifest {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
         w.u8(FORMAT);
+        w.u8(u8::from(self.preprocessor));
         w.u32(self.files.len() as u32);
         for f in &self.files {
             w.str(&f.path);
@@ -132,7 +136,10 @@ impl Manifest {
         if r.u8()? != FORMAT {
             return None;
         }
-        let mut m = Manifest::default();
+        let mut m = Manifest {
+            preprocessor: r.u8()? != 0,
+            ..Manifest::default()
+        };
         for _ in 0..r.u32()? {
             m.files.push(FileRecord {
                 path: r.str()?,
@@ -242,6 +249,40 @@ impl Manifest {
             });
         }
         None
+    }
+
+    /// Why the newest entry does not match, for `KILN_LOG=debug`. Only called on a miss.
+    pub fn explain_miss(&self, cwd: &Path, today: &str) -> String {
+        let Some(e) = self.entries.last() else {
+            return "the manifest is empty".into();
+        };
+        let others = match self.entries.len() {
+            1 => String::new(),
+            n => format!(" (and {} older results do not match either)", n - 1),
+        };
+        if e.date.as_deref().is_some_and(|d| d != today) {
+            return format!("the last result used __DATE__ and the date has changed{others}");
+        }
+        for &i in &e.negatives {
+            let neg = &self.negatives[i as usize];
+            if std::fs::symlink_metadata(cwd.join(&neg.path)).is_ok() {
+                return format!(
+                    "{} now exists and would be included instead{others}",
+                    neg.path
+                );
+            }
+        }
+        for &i in &e.files {
+            let rec = &self.files[i as usize];
+            match files::hash_file(&cwd.join(&rec.path)) {
+                Err(err) => return format!("header {} cannot be read: {err}{others}", rec.path),
+                Ok(h) if h.digest != rec.digest => {
+                    return format!("header {} changed{others}", rec.path)
+                }
+                Ok(_) => {}
+            }
+        }
+        format!("the last result's headers match now; they changed and changed back{others}")
     }
 
     /// Records that re-read files are stable with their new stat.

@@ -563,3 +563,84 @@ fn killed_compiles_never_leave_an_entry_that_serves_wrong_bytes() {
         assert_eq!(p.read("obj/main.o"), expected);
     }
 }
+
+#[test]
+fn has_include_in_a_project_header_uses_the_preprocessor() {
+    require("gcc");
+    let p = Project::new();
+    p.write(
+        "inc/cfg.h",
+        "#if __has_include(\"local.h\")\n#include \"local.h\"\n#else\n#define LOCAL 0\n#endif\n",
+    );
+    p.write(
+        "src/x.c",
+        "#include \"cfg.h\"\nint local(void) { return LOCAL; }\n",
+    );
+    settle();
+    let args = ["gcc", "-c", "src/x.c", "-o", "x.o", "-Iinc"];
+    ok(&p.kiln(&args));
+    ok(&p.kiln(&args));
+    assert_eq!((p.stat("hits"), p.stat("misses")), (1, 1));
+    // local.h appears where __has_include looks: no dependency list ever named it.
+    p.write("inc/local.h", "#define LOCAL 7\n");
+    settle();
+    ok(&p.kiln(&args));
+    assert_eq!(
+        p.stat("misses"),
+        2,
+        "a file __has_include now finds must be a miss"
+    );
+    let cached = p.read("x.o");
+    ok(&p.bare(&args));
+    assert_eq!(cached, p.read("x.o"));
+    ok(&p.kiln(&args));
+    assert_eq!(p.stat("hits"), 2);
+}
+
+#[test]
+fn profile_data_is_part_of_the_key() {
+    require("gcc");
+    let p = Project::new();
+    p.write(
+        "src/pgo.c",
+        "#include <stdio.h>\nint main(int argc, char **argv) {\n  long s = 0;\n  for (int i = 0; i < argc * 100000; i++) s += i % 7 ? i : -i;\n  printf(\"%ld\\n\", s);\n  return 0;\n}\n",
+    );
+    std::fs::create_dir_all(p.path("obj")).unwrap();
+    ok(&p.bare(&[
+        "gcc",
+        "-O2",
+        "-fprofile-generate",
+        "-c",
+        "src/pgo.c",
+        "-o",
+        "obj/pgo.o",
+    ]));
+    ok(&p.bare(&["gcc", "-fprofile-generate", "obj/pgo.o", "-o", "pgo"]));
+    ok(&p.command(p.path("pgo")).output().unwrap());
+    assert!(p.path("obj/pgo.gcda").exists(), "no profile written");
+    settle();
+    let args = [
+        "gcc",
+        "-O2",
+        "-fprofile-use",
+        "-c",
+        "src/pgo.c",
+        "-o",
+        "obj/pgo.o",
+    ];
+    ok(&p.kiln(&args));
+    ok(&p.kiln(&args));
+    assert_eq!((p.stat("hits"), p.stat("misses")), (1, 1));
+    // New profile data: the object may change, so this must be a miss.
+    ok(&p
+        .command(p.path("pgo"))
+        .args(["more", "arguments", "here"])
+        .output()
+        .unwrap());
+    settle();
+    ok(&p.kiln(&args));
+    assert_eq!(p.stat("misses"), 2);
+    let cached = p.read("obj/pgo.o");
+    ok(&p.bare(&args));
+    assert_eq!(cached, p.read("obj/pgo.o"));
+}
