@@ -520,8 +520,22 @@ fn compile_and_store(
         }
     };
     let compile_ms = started.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
-    replay(&output.stdout, &output.stderr);
     let code = exit_code(&output.status);
+    if code != 0 {
+        // A failure that names kiln's own dependency file is kiln's (its disk is full, say),
+        // not the compile's: run the compiler as the user asked, without the cache.
+        if let Some(t) = &own_deps {
+            let ours = t.0.to_string_lossy();
+            if memchr::memmem::find(&output.stderr, ours.as_bytes()).is_some() {
+                tracing::warn!("the compiler could not write kiln's dependency list; compiling without the cache");
+                if cfg.stats {
+                    stats::record(&cfg.dir, Outcome::Error, corrupt);
+                }
+                return exec_direct(inv);
+            }
+        }
+    }
+    replay(&output.stdout, &output.stderr);
     if code != 0 {
         if cfg.stats {
             stats::record(&cfg.dir, Outcome::CompileFailed, corrupt);

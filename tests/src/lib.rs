@@ -188,3 +188,32 @@ pub fn ok(out: &Output) -> &Output {
 pub fn settle() {
     std::thread::sleep(std::time::Duration::from_millis(150));
 }
+
+/// A tmpfs of a fixed size mounted for the life of the value (needs root, as CI has).
+#[derive(Debug)]
+pub struct TinyDisk {
+    pub path: PathBuf,
+}
+
+impl TinyDisk {
+    pub fn mount(path: PathBuf, size: &str) -> TinyDisk {
+        std::fs::create_dir_all(&path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mounting a {size} tmpfs needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TinyDisk { path }
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}

@@ -644,3 +644,42 @@ fn profile_data_is_part_of_the_key() {
     ok(&p.bare(&args));
     assert_eq!(cached, p.read("obj/pgo.o"));
 }
+
+#[test]
+fn a_full_cache_disk_never_fails_the_build() {
+    require("gcc");
+    let mut p = Project::new();
+    let disk = kiln_tests::TinyDisk::mount(p.path("tiny"), "96k");
+    p.cache = disk.path.clone();
+    // Big enough objects that the disk fills after a few.
+    for i in 0..12 {
+        let body: String = (0..300)
+            .map(|j| format!("int f{i}_{j}(int x) {{ return x * {j} + {i}; }}\n"))
+            .collect();
+        p.write(&format!("big/f{i}.c"), &body);
+    }
+    std::fs::create_dir_all(p.path("obj")).unwrap();
+    settle();
+    for round in 0..2 {
+        for i in 0..12 {
+            let (src, out) = (format!("big/f{i}.c"), format!("obj/f{i}.o"));
+            let _ = std::fs::remove_file(p.path(&out));
+            let kiln = ok(&p.kiln(&["gcc", "-c", &src, "-o", &out])).clone();
+            assert!(
+                kiln.stderr.is_empty(),
+                "round {round}: kiln wrote to stderr: {}",
+                String::from_utf8_lossy(&kiln.stderr)
+            );
+            let cached = p.read(&out);
+            ok(&p.bare(&["gcc", "-c", &src, "-o", &out]));
+            assert_eq!(cached, p.read(&out), "round {round}: f{i}.o differs");
+        }
+    }
+    // Some results did fit and were served; the ones that did not were counted as errors.
+    let s = p.stats();
+    assert!(s["hits"].as_i64().unwrap() > 0, "{s}");
+    assert!(
+        s["errors"].as_i64().unwrap() > 0,
+        "the disk never filled: {s}"
+    );
+}
