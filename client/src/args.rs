@@ -56,10 +56,12 @@ pub enum Reason {
     ModifiedDuringCompile,
     /// Environment variables that make the compiler write extra files.
     Environment,
+    /// An output that is not a regular file: `-o /dev/null`, a pipe, a symbolic link.
+    SpecialOutput,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 24] = [
         Reason::Link,
         Reason::Preprocess,
         Reason::DependenciesOnly,
@@ -83,6 +85,7 @@ impl Reason {
         Reason::Incbin,
         Reason::ModifiedDuringCompile,
         Reason::Environment,
+        Reason::SpecialOutput,
     ];
 
     /// The stable name used in statistics.
@@ -111,6 +114,7 @@ impl Reason {
             Reason::Incbin => "incbin",
             Reason::ModifiedDuringCompile => "modified_during_compile",
             Reason::Environment => "environment",
+            Reason::SpecialOutput => "special_output",
         }
     }
 }

@@ -156,10 +156,32 @@ fn prepare(inv: &Invocation) -> Result<Prepared, Skip> {
     if SIDE_OUTPUT_VARS.iter().any(|v| inv.env.os(v).is_some()) {
         return Err(Reason::Environment.into());
     }
-    let identity = compiler::identify(&inv.compiler, &inv.config.dir)?;
+    // kiln replaces outputs by renaming a new file into place, which must never happen to
+    // `/dev/null`, a pipe or what a symbolic link points to: the compiler writes through those.
+    let mut outputs = vec![compile.output.clone()];
+    outputs.extend(compile.dep_file.as_ref().map(|d| d.path.clone()));
+    if compile.split_dwarf {
+        outputs.push(args::dwo_path(&compile.output));
+    }
+    for o in &outputs {
+        if fs::symlink_metadata(inv.cwd.join(o)).is_ok_and(|m| !m.is_file()) {
+            return Err(Reason::SpecialOutput.into());
+        }
+    }
     let source_path = inv.cwd.join(&compile.source);
-    let source = files::hash_file(&source_path)
-        .with_context(|| format!("cannot read source {}", source_path.display()))?;
+    let source = match files::hash_file(&source_path) {
+        Ok(s) => s,
+        // The compiler will say so in its own words.
+        Err(files::HashError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Reason::NoSource.into())
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e)
+                .context(format!("cannot read source {}", source_path.display()))
+                .into())
+        }
+    };
+    let identity = compiler::identify(&inv.compiler, &inv.config.dir)?;
     if source.scan.time && inv.env.get("SOURCE_DATE_EPOCH").is_none() {
         return Err(Reason::TimeMacros.into());
     }

@@ -683,3 +683,60 @@ fn a_full_cache_disk_never_fails_the_build() {
         "the disk never filled: {s}"
     );
 }
+
+#[test]
+fn device_and_link_outputs_are_left_to_the_compiler() {
+    require("gcc");
+    let p = Project::new();
+    let src = sample(&p, "c");
+    for _ in 0..2 {
+        ok(&p.kiln(&["gcc", "-c", &src, "-Iinc1", "-Iinc2", "-o", "/dev/null"]));
+        ok(&p.kiln(&[
+            "gcc",
+            "-c",
+            &src,
+            "-Iinc1",
+            "-Iinc2",
+            "-o",
+            "obj/m.o",
+            "-MD",
+            "-MF",
+            "/dev/null",
+        ]));
+    }
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device(),
+        "/dev/null was replaced"
+    );
+    assert_eq!(p.reason("special_output"), 4);
+
+    // An output that is a symbolic link is left to the compiler: whatever it does with the link
+    // (GNU as replaces it) happens exactly as without kiln.
+    std::fs::write(p.path("real.o"), b"old").unwrap();
+    std::os::unix::fs::symlink(p.path("real.o"), p.path("obj/link.o")).unwrap();
+    ok(&p.kiln(&["gcc", "-c", &src, "-Iinc1", "-Iinc2", "-o", "obj/link.o"]));
+    assert_eq!(p.reason("special_output"), 5);
+    let (through_kiln, real) = (p.read("obj/link.o"), p.read("real.o"));
+    std::fs::remove_file(p.path("obj/link.o")).unwrap();
+    std::fs::write(p.path("real.o"), b"old").unwrap();
+    std::os::unix::fs::symlink(p.path("real.o"), p.path("obj/link.o")).unwrap();
+    ok(&p.bare(&["gcc", "-c", &src, "-Iinc1", "-Iinc2", "-o", "obj/link.o"]));
+    assert_eq!(
+        (through_kiln, real),
+        (p.read("obj/link.o"), p.read("real.o"))
+    );
+
+    // A missing source is the compiler's error to report, in its own words.
+    let bare = p.bare(&["gcc", "-c", "nope.c"]);
+    let out = p.kiln(&["gcc", "-c", "nope.c"]);
+    assert_eq!(
+        (out.status.code(), &out.stderr),
+        (bare.status.code(), &bare.stderr)
+    );
+    assert_eq!(p.reason("no_source"), 1);
+    assert_eq!(p.stat("errors"), 0);
+}
