@@ -628,6 +628,8 @@ class Run:
     stats_warm: dict | None = None
     error: str | None = None
     saved: str | None = None
+    binary: str | None = None         # identity of the tool binary measured (kiln)
+    loadavg: list | None = None       # 1-min load average before / after
 
 
 def by_project(compiles: list[Compile], times: list[float]) -> dict:
@@ -642,6 +644,8 @@ def run_tool(tool: Tool, label: str, rnd: int, compiles: list[Compile], work: Pa
     r = Run(label, tool.name, rnd)
     banner(f"{label} (round {rnd})")
     tool.setup(work / "caches" / f"{label}-r{rnd}")
+    bin_before = binary_id(tool.exe) if tool.name == "kiln" else None
+    load_before = os.getloadavg()[0]
     try:
         tool.before_cold()
         t0 = time.perf_counter()
@@ -666,6 +670,17 @@ def run_tool(tool: Tool, label: str, rnd: int, compiles: list[Compile], work: Pa
         log(str(e))
     finally:
         tool.teardown()
+    r.loadavg = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    if r.loadavg[0] > 1.5 or r.loadavg[1] > 1.5:
+        log(f"  warning: load average {r.loadavg[0]} -> {r.loadavg[1]}: "
+            "something else is using the CPUs, timings are noisy")
+    if bin_before is not None:
+        r.binary = bin_before
+        after = binary_id(tool.exe)
+        if after != bin_before and not r.error:
+            r.error = (f"kiln binary changed while it was being measured "
+                       f"({bin_before} -> {after}); re-run")
+            loud(r.error)
     if r.stats_warm is not None:
         s = r.stats_warm
         log(f"  {tool.name} stats after warm pass: hits={s['hits']} misses={s['misses']}"
@@ -854,6 +869,7 @@ def main(argv=None) -> int:
     cxx = which_abs(args.cxx, "C++ compiler")
     ccname, cxxname = Path(cc).name, Path(cxx).name
 
+    log(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}  ({os.cpu_count()} CPUs)")
     banner("tools")
     tools = [] if args.prepare_only else resolve_tools(args)
     plain = Plain()
@@ -862,8 +878,8 @@ def main(argv=None) -> int:
     for t in tools:
         log(f"{t.name}: {t.exe}  [{t.version()}]")
         if t.name == "kiln":
-            kiln_ids["start"] = binary_id(t.exe)
-            log(f"kiln binary: {kiln_ids['start']}")
+            kiln_ids["at_start"] = binary_id(t.exe)
+            log(f"kiln binary: {kiln_ids['at_start']}")
 
     banner("sources and compile commands")
     compiles: list[Compile] = []
@@ -909,13 +925,12 @@ def main(argv=None) -> int:
     runs.append(run_tool(plain, "plain-after", args.rounds, compiles, work, args.repeat))
 
     failures = [f"{r.label} round {r.round}: {r.error.splitlines()[0]}" for r in runs if r.error]
-    for t in tools:
-        if t.name == "kiln":
-            kiln_ids["end"] = binary_id(t.exe)
-            if kiln_ids["end"] != kiln_ids["start"]:
-                loud(f"kiln binary CHANGED during the run ({kiln_ids['start']} -> "
-                     f"{kiln_ids['end']}); results mix two builds, re-run")
-                failures.append("kiln binary changed during the run")
+    measured = sorted({r.binary for r in runs if r.binary})
+    if measured:
+        log(f"kiln build(s) measured: {', '.join(measured)}")
+        if len(measured) > 1:
+            loud("different kiln builds were measured in different rounds; re-run")
+            failures.append("kiln binary differs between rounds")
 
     # ---- correctness
     banner("correctness (warm-pass outputs vs plain, byte for byte)")
@@ -976,7 +991,7 @@ def main(argv=None) -> int:
                 "cc": cc, "cxx": cxx, "argv": sys.argv[1:], "repeat": args.repeat,
                 "rounds": args.rounds, "work": str(work), "elapsed_s": elapsed,
                 "versions": {t.name: t.version() for t in tools},
-                "tool_paths": {t.name: t.exe for t in tools}, "kiln_binary": kiln_ids,
+                "tool_paths": {t.name: t.exe for t in tools}, "kiln_binary": kiln_ids | {"measured": measured},
             },
             "projects": {p: {"source": src_dirs[p],
                              "files": [c.name for c in compiles if c.project == p]}

@@ -28,7 +28,7 @@ use crate::compiler::{self, Family, Identity};
 use crate::config::Config;
 use crate::depfile;
 use crate::env::{Env, COMPILER_VARS, SIDE_OUTPUT_VARS};
-use crate::files::{self, Hashed};
+use crate::files::{self, Hashed, Scan};
 use crate::manifest::{DirRecord, FileRecord, Manifest};
 use crate::process;
 use crate::result::{CompileResult, Part};
@@ -182,12 +182,8 @@ fn prepare(inv: &Invocation) -> Result<Prepared, Skip> {
         }
     };
     let identity = compiler::identify(&inv.compiler, &inv.config.dir)?;
-    if source.scan.time && inv.env.get("SOURCE_DATE_EPOCH").is_none() {
-        return Err(Reason::TimeMacros.into());
-    }
-    if source.scan.incbin {
-        return Err(Reason::Incbin.into());
-    }
+    // The source is scanned for __TIME__ and friends only when a result is stored: a manifest
+    // found under a key that includes the source's digest already knows what it contains.
     let key = manifest_key(inv, &compile, &identity, &source)?;
     Ok(Prepared {
         compile,
@@ -271,9 +267,6 @@ fn manifest_key(
     }
     if c.native_cpu {
         h.str("cpu").str(&cpu_identity());
-    }
-    if source.scan.date {
-        h.str(&date_slot());
     }
     Ok(h.finish())
 }
@@ -618,7 +611,8 @@ fn store_result(
         Vec::new()
     };
     let mut records = Vec::with_capacity(headers.len());
-    let mut scan = p.source.scan;
+    let source_scan = Scan::of(&p.source.data);
+    let mut scan = source_scan;
     let mut has_include = Vec::with_capacity(headers.len());
     let mut result_key = Hasher::new("kiln result key v1");
     result_key.digest(&p.key);
@@ -630,8 +624,9 @@ fn store_result(
         if hashed.stat.changed_since(t0) {
             return Err(Reason::ModifiedDuringCompile.into());
         }
-        scan = scan.union(hashed.scan);
-        has_include.push(hashed.scan.has_include);
+        let header_scan = Scan::of(&hashed.data);
+        scan = scan.union(header_scan);
+        has_include.push(header_scan.has_include);
         result_key.str(h).digest(&hashed.digest);
         records.push(FileRecord {
             path: h.clone(),
@@ -649,7 +644,7 @@ fn store_result(
     let date = scan.date.then(date_slot);
 
     let system = system_dirs(p);
-    let untrusted = p.source.scan.has_include
+    let untrusted = source_scan.has_include
         || records
             .iter()
             .zip(&has_include)

@@ -4,6 +4,7 @@
 //! binary costs milliseconds, so the identity is remembered in `DIR/compilers/` by path, size,
 //! mtime and ctime, and recomputed only when one of them changes.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -35,9 +36,7 @@ pub struct Identity {
     pub c_dirs: Vec<String>,
     pub cxx_dirs: Vec<String>,
     /// The binary's stat when this record was made.
-    size: u64,
-    mtime_ns: i64,
-    ctime_ns: i64,
+    stat: Stat,
 }
 
 impl Identity {
@@ -51,11 +50,13 @@ impl Identity {
 /// name. Candidates that are kiln are skipped, so a masquerade link first in PATH never runs
 /// itself.
 pub fn find(name: &str, env: &Env, self_exe: &Path) -> anyhow::Result<PathBuf> {
-    let me = std::fs::canonicalize(self_exe).unwrap_or_else(|_| self_exe.to_path_buf());
-    let is_me = |p: &Path| std::fs::canonicalize(p).map(|c| c == me).unwrap_or(false);
+    // Compare files by device and inode, which follows every link at the cost of one stat.
+    let id = |m: &std::fs::Metadata| (m.dev(), m.ino());
+    let me = std::fs::metadata(self_exe).map(|m| id(&m)).ok();
+    let is_me = |m: &std::fs::Metadata| Some(id(m)) == me;
     let base = if name.contains('/') {
         let p = PathBuf::from(name);
-        if !is_me(&p) {
+        if !std::fs::metadata(&p).is_ok_and(|m| is_me(&m)) {
             return Ok(p);
         }
         p.file_name()
@@ -67,40 +68,40 @@ pub fn find(name: &str, env: &Env, self_exe: &Path) -> anyhow::Result<PathBuf> {
     if let Some(path_var) = env.os("PATH") {
         for dir in std::env::split_paths(path_var) {
             let candidate = dir.join(&base);
-            if is_executable(&candidate) && !is_me(&candidate) {
-                return Ok(candidate);
+            if let Ok(m) = std::fs::metadata(&candidate) {
+                if is_executable(&m) && !is_me(&m) {
+                    return Ok(candidate);
+                }
             }
         }
     }
     bail!("cannot find the compiler {base:?} in PATH (kiln wraps a compiler: `kiln gcc -c foo.c`)")
 }
 
-fn is_executable(p: &Path) -> bool {
+fn is_executable(m: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    m.is_file() && m.permissions().mode() & 0o111 != 0
 }
 
 /// The identity of the compiler at `path`, from the record in `dir` when the binary has not
 /// changed, otherwise computed and recorded.
 pub fn identify(path: &Path, dir: &Path) -> anyhow::Result<Identity> {
-    let resolved = std::fs::canonicalize(path)
-        .with_context(|| format!("cannot resolve compiler {}", path.display()))?;
-    let stat = files::stat(&resolved)
-        .with_context(|| format!("cannot stat compiler {}", resolved.display()))?;
+    // The stat of `path` follows its links: an unchanged record means the same binary, without
+    // resolving the chain of links on every compile.
+    let stat =
+        files::stat(path).with_context(|| format!("cannot stat compiler {}", path.display()))?;
     let record = dir
         .join("compilers")
         .join(Digest::of(path.as_os_str().as_encoded_bytes()).to_hex());
     if let Ok(text) = std::fs::read(&record) {
         if let Ok(id) = serde_json::from_slice::<Identity>(&text) {
-            if id.path == resolved
-                && (id.size, id.mtime_ns, id.ctime_ns) == (stat.size, stat.mtime_ns, stat.ctime_ns)
-            {
+            if id.stat == stat {
                 return Ok(id);
             }
         }
     }
+    let resolved = std::fs::canonicalize(path)
+        .with_context(|| format!("cannot resolve compiler {}", path.display()))?;
     let id = probe(path, &resolved, stat)?;
     let json = serde_json::to_vec_pretty(&id)?;
     if let Some(parent) = record.parent() {
@@ -148,9 +149,7 @@ fn probe(path: &Path, resolved: &Path, stat: Stat) -> anyhow::Result<Identity> {
         version: version_text.lines().next().unwrap_or("").to_owned(),
         c_dirs: search_dirs(path, "c"),
         cxx_dirs: search_dirs(path, "c++"),
-        size: stat.size,
-        mtime_ns: stat.mtime_ns,
-        ctime_ns: stat.ctime_ns,
+        stat,
     })
 }
 

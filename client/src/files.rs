@@ -61,7 +61,7 @@ impl Scan {
 }
 
 /// What `stat` says about a file: enough to notice any change made after it was hashed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Stat {
     pub size: u64,
     pub mtime_ns: i64,
@@ -104,7 +104,6 @@ pub fn nanos(t: SystemTime) -> i64 {
 pub struct Hashed {
     pub digest: Digest,
     pub stat: Stat,
-    pub scan: Scan,
     /// The file had been still for longer than the timestamp slack when it was hashed, so an
     /// identical stat later proves it unchanged since.
     pub stable: bool,
@@ -135,7 +134,6 @@ pub fn hash_file(path: &Path) -> Result<Hashed, HashError> {
     let now = nanos(SystemTime::now());
     Ok(Hashed {
         digest: Digest::of(&data),
-        scan: Scan::of(&data),
         stable: now - after.changed_ns() >= TIMESTAMP_SLACK.as_nanos() as i64,
         stat: after,
         data,
