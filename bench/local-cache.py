@@ -545,7 +545,11 @@ def resolve_tools(args) -> list[Tool]:
                     log(msg + "; skipping kiln")
                     continue
                 raise BenchError(msg + " (or --skip-missing, or --tools without kiln)")
-            tools.append(Kiln(str(k.resolve())))
+            if k.name != "kiln":
+                log(f"warning: {k} is not named 'kiln'; kiln picks its mode from its own name "
+                    "(a differently named link acts as a compiler), so compiles may fail")
+            # abspath, not resolve(): keep the name even if PATH is a symlink
+            tools.append(Kiln(os.path.abspath(k)))
     order = {n: i for i, n in enumerate(args.tools)}
     return sorted(tools, key=lambda t: order[t.name])
 
@@ -821,7 +825,7 @@ def parse_args(argv=None):
     ap.add_argument("--work", default="/tmp/kiln-bench", type=Path,
                     help="work directory for sources, builds, caches (default: %(default)s)")
     ap.add_argument("--kiln", default="/work/main/target/release/kiln",
-                    help="kiln binary (default: %(default)s)")
+                    help="kiln binary; must be named 'kiln' (default: %(default)s)")
     ap.add_argument("--sccache", help="sccache binary (default: from PATH or ~/.cargo/bin)")
     ap.add_argument("--tools", type=csv_list(("plain",) + CACHE_TOOLS),
                     default=list(CACHE_TOOLS),
