@@ -28,7 +28,7 @@ use crate::compiler::{self, Family, Identity};
 use crate::config::Config;
 use crate::depfile;
 use crate::env::{Env, COMPILER_VARS, SIDE_OUTPUT_VARS};
-use crate::files::{self, Hashed, Scan};
+use crate::files::{self, Hashed, Probe, Scan};
 use crate::manifest::{DirRecord, FileRecord, Manifest};
 use crate::process;
 use crate::result::{CompileResult, Part};
@@ -613,7 +613,21 @@ fn store_result(
     let mut records = Vec::with_capacity(headers.len());
     let source_scan = Scan::of(&p.source.data);
     let mut scan = source_scan;
-    let mut has_include = Vec::with_capacity(headers.len());
+    // `__has_include` in a project file (system headers use it everywhere and change only with
+    // the system): the names it tests are followed like headers; one that cannot be read
+    // literally makes direct mode untrustworthy for this compile.
+    let system = system_dirs(p);
+    let mut probes: Vec<(String, Probe)> = Vec::new();
+    let mut untrusted = false;
+    let mut note_probes = |path: &str, data: &[u8], scan: Scan| {
+        if scan.has_include && !under_any(path, &system) {
+            match files::include_probes(data) {
+                Some(found) => probes.extend(found.into_iter().map(|pr| (parent_of(path), pr))),
+                None => untrusted = true,
+            }
+        }
+    };
+    note_probes(&c.source, &p.source.data, source_scan);
     let mut result_key = Hasher::new("kiln result key v1");
     result_key.digest(&p.key);
     for h in &headers {
@@ -626,7 +640,7 @@ fn store_result(
         }
         let header_scan = Scan::of(&hashed.data);
         scan = scan.union(header_scan);
-        has_include.push(header_scan.has_include);
+        note_probes(h, &hashed.data, header_scan);
         result_key.str(h).digest(&hashed.digest);
         records.push(FileRecord {
             path: h.clone(),
@@ -643,16 +657,10 @@ fn store_result(
     }
     let date = scan.date.then(date_slot);
 
-    let system = system_dirs(p);
-    let untrusted = source_scan.has_include
-        || records
-            .iter()
-            .zip(&has_include)
-            .any(|(r, has)| *has && !under_any(&r.path, &system));
     let result_key = if untrusted {
-        // `__has_include` in a project file: the output depends on files that may not exist,
-        // which neither the dependency list nor the negative paths see. Key this result by the
-        // preprocessor's output, as ccache's preprocessor mode does.
+        // A `__has_include` kiln cannot follow: the output depends on files that may not
+        // exist and that nothing names. Key this result by the preprocessor's output, as
+        // ccache's preprocessor mode does.
         preprocessed_key(inv, p)?
     } else {
         if let Some(d) = &date {
@@ -689,12 +697,12 @@ fn store_result(
             ..Manifest::default()
         }
     } else {
-        let negatives = negative_paths(inv, p, &headers);
+        let (negatives, positives) = negative_paths(inv, p, &headers, &probes);
         let mut manifest = match store.get(Kind::Manifest, &p.key) {
             Ok(Lookup::Hit(bytes)) => Manifest::decode(&bytes).unwrap_or_default(),
             _ => Manifest::default(),
         };
-        manifest.add(records, negatives, date, result_key);
+        manifest.add(records, negatives, positives, date, result_key);
         manifest
     };
     store
@@ -727,6 +735,14 @@ fn preprocessed_key(inv: &Invocation, p: &Prepared) -> anyhow::Result<Digest> {
         .digest(&p.key)
         .digest(&Digest::of(&out.stdout))
         .finish())
+}
+
+/// The directory of a path as given, `.` for a bare name.
+fn parent_of(path: &str) -> String {
+    match Path::new(path).parent() {
+        Some(p) if !p.as_os_str().is_empty() => normalize(&p.to_string_lossy()),
+        _ => ".".to_owned(),
+    }
 }
 
 /// The compiler's own include directories and `-isystem` ones, normalized.
@@ -830,11 +846,13 @@ fn normalize(p: &str) -> String {
 /// recorded (one present now was passed over for a reason, such as an include relative to the
 /// including file), so a later lookup fails when a new file could shadow a used one. Each is
 /// cut back to its first missing component (see [`first_missing`]).
+#[allow(clippy::type_complexity)]
 fn negative_paths(
     inv: &Invocation,
     p: &Prepared,
     headers: &[String],
-) -> Vec<(String, Option<DirRecord>)> {
+    probes: &[(String, Probe)],
+) -> (Vec<(String, Option<DirRecord>)>, Vec<String>) {
     const MAX: usize = 4096;
     let c = &p.compile;
     let source_dir = Path::new(&c.source)
@@ -885,13 +903,59 @@ fn negative_paths(
                     let parent = dir_record(&inv.cwd, &missing, &mut parents);
                     out.push((missing, parent));
                     if out.len() >= MAX {
-                        return out;
+                        return (out, Vec::new());
                     }
                 }
             }
         }
     }
-    out
+    // Names tested by `__has_include`: every place along the search path where the name is
+    // found must stay, every place where it is not must stay empty.
+    let mut positives = Vec::new();
+    for (includer, probe) in probes {
+        let dirs: Vec<&String> = if probe.name.starts_with('/') {
+            Vec::new()
+        } else if probe.quoted {
+            std::iter::once(includer).chain(&chain).collect()
+        } else {
+            chain.iter().collect()
+        };
+        let mut places: Vec<(String, String)> = dirs
+            .into_iter()
+            .map(|d| {
+                let place = if d == "." {
+                    probe.name.clone()
+                } else {
+                    format!("{d}/{}", probe.name)
+                };
+                (d.clone(), place)
+            })
+            .collect();
+        if probe.name.starts_with('/') {
+            places.push(("/".into(), probe.name.clone()));
+        }
+        for (dir, place) in places {
+            if fs::metadata(inv.cwd.join(&place)).is_ok() {
+                if !positives.contains(&place) {
+                    positives.push(place);
+                }
+            } else if dir == "/" {
+                if seen.insert(place.clone()) {
+                    out.push((place, None));
+                }
+            } else if let Some(missing) = first_missing(
+                &inv.cwd,
+                &dir,
+                place.strip_prefix(&format!("{dir}/")).unwrap_or(&place),
+            ) {
+                if seen.insert(missing.clone()) {
+                    let parent = dir_record(&inv.cwd, &missing, &mut parents);
+                    out.push((missing, parent));
+                }
+            }
+        }
+    }
+    (out, positives)
 }
 
 /// The fingerprint of the directory `path` would appear in (memoized in `cache`).

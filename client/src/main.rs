@@ -75,7 +75,9 @@ fn main() -> ExitCode {
         .and_then(|a| Path::new(a).file_name())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let code = if invoked_as != "kiln" && !invoked_as.is_empty() {
+    // A masquerade link is named like a compiler (`gcc -> kiln`); kiln itself may be renamed
+    // (`kiln-0.1`), but no compiler is called kiln-something.
+    let code = if !invoked_as.starts_with("kiln") && !invoked_as.is_empty() {
         // A masquerade link: `gcc -> kiln`.
         wrap(&env, &invoked_as, argv[1..].to_vec(), Overrides::default())
     } else {

@@ -17,7 +17,7 @@ use kiln_cache::Digest;
 use crate::codec::{Reader, Writer};
 use crate::files::{self, Stat};
 
-const FORMAT: u8 = 3;
+const FORMAT: u8 = 4;
 /// Results kept per manifest; the oldest go first.
 const MAX_ENTRIES: usize = 32;
 /// Past this many distinct file records a manifest starts over.
@@ -36,6 +36,7 @@ pub struct FileRecord {
 pub struct Entry {
     pub files: Vec<u32>,
     pub negatives: Vec<u32>,
+    pub positives: Vec<u32>,
     /// The day the result was made, when a header uses `__DATE__`.
     pub date: Option<String>,
     pub result: Digest,
@@ -65,6 +66,9 @@ pub struct Manifest {
     pub files: Vec<FileRecord>,
     pub dirs: Vec<DirRecord>,
     pub negatives: Vec<Negative>,
+    /// Paths that must exist: files a `__has_include` found, which the compile may not have
+    /// opened.
+    pub positives: Vec<String>,
     pub entries: Vec<Entry>,
 }
 
@@ -118,12 +122,18 @@ impl Manifest {
             w.str(&n.path);
             w.u32(n.dir.unwrap_or(u32::MAX));
         }
+        w.u32(self.positives.len() as u32);
+        for p in &self.positives {
+            w.str(p);
+        }
         w.u32(self.entries.len() as u32);
         for e in &self.entries {
             w.u32(e.files.len() as u32);
             e.files.iter().for_each(|i| w.u32(*i));
             w.u32(e.negatives.len() as u32);
             e.negatives.iter().for_each(|i| w.u32(*i));
+            w.u32(e.positives.len() as u32);
+            e.positives.iter().for_each(|i| w.u32(*i));
             w.str(e.date.as_deref().unwrap_or(""));
             w.digest(&e.result);
         }
@@ -165,7 +175,14 @@ impl Manifest {
             };
             m.negatives.push(Negative { path, dir });
         }
-        let (nf, nn) = (m.files.len() as u32, m.negatives.len() as u32);
+        for _ in 0..r.u32()? {
+            m.positives.push(r.str()?);
+        }
+        let (nf, nn, np) = (
+            m.files.len() as u32,
+            m.negatives.len() as u32,
+            m.positives.len() as u32,
+        );
         for _ in 0..r.u32()? {
             let files = (0..r.u32()?)
                 .map(|_| r.u32().filter(|i| *i < nf))
@@ -173,10 +190,14 @@ impl Manifest {
             let negatives = (0..r.u32()?)
                 .map(|_| r.u32().filter(|i| *i < nn))
                 .collect::<Option<Vec<_>>>()?;
+            let positives = (0..r.u32()?)
+                .map(|_| r.u32().filter(|i| *i < np))
+                .collect::<Option<Vec<_>>>()?;
             let date = r.str().filter(|d| !d.is_empty());
             m.entries.push(Entry {
                 files,
                 negatives,
+                positives,
                 date,
                 result: r.digest()?,
             });
@@ -192,6 +213,7 @@ impl Manifest {
         let mut digests: HashMap<&str, Option<(Digest, Stat, bool)>> = HashMap::new();
         let mut absent: HashMap<u32, bool> = HashMap::new();
         let mut dir_unchanged: HashMap<u32, bool> = HashMap::new();
+        let mut present: HashMap<u32, bool> = HashMap::new();
         'entries: for e in self.entries.iter().rev() {
             if e.date.as_deref().is_some_and(|d| d != today) {
                 continue;
@@ -207,6 +229,14 @@ impl Manifest {
                         })
                     });
                     unchanged || std::fs::symlink_metadata(cwd.join(&neg.path)).is_err()
+                });
+                if !ok {
+                    continue 'entries;
+                }
+            }
+            for &i in &e.positives {
+                let ok = *present.entry(i).or_insert_with(|| {
+                    std::fs::metadata(cwd.join(&self.positives[i as usize])).is_ok()
                 });
                 if !ok {
                     continue 'entries;
@@ -272,6 +302,12 @@ impl Manifest {
                 );
             }
         }
+        for &i in &e.positives {
+            let path = &self.positives[i as usize];
+            if std::fs::metadata(cwd.join(path)).is_err() {
+                return format!("{path}, which __has_include found, is gone{others}");
+            }
+        }
         for &i in &e.files {
             let rec = &self.files[i as usize];
             match files::hash_file(&cwd.join(&rec.path)) {
@@ -300,6 +336,7 @@ impl Manifest {
         &mut self,
         files: Vec<FileRecord>,
         negatives: Vec<(String, Option<DirRecord>)>,
+        positives: Vec<String>,
         date: Option<String>,
         result: Digest,
     ) {
@@ -348,10 +385,22 @@ impl Manifest {
             };
             neg_idx.push(i as u32);
         }
+        let mut pos_idx = Vec::with_capacity(positives.len());
+        for path in positives {
+            let i = match self.positives.iter().position(|g| *g == path) {
+                Some(i) => i,
+                None => {
+                    self.positives.push(path);
+                    self.positives.len() - 1
+                }
+            };
+            pos_idx.push(i as u32);
+        }
         self.entries.retain(|e| e.result != result);
         self.entries.push(Entry {
             files: file_idx,
             negatives: neg_idx,
+            positives: pos_idx,
             date,
             result,
         });
@@ -384,6 +433,7 @@ mod tests {
         m.add(
             vec![record(d, "a.h")],
             vec![("early/a.h".into(), None)],
+            vec![],
             None,
             Digest::of(b"r1"),
         );
@@ -418,6 +468,7 @@ mod tests {
         m.add(
             vec![],
             vec![("inc/a.h".into(), rec(st))],
+            vec![],
             None,
             Digest::of(b"r"),
         );
@@ -432,6 +483,7 @@ mod tests {
         m.add(
             vec![],
             vec![("inc/a.h".into(), rec(st))],
+            vec![],
             None,
             Digest::of(b"r"),
         );
@@ -448,6 +500,7 @@ mod tests {
         m.add(
             vec![],
             vec![("inc/a.h".into(), unstable)],
+            vec![],
             None,
             Digest::of(b"r"),
         );
@@ -458,9 +511,35 @@ mod tests {
     }
 
     #[test]
+    fn positives_must_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("found.h"), "").unwrap();
+        let mut m = Manifest::default();
+        m.add(
+            vec![],
+            vec![],
+            vec!["found.h".into()],
+            None,
+            Digest::of(b"r"),
+        );
+        let m = Manifest::decode(&m.encode()).unwrap();
+        assert!(m.lookup(d, "").is_some());
+        std::fs::remove_file(d.join("found.h")).unwrap();
+        assert!(m.lookup(d, "").is_none());
+        assert!(m.explain_miss(d, "").contains("found.h"));
+    }
+
+    #[test]
     fn date_bound_entries_expire() {
         let mut m = Manifest::default();
-        m.add(vec![], vec![], Some("Nov 22 2026".into()), Digest::of(b"r"));
+        m.add(
+            vec![],
+            vec![],
+            vec![],
+            Some("Nov 22 2026".into()),
+            Digest::of(b"r"),
+        );
         let dir = tempfile::tempdir().unwrap();
         assert!(m.lookup(dir.path(), "Nov 22 2026").is_some());
         assert!(m.lookup(dir.path(), "Nov 23 2026").is_none());
@@ -473,6 +552,7 @@ mod tests {
             m.add(
                 vec![],
                 vec![(format!("n{n}"), None)],
+                vec![],
                 None,
                 Digest::of(&n.to_le_bytes()),
             );

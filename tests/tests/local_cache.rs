@@ -565,7 +565,7 @@ fn killed_compiles_never_leave_an_entry_that_serves_wrong_bytes() {
 }
 
 #[test]
-fn has_include_in_a_project_header_uses_the_preprocessor() {
+fn has_include_in_a_project_header_is_followed() {
     require("gcc");
     let p = Project::new();
     p.write(
@@ -595,6 +595,36 @@ fn has_include_in_a_project_header_uses_the_preprocessor() {
     assert_eq!(cached, p.read("x.o"));
     ok(&p.kiln(&args));
     assert_eq!(p.stat("hits"), 2);
+    // When the file goes away again, the first result (made without it) is right again.
+    std::fs::remove_file(p.path("inc/local.h")).unwrap();
+    settle();
+    ok(&p.kiln(&args));
+    assert_eq!((p.stat("hits"), p.stat("misses")), (3, 2));
+    let cached = p.read("x.o");
+    ok(&p.bare(&args));
+    assert_eq!(cached, p.read("x.o"));
+
+    // A probe kiln cannot read literally falls back to the preprocessor's output: still right.
+    p.write(
+        "inc/m.h",
+        "#define PROBE \"opt.h\"\n#if __has_include(PROBE)\n#include PROBE\n#else\n#define OPT 0\n#endif\n",
+    );
+    p.write(
+        "src/y.c",
+        "#include \"m.h\"\nint opt(void) { return OPT; }\n",
+    );
+    settle();
+    let args = ["gcc", "-c", "src/y.c", "-o", "y.o", "-Iinc"];
+    ok(&p.kiln(&args));
+    ok(&p.kiln(&args));
+    assert_eq!((p.stat("hits"), p.stat("misses")), (4, 3));
+    p.write("inc/opt.h", "#define OPT 5\n");
+    settle();
+    ok(&p.kiln(&args));
+    assert_eq!(p.stat("misses"), 4);
+    let cached = p.read("y.o");
+    ok(&p.bare(&args));
+    assert_eq!(cached, p.read("y.o"));
 }
 
 #[test]
