@@ -770,3 +770,65 @@ fn device_and_link_outputs_are_left_to_the_compiler() {
     assert_eq!(p.reason("no_source"), 1);
     assert_eq!(p.stat("errors"), 0);
 }
+
+#[test]
+fn cmake_launcher_rebuild_is_served_from_the_cache() {
+    require("cmake");
+    require("gcc");
+    let p = Project::new();
+    p.write(
+        "CMakeLists.txt",
+        "cmake_minimum_required(VERSION 3.16)\nproject(demo C CXX)\nadd_library(demo STATIC a.c b.c c.cpp)\ntarget_include_directories(demo PRIVATE include)\n",
+    );
+    p.write("include/d.h", "#define D 3\n");
+    p.write("a.c", "#include \"d.h\"\nint a(void) { return D; }\n");
+    p.write(
+        "b.c",
+        "#include <string.h>\nint b(const char *s) { return (int)strlen(s); }\n",
+    );
+    p.write(
+        "c.cpp",
+        "#include <vector>\nint c() { return (int)std::vector<int>(3).size(); }\n",
+    );
+    settle();
+    let launcher = format!(
+        "-DCMAKE_C_COMPILER_LAUNCHER={}",
+        kiln_tests::kiln_bin().display()
+    );
+    let cxx_launcher = format!(
+        "-DCMAKE_CXX_COMPILER_LAUNCHER={}",
+        kiln_tests::kiln_bin().display()
+    );
+    ok(&p
+        .command("cmake")
+        .args([
+            "-S",
+            ".",
+            "-B",
+            "build",
+            "-G",
+            "Ninja",
+            &launcher,
+            &cxx_launcher,
+        ])
+        .output()
+        .unwrap());
+    ok(&p
+        .command("cmake")
+        .args(["--build", "build"])
+        .output()
+        .unwrap());
+    assert_eq!((p.stat("hits"), p.stat("misses")), (0, 3));
+    ok(&p
+        .command("cmake")
+        .args(["--build", "build", "--target", "clean"])
+        .output()
+        .unwrap());
+    ok(&p
+        .command("cmake")
+        .args(["--build", "build"])
+        .output()
+        .unwrap());
+    assert_eq!((p.stat("hits"), p.stat("misses")), (3, 3));
+    assert!(p.path("build/libdemo.a").exists());
+}
