@@ -121,6 +121,19 @@ impl Project {
             .expect("run compiler")
     }
 
+    /// Compiles through kiln, then with the bare compiler, and asserts that `output` came out
+    /// byte-identical both times.
+    pub fn kiln_matches_bare(&self, args: &[&str], output: &str) {
+        ok(&self.kiln(args));
+        let cached = self.read(output);
+        ok(&self.bare(args));
+        assert_eq!(
+            cached,
+            self.read(output),
+            "{output} from kiln differs from the compiler's ({args:?})"
+        );
+    }
+
     /// `kiln stats --json`.
     pub fn stats(&self) -> serde_json::Value {
         let out = self.kiln(&["stats", "--json"]);
