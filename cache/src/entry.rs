@@ -29,6 +29,11 @@ pub enum Kind {
     Manifest,
     /// An opaque blob, addressed by the digest of its own content.
     Blob,
+    /// An action-cache entry: what an action (named by its own key) produced.
+    Action,
+    /// A file stored as it is, without framing, for tools that read it directly (Go's
+    /// `DiskPath`); its reader verifies it. Never returned by [`crate::Store::get`].
+    Raw,
 }
 
 impl Kind {
@@ -37,6 +42,8 @@ impl Kind {
             Kind::Result => b'R',
             Kind::Manifest => b'M',
             Kind::Blob => b'B',
+            Kind::Action => b'A',
+            Kind::Raw => b'O',
         }
     }
 }

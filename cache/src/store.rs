@@ -106,6 +106,10 @@ impl Store {
     /// Reads and verifies an entry. A damaged entry is removed and reported as
     /// [`Lookup::Corrupt`]; the caller treats it as a miss.
     pub fn get(&self, kind: Kind, key: &Digest) -> Result<Lookup, StoreError> {
+        if kind == Kind::Raw {
+            // Raw files carry no frame to check: reading one here would condemn it as corrupt.
+            return Ok(Lookup::Miss);
+        }
         let path = self.path_of(kind, key);
         let read_err = |source| StoreError::Read {
             path: path.clone(),
@@ -165,6 +169,34 @@ impl Store {
                 })?;
         }
         Ok(())
+    }
+
+    /// Stores `bytes` as a plain file under `key` and returns its path. An existing file of the
+    /// same length is kept as it is (content-addressed files never change, and a reader may
+    /// have it open); any other is replaced atomically. The caller verifies what it reads.
+    pub fn put_raw(&self, key: &Digest, bytes: &[u8]) -> Result<PathBuf, StoreError> {
+        let path = self.path_of(Kind::Raw, key);
+        let previous = fs::symlink_metadata(&path).map(|m| m.len()).ok();
+        if previous == Some(bytes.len() as u64) {
+            return Ok(path);
+        }
+        write_atomically(&path, bytes).map_err(|source| StoreError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        let (size_delta, files_delta) = match previous {
+            Some(old) => (bytes.len() as i64 - old as i64, 0),
+            None => (bytes.len() as i64, 1),
+        };
+        let counters = self.account(key, size_delta, files_delta)?;
+        if self.over_limits(&counters) {
+            self.cleanup_shard(&self.shard_dir(key))
+                .map_err(|source| StoreError::Write {
+                    path: self.shard_dir(key),
+                    source,
+                })?;
+        }
+        Ok(path)
     }
 
     /// Removes an entry, if present.
@@ -468,6 +500,23 @@ mod tests {
             store.get(Kind::Result, &key(399)).unwrap(),
             Lookup::Hit(_)
         ));
+    }
+
+    #[test]
+    fn raw_files_are_plain_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Limits::default());
+        let path = store.put_raw(&key(1), b"body").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"body");
+        assert_eq!(path, store.path_of(Kind::Raw, &key(1)));
+        assert!(path.extension().is_none());
+        // Written once: the same content again leaves the file alone.
+        let before = fs::metadata(&path).unwrap().modified().unwrap();
+        store.put_raw(&key(1), b"body").unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().modified().unwrap(), before);
+        assert_eq!(store.usage(), (4, 1));
+        assert!(store.remove(Kind::Raw, &key(1)).unwrap());
+        assert_eq!(store.usage(), (0, 0));
     }
 
     #[test]

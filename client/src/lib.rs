@@ -9,6 +9,7 @@ pub mod config;
 pub mod depfile;
 pub mod env;
 pub mod files;
+pub mod gocache;
 pub mod manifest;
 pub mod process;
 pub mod result;

@@ -52,6 +52,8 @@ enum Command {
     Cleanup,
     /// Remove every cached result.
     Clear,
+    /// Serve Go's build cache: GOCACHEPROG="kiln go-cacheprog" (Go 1.24 and later).
+    GoCacheprog,
 }
 
 const SUBCOMMANDS: &[&str] = &[
@@ -59,6 +61,7 @@ const SUBCOMMANDS: &[&str] = &[
     "config",
     "cleanup",
     "clear",
+    "go-cacheprog",
     "help",
     "--help",
     "-h",
@@ -254,6 +257,16 @@ fn run_subcommand(env: &Env, cli: Cli) -> anyhow::Result<()> {
                 stats::human_bytes(r.size),
                 r.files
             );
+        }
+        Command::GoCacheprog => {
+            let counts = kiln_client::gocache::serve(
+                &config,
+                std::io::stdin().lock(),
+                std::io::stdout().lock(),
+            )?;
+            if config.stats {
+                stats::record_go(&config.dir, counts);
+            }
         }
         Command::Clear => {
             let n = store

@@ -49,6 +49,19 @@ pub fn record(cache_dir: &Path, outcome: Outcome, corrupt: u32) {
     }
 }
 
+/// Counts one `kiln go-cacheprog` session.
+pub fn record_go(cache_dir: &Path, counts: crate::gocache::Counts) {
+    let shard = dir(cache_dir).join((std::process::id() % SHARDS).to_string());
+    let result = Counters::update(&shard, |c| {
+        c.add("go_gets", counts.gets);
+        c.add("go_hits", counts.hits);
+        c.add("go_puts", counts.puts);
+    });
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "cannot update statistics");
+    }
+}
+
 /// The sum of all shards.
 pub fn load(cache_dir: &Path) -> Counters {
     let mut total = Counters::default();
@@ -95,6 +108,9 @@ pub fn to_json(c: &Counters, store: &Store, limits: Limits) -> serde_json::Value
         "uncacheable_by_reason": uncacheable,
         "corrupt_entries": c.get("corrupt_entries"),
         "time_saved_ms": c.get("time_saved_ms"),
+        "go_gets": c.get("go_gets"),
+        "go_hits": c.get("go_hits"),
+        "go_puts": c.get("go_puts"),
         "cache_dir": store.dir(),
         "cache_size_bytes": size,
         "cache_entries": files,
@@ -138,6 +154,17 @@ pub fn to_text(j: &serde_json::Value) -> String {
     line("  Compile failed", n("compile_failed").to_string());
     line("  Errors", n("errors").to_string());
     line("Corrupt entries replaced", n("corrupt_entries").to_string());
+    if n("go_gets") + n("go_puts") > 0 {
+        let hits = format!(
+            "{} hits {}",
+            n("go_hits"),
+            pct(n("go_hits"), n("go_gets")).trim()
+        );
+        line(
+            "Go cache (GOCACHEPROG)",
+            format!("{} gets, {hits}, {} puts", n("go_gets"), n("go_puts")),
+        );
+    }
     line(
         "Time saved",
         format!("{:.1} s", n("time_saved_ms") as f64 / 1000.0),
