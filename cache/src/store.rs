@@ -39,6 +39,29 @@ impl Default for Limits {
     }
 }
 
+/// Parses a size: plain bytes, or a number with K, M, G or T (powers of 1024), optionally
+/// followed by `B` or `iB`: `10G`, `1.5GiB`, `500M`, `4096`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok((v * mult as f64) as u64),
+        _ => Err(format!(
+            "{text:?} is not a size (examples: 10G, 500M, 1.5GiB, 4096)"
+        )),
+    }
+}
+
 /// A failure of the store's own I/O (a corrupt entry is not an error: it is a miss).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -300,6 +323,9 @@ impl Store {
         let target_size = (max_size as f64 * CLEANUP_TARGET) as u64;
         let target_files = (max_files as f64 * CLEANUP_TARGET) as u64;
         let mut evicted = 0;
+        // The newest entry of a shard always stays, even alone above the shard's share: the
+        // entry just written must be readable, however small the limits.
+        entries.pop();
         for (path, _, len) in entries {
             let too_big = max_size > 0 && size > target_size;
             let too_many = max_files > 0 && files > target_files;

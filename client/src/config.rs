@@ -173,28 +173,9 @@ fn cache_home(env: &Env) -> Option<PathBuf> {
         .or_else(|| env.get("HOME").map(|h| Path::new(h).join(".cache")))
 }
 
-/// Parses a size: plain bytes, or a number with K, M, G or T (powers of 1024), optionally
-/// followed by `B` or `iB`: `10G`, `1.5GiB`, `500M`, `4096`.
+/// Parses a size for the configuration: see [`kiln_cache::parse_size`].
 pub fn parse_size(text: &str) -> anyhow::Result<u64> {
-    let t = text.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, mult) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
-        Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
-        _ => (t, 1),
-    };
-    let value: f64 = num
-        .trim()
-        .parse()
-        .ok()
-        .filter(|v: &f64| v.is_finite() && *v >= 0.0)
-        .with_context(|| format!("{text:?} is not a size (examples: 10G, 500M, 1.5GiB, 4096)"))?;
-    Ok((value * mult as f64) as u64)
+    kiln_cache::parse_size(text).map_err(anyhow::Error::msg)
 }
 
 #[cfg(test)]

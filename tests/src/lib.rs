@@ -8,27 +8,129 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-/// The `kiln` binary of this workspace, built on first use so it is never stale.
-pub fn kiln_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
+/// The workspace's binaries (`kiln`, `kiln-cache`), built on first use so they are never stale.
+fn built(name: &str) -> PathBuf {
+    static BUILD: OnceLock<()> = OnceLock::new();
+    BUILD.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "kiln-client", "--bin", "kiln"])
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "kiln-client",
+                "-p",
+                "kiln-cache-server",
+                "--bins",
+            ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
-            .expect("run cargo build for the kiln binary");
-        assert!(status.success(), "building kiln failed");
-        // tests/target/... is not where the workspace builds: ask for the workspace's target dir.
-        let exe = std::env::current_exe().expect("test binary path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>/deps");
-        let bin = profile_dir.join("kiln");
-        assert!(bin.exists(), "kiln binary not found at {}", bin.display());
-        bin
-    })
+            .expect("run cargo build for kiln's binaries");
+        assert!(status.success(), "building kiln's binaries failed");
+    });
+    // target/<profile>/deps/<this test> -> target/<profile>/<name>
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join(name);
+    assert!(bin.exists(), "{name} not found at {}", bin.display());
+    bin
+}
+
+/// The `kiln` binary.
+pub fn kiln_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| built("kiln"))
+}
+
+/// A `kiln-cache` server on 127.0.0.1, stopped when dropped.
+#[derive(Debug)]
+pub struct CacheServer {
+    child: std::process::Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+}
+
+impl CacheServer {
+    /// Starts `kiln-cache --listen 127.0.0.1:0 --dir DIR EXTRA...` and waits for the line that
+    /// says where it listens.
+    pub fn start(dir: &Path, extra: &[&str]) -> CacheServer {
+        use std::io::BufRead;
+        let mut child = Command::new(built("kiln-cache"))
+            .args(["--listen", "127.0.0.1:0", "--dir"])
+            .arg(dir)
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start kiln-cache");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read kiln-cache's first line");
+        let addr = line
+            .split_whitespace()
+            .find(|w| w.starts_with("127.0.0.1:"))
+            .unwrap_or_else(|| panic!("kiln-cache did not say where it listens: {line:?}"))
+            .to_owned();
+        CacheServer { child, addr }
+    }
+
+    /// One HTTP/1.1 request; returns the status and the body.
+    pub fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        self.request_with(method, path, &[], body)
+    }
+
+    /// One HTTP/1.1 request with extra headers.
+    pub fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> (u16, Vec<u8>) {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&self.addr).expect("connect to kiln-cache");
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            self.addr,
+            body.len()
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        // The server may answer (413) before reading all of a large body.
+        let _ = stream.write_all(body);
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response);
+        let split = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("an HTTP response");
+        let status_line = String::from_utf8_lossy(&response[..split])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("a status code");
+        (status, response[split + 4..].to_vec())
+    }
+}
+
+impl Drop for CacheServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Fails the test with a clear message when a tool the test needs is not on PATH.

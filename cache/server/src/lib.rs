@@ -1,0 +1,301 @@
+//! `kiln-cache`: kiln's store over HTTP, in the protocols other build tools already speak.
+//!
+//! - waf's `wafcache`: `GET` and multipart `POST` (field `file`) on `/files/<sig>/<i>`; the
+//!   double slash waf sends after `/files/` is tolerated; a miss is 404, never an empty 200.
+//! - Bazel's HTTP cache: `GET`, `HEAD` and `PUT` on `/ac/<sha256>` and `/cas/<sha256>`; a CAS
+//!   body must hash to its name.
+//! - ccache's HTTP remote storage under `/ccache/`: `GET`, `HEAD`, `PUT`, `DELETE`; the
+//!   `subdirs` (`ab/cdef…`) and `flat` layouts name the same entry.
+//!
+//! Every body is a checksummed entry of the `cache/` store: written atomically, verified on
+//! every read (a damaged one is a 404, never wrong bytes), evicted least-recently-used under a
+//! size and a count cap, with a trim at an interval as well as on writes.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{to_bytes, Body, Bytes};
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use kiln_cache::{Digest, Hasher, Kind, Limits, Lookup, Store};
+use sha2::Digest as _;
+use tokio::net::TcpListener;
+
+/// Settings of one server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The store's directory.
+    pub dir: PathBuf,
+    pub limits: Limits,
+    /// How often the whole store is trimmed to its limits (writes also trim their shard).
+    pub trim_interval: Duration,
+    /// The largest body accepted; larger uploads get 413.
+    pub max_body: usize,
+}
+
+/// Which protocol a request speaks, and the key it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Waf(String),
+    BazelAc(String),
+    BazelCas(String),
+    Ccache(String),
+}
+
+impl Route {
+    /// The entry a route names: distinct per protocol, so no tool can read another's entries.
+    fn key(&self) -> Digest {
+        let (ns, k) = match self {
+            Route::Waf(k) => ("waf", k),
+            Route::BazelAc(k) => ("bazel-ac", k),
+            Route::BazelCas(k) => ("bazel-cas", k),
+            Route::Ccache(k) => ("ccache", k),
+        };
+        Hasher::new("kiln-cache http v1").str(ns).str(k).finish()
+    }
+}
+
+fn is_key(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+}
+
+/// Parses a request path; empty segments (`//`) are ignored.
+pub fn route(path: &str) -> Option<Route> {
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match segs.as_slice() {
+        ["files", sig, i] if is_key(sig) && is_key(i) => Some(Route::Waf(format!("{sig}/{i}"))),
+        ["ac", h] if is_sha256_hex(h) => Some(Route::BazelAc((*h).to_owned())),
+        ["cas", h] if is_sha256_hex(h) => Some(Route::BazelCas((*h).to_owned())),
+        ["ccache", rest @ ..] if !rest.is_empty() && rest.iter().all(|s| is_key(s)) => {
+            Some(Route::Ccache(rest.concat()))
+        }
+        _ => None,
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    store: Arc<Store>,
+    max_body: usize,
+}
+
+/// Serves until `shutdown` completes, then waits for the trim task and open requests.
+pub async fn serve(
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store = Arc::new(Store::open(&config.dir, config.limits));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let trim = tokio::spawn(trim_loop(store.clone(), config.trim_interval, stop_rx));
+    let state = AppState {
+        store,
+        max_body: config.max_body,
+    };
+    let app = Router::new().fallback(handle).with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .await?;
+    trim.await?;
+    Ok(())
+}
+
+/// Trims the store to its limits every `every`, until told to stop.
+async fn trim_loop(
+    store: Arc<Store>,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let store = store.clone();
+                match tokio::task::spawn_blocking(move || store.cleanup()).await {
+                    Ok(Ok(r)) if r.evicted > 0 => tracing::info!(evicted = r.evicted, size = r.size, files = r.files, "trimmed"),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "trim failed"),
+                    Err(e) => tracing::warn!(error = %e, "trim task failed"),
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+fn text(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, msg.into()).into_response()
+}
+
+async fn handle(State(st): State<AppState>, req: Request) -> Response {
+    let method = req.method().clone();
+    let Some(route) = route(req.uri().path()) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "kiln-cache: no such path (try /files/, /ac/, /cas/ or /ccache/)\n",
+        );
+    };
+    let key = route.key();
+    match (&route, &method) {
+        (_, &Method::GET) | (_, &Method::HEAD) => get(&st, key, method == Method::HEAD).await,
+        (Route::Waf(_), &Method::POST) => {
+            let body = match waf_upload(req, &st).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            put(&st, key, body).await
+        }
+        (Route::BazelAc(_) | Route::BazelCas(_) | Route::Ccache(_), &Method::PUT) => {
+            let body = match to_bytes(req.into_body(), st.max_body).await {
+                Ok(b) => b,
+                Err(_) => return too_large(&st),
+            };
+            if let Route::BazelCas(hash) = &route {
+                let actual = sha2::Sha256::digest(&body);
+                let actual: String = actual.iter().map(|b| format!("{b:02x}")).collect();
+                if &actual != hash {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("kiln-cache: the body's SHA-256 is {actual}, not {hash}\n"),
+                    );
+                }
+            }
+            put(&st, key, body).await
+        }
+        (Route::Ccache(_), &Method::DELETE) => {
+            let store = st.store.clone();
+            match tokio::task::spawn_blocking(move || store.remove(Kind::Blob, &key)).await {
+                Ok(Ok(true)) => StatusCode::OK.into_response(),
+                Ok(Ok(false)) => StatusCode::NOT_FOUND.into_response(),
+                _ => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "kiln-cache: cannot remove the entry\n",
+                ),
+            }
+        }
+        _ => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("kiln-cache: {method} is not supported here\n"),
+        ),
+    }
+}
+
+fn too_large(st: &AppState) -> Response {
+    text(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("kiln-cache: bodies are limited to {} bytes\n", st.max_body),
+    )
+}
+
+/// The `file` field of waf's multipart upload.
+async fn waf_upload(req: Request, st: &AppState) -> Result<Bytes, Response> {
+    let bad = |m: String| text(StatusCode::BAD_REQUEST, format!("kiln-cache: {m}\n"));
+    let mut form = Multipart::from_request(req, st)
+        .await
+        .map_err(|e| bad(format!("not a multipart upload: {e}")))?;
+    loop {
+        match form.next_field().await {
+            Ok(Some(field)) if field.name() == Some("file") => {
+                return field.bytes().await.map_err(|e| {
+                    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                        too_large(st)
+                    } else {
+                        bad(format!("cannot read the upload: {e}"))
+                    }
+                });
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) => return Err(bad("the upload has no field named \"file\"".into())),
+            Err(e) => return Err(bad(format!("malformed multipart upload: {e}"))),
+        }
+    }
+}
+
+async fn get(st: &AppState, key: Digest, head: bool) -> Response {
+    let store = st.store.clone();
+    match tokio::task::spawn_blocking(move || store.get(Kind::Blob, &key)).await {
+        Ok(Ok(Lookup::Hit(bytes))) => {
+            let len = bytes.len();
+            let body = if head {
+                Body::empty()
+            } else {
+                Body::from(bytes)
+            };
+            Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/octet-stream")
+                .header(header::CONTENT_LENGTH, len)
+                .body(body)
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
+        Ok(Ok(Lookup::Miss | Lookup::Corrupt(_))) => StatusCode::NOT_FOUND.into_response(),
+        Ok(Err(e)) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("kiln-cache: {e}\n"),
+        ),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn put(st: &AppState, key: Digest, body: Bytes) -> Response {
+    let store = st.store.clone();
+    match tokio::task::spawn_blocking(move || store.put(Kind::Blob, &key, &body)).await {
+        Ok(Ok(())) => StatusCode::OK.into_response(),
+        Ok(Err(e)) => text(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!("kiln-cache: {e}\n"),
+        ),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let h = "a".repeat(64);
+        let table: &[(&str, Option<Route>)] = &[
+            ("/files/abc123/0", Some(Route::Waf("abc123/0".into()))),
+            ("/files//abc123/0", Some(Route::Waf("abc123/0".into()))),
+            ("/files/abc/0/extra", None),
+            ("/files/../0", None),
+            (&format!("/ac/{h}"), Some(Route::BazelAc(h.clone()))),
+            (&format!("/cas/{h}"), Some(Route::BazelCas(h.clone()))),
+            ("/cas/ABC", None),
+            ("/ccache/ab/cdef01", Some(Route::Ccache("abcdef01".into()))),
+            ("/ccache/abcdef01", Some(Route::Ccache("abcdef01".into()))),
+            ("/ccache/", None),
+            ("/ccache/a b", None),
+            ("/", None),
+            ("/other/x", None),
+        ];
+        for (path, want) in table {
+            assert_eq!(&route(path), want, "{path}");
+        }
+        assert_ne!(
+            Route::Waf("k".into()).key(),
+            Route::Ccache("k".into()).key()
+        );
+    }
+}
