@@ -31,6 +31,7 @@ use crate::env::{Env, COMPILER_VARS, SIDE_OUTPUT_VARS};
 use crate::files::{self, Hashed, Probe, Scan};
 use crate::manifest::{DirRecord, FileRecord, Manifest};
 use crate::process;
+use crate::remote::{self, Remote};
 use crate::result::{CompileResult, Part};
 use crate::stats::{self, Outcome};
 
@@ -115,15 +116,21 @@ pub fn run(inv: &Invocation) -> i32 {
     };
     tracing::debug!(key = %prepared.key, source = %prepared.compile.source, "manifest key");
 
-    let mut corrupt = 0;
+    let mut tiers = Tiers {
+        store: &store,
+        remote: Remote::from_config(cfg),
+        counts: remote::Counts::default(),
+        corrupt: 0,
+    };
     if !cfg.recache {
-        match lookup(inv, &store, &prepared, &mut corrupt) {
+        match lookup(inv, &mut tiers, &prepared) {
             Ok(Some(result)) => match deliver(inv, &prepared.compile, &result) {
                 Ok(()) => {
                     let saved = i64::from(result.compile_ms) - started.elapsed().as_millis() as i64;
                     tracing::debug!(saved_ms = saved, "cache hit");
                     if cfg.stats {
-                        stats::record(&cfg.dir, Outcome::Hit { saved_ms: saved }, corrupt);
+                        stats::record(&cfg.dir, Outcome::Hit { saved_ms: saved }, tiers.corrupt);
+                        stats::record_remote(&cfg.dir, tiers.counts);
                     }
                     return 0;
                 }
@@ -135,7 +142,7 @@ pub fn run(inv: &Invocation) -> i32 {
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "cache lookup failed; compiling"),
         }
     }
-    compile_and_store(inv, &store, prepared, t0, started, corrupt)
+    compile_and_store(inv, tiers, prepared, t0, started)
 }
 
 fn exec_direct(inv: &Invocation) -> i32 {
@@ -350,41 +357,101 @@ fn relative_path(path: &Path, from: &Path) -> PathBuf {
     out
 }
 
+/// The local store and, behind it, the remote tier with what this process did with it.
+struct Tiers<'a> {
+    store: &'a Store,
+    remote: Option<Remote>,
+    counts: remote::Counts,
+    corrupt: u32,
+}
+
+impl Tiers<'_> {
+    /// An entry from the local store, else from the remote tier (then copied into the local
+    /// store). The flag says it came from the remote tier.
+    fn fetch(
+        &mut self,
+        kind: Kind,
+        remote_kind: remote::Entry,
+        key: &Digest,
+    ) -> anyhow::Result<Option<(Vec<u8>, bool)>> {
+        match self.store.get(kind, key)? {
+            Lookup::Hit(bytes) => return Ok(Some((bytes, false))),
+            Lookup::Corrupt(e) => {
+                tracing::debug!("the local {kind:?} entry was damaged ({e}) and has been removed");
+                self.corrupt += 1;
+            }
+            Lookup::Miss => {}
+        }
+        let Some(remote) = &self.remote else {
+            return Ok(None);
+        };
+        match remote.get(remote_kind, key) {
+            Ok(Some(bytes)) => {
+                if let Err(e) = self.store.put(kind, key, &bytes) {
+                    tracing::debug!(error = %e, "cannot copy a remote entry into the local cache");
+                }
+                Ok(Some((bytes, true)))
+            }
+            Ok(None) => Ok(None),
+            Err(_) => {
+                self.counts.errors += 1;
+                Ok(None)
+            }
+        }
+    }
+
+    /// A result, decoded; one that does not decode is removed and is a miss.
+    fn fetch_result(&mut self, key: &Digest) -> anyhow::Result<Option<CompileResult>> {
+        let Some((bytes, remote)) = self.fetch(Kind::Result, remote::Entry::Result, key)? else {
+            return Ok(None);
+        };
+        match CompileResult::decode(&bytes) {
+            Some(r) => {
+                self.counts.hits += i64::from(remote);
+                Ok(Some(r))
+            }
+            None => {
+                let _ = self.store.remove(Kind::Result, key);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Pushes an entry to the remote tier, if there is one and pushing is on.
+    fn push(&mut self, kind: remote::Entry, key: &Digest, bytes: &[u8]) {
+        if let Some(remote) = &self.remote {
+            match remote.put(kind, key, bytes) {
+                Ok(true) => self.counts.uploads += 1,
+                Ok(false) => {}
+                Err(_) => self.counts.errors += 1,
+            }
+        }
+    }
+}
+
 fn lookup(
     inv: &Invocation,
-    store: &Store,
+    tiers: &mut Tiers,
     p: &Prepared,
-    corrupt: &mut u32,
 ) -> anyhow::Result<Option<CompileResult>> {
-    let manifest = match store.get(Kind::Manifest, &p.key)? {
-        Lookup::Hit(bytes) => match Manifest::decode(&bytes) {
+    let manifest = match tiers.fetch(Kind::Manifest, remote::Entry::Manifest, &p.key)? {
+        Some((bytes, _)) => match Manifest::decode(&bytes) {
             Some(m) => m,
             None => return Ok(None),
         },
-        Lookup::Miss => {
+        None => {
             tracing::debug!("miss: first compile of this source with these arguments and compiler");
-            return Ok(None);
-        }
-        Lookup::Corrupt(e) => {
-            tracing::debug!("miss: the manifest was damaged ({e}) and has been removed");
-            *corrupt += 1;
             return Ok(None);
         }
     };
     if manifest.preprocessor {
         let key = preprocessed_key(inv, p)?;
         tracing::debug!(%key, "preprocessor mode: a project file uses __has_include");
-        return Ok(match store.get(Kind::Result, &key)? {
-            Lookup::Hit(bytes) => CompileResult::decode(&bytes),
-            Lookup::Miss => {
-                tracing::debug!("miss: no result for this preprocessed text");
-                None
-            }
-            Lookup::Corrupt(_) => {
-                *corrupt += 1;
-                None
-            }
-        });
+        let result = tiers.fetch_result(&key)?;
+        if result.is_none() {
+            tracing::debug!("miss: no result for this preprocessed text");
+        }
+        return Ok(result);
     }
     let Some(found) = manifest.lookup(&inv.cwd, &date_slot()) else {
         if tracing::enabled!(tracing::Level::DEBUG) {
@@ -392,23 +459,15 @@ fn lookup(
         }
         return Ok(None);
     };
-    let result = match store.get(Kind::Result, &found.result)? {
-        Lookup::Hit(bytes) => CompileResult::decode(&bytes),
-        Lookup::Miss => {
-            tracing::debug!("miss: the headers match, but the result was evicted");
-            None
-        }
-        Lookup::Corrupt(e) => {
-            tracing::debug!("miss: the result was damaged ({e}) and has been removed");
-            *corrupt += 1;
-            None
-        }
-    };
+    let result = tiers.fetch_result(&found.result)?;
+    if result.is_none() {
+        tracing::debug!("miss: the headers match, but the result is in neither cache");
+    }
     if result.is_some() && !found.refreshed.is_empty() && !inv.config.read_only {
         // Headers that had to be re-read are now known stable: remember their stat.
         let mut m = manifest;
         m.refresh(&found.refreshed);
-        let _ = store.put(Kind::Manifest, &p.key, &m.encode());
+        let _ = tiers.store.put(Kind::Manifest, &p.key, &m.encode());
     }
     Ok(result)
 }
@@ -487,13 +546,13 @@ impl Drop for TempFile {
 
 fn compile_and_store(
     inv: &Invocation,
-    store: &Store,
+    mut tiers: Tiers,
     p: Prepared,
     t0: SystemTime,
     started: Instant,
-    corrupt: u32,
 ) -> i32 {
     let cfg = inv.config;
+    let corrupt = tiers.corrupt;
     let c = &p.compile;
     let mut args = c.args.clone();
     let own_deps = match (&c.dep_file, c.lang.preprocessed()) {
@@ -563,7 +622,15 @@ fn compile_and_store(
         }
         return 0;
     }
-    let outcome = match store_result(inv, store, &p, own_deps.as_ref(), t0, compile_ms, &output) {
+    let outcome = match store_result(
+        inv,
+        &mut tiers,
+        &p,
+        own_deps.as_ref(),
+        t0,
+        compile_ms,
+        &output,
+    ) {
         Ok(()) => Outcome::Miss,
         Err(Skip::Uncacheable(r)) => {
             tracing::debug!(reason = r.name(), "compiled, but not stored");
@@ -576,6 +643,7 @@ fn compile_and_store(
     };
     if cfg.stats {
         stats::record(&cfg.dir, outcome, corrupt);
+        stats::record_remote(&cfg.dir, tiers.counts);
     }
     0
 }
@@ -589,7 +657,7 @@ fn exit_code(status: &std::process::ExitStatus) -> i32 {
 
 fn store_result(
     inv: &Invocation,
-    store: &Store,
+    tiers: &mut Tiers,
     p: &Prepared,
     own_deps: Option<&TempFile>,
     t0: SystemTime,
@@ -686,10 +754,12 @@ fn store_result(
             parts.push((Part::Dwo, read_output(cwd, &args::dwo_path(&c.output))?));
         }
     }
-    let result = CompileResult { compile_ms, parts };
+    let result = CompileResult { compile_ms, parts }.encode();
+    let store = tiers.store;
     store
-        .put(Kind::Result, &result_key, &result.encode())
+        .put(Kind::Result, &result_key, &result)
         .context("cannot store the result")?;
+    tiers.push(remote::Entry::Result, &result_key, &result);
 
     let manifest = if untrusted {
         Manifest {
@@ -702,12 +772,26 @@ fn store_result(
             Ok(Lookup::Hit(bytes)) => Manifest::decode(&bytes).unwrap_or_default(),
             _ => Manifest::default(),
         };
+        // Keep what other machines recorded for this key on the remote tier.
+        if let Some(remote) = tiers.remote.as_ref().filter(|_| !inv.config.no_push) {
+            match remote.get(remote::Entry::Manifest, &p.key) {
+                Ok(Some(bytes)) => {
+                    if let Some(theirs) = Manifest::decode(&bytes) {
+                        manifest.merge(&theirs);
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => tiers.counts.errors += 1,
+            }
+        }
         manifest.add(records, negatives, positives, date, result_key);
         manifest
     };
+    let manifest = manifest.encode();
     store
-        .put(Kind::Manifest, &p.key, &manifest.encode())
+        .put(Kind::Manifest, &p.key, &manifest)
         .context("cannot store the manifest")?;
+    tiers.push(remote::Entry::Manifest, &p.key, &manifest);
     tracing::debug!(result = %result_key, headers = headers.len(), "stored");
     Ok(())
 }

@@ -35,6 +35,11 @@ pub struct Config {
     pub recache: bool,
     /// Keep statistics (`stats`, `KILN_STATS`).
     pub stats: bool,
+    /// A `kiln-cache` server used as a second tier (`remote_cache`, `KILN_REMOTE_CACHE`,
+    /// `http://HOST:PORT`).
+    pub remote_cache: Option<String>,
+    /// Read from the remote tier but never write to it (`no_push`, `KILN_NO_PUSH`).
+    pub no_push: bool,
     /// Where the file came from, for `kiln config`.
     pub source: Option<PathBuf>,
 }
@@ -52,6 +57,8 @@ struct FileConfig {
     read_only: Option<bool>,
     recache: Option<bool>,
     stats: Option<bool>,
+    remote_cache: Option<String>,
+    no_push: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +163,17 @@ impl Config {
                 .recache
                 .map_or_else(|| flag("KILN_RECACHE", file.recache, false), Ok)?,
             stats: flag("KILN_STATS", file.stats, true)?,
+            remote_cache: match env
+                .get("KILN_REMOTE_CACHE")
+                .map(str::to_owned)
+                .or(file.remote_cache)
+            {
+                Some(url) if !url.starts_with("http://") => {
+                    bail!("remote cache {url:?} is not an http:// URL (KILN_REMOTE_CACHE=http://HOST:PORT)")
+                }
+                other => other,
+            },
+            no_push: flag("KILN_NO_PUSH", file.no_push, false)?,
             source,
         })
     }

@@ -12,6 +12,9 @@
 //!   `DiskPath` it is given directly. It is written once, through a temporary file and a rename,
 //!   and its BLAKE3 and stat are kept in the action entry: a body whose stat changed is hashed
 //!   again, and served only if it still matches.
+//! - With a remote tier (`KILN_REMOTE_CACHE`), a local miss asks the server for the action and
+//!   its body (checked against the recorded digest before it is kept), and puts are pushed, so a
+//!   second machine's first build is served from the shared cache.
 
 use std::io::{BufRead, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -25,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{Reader, Writer};
 use crate::config::Config;
 use crate::files::{self, Stat};
+use crate::remote::{self, Remote};
 
 #[derive(Debug, Deserialize)]
 struct Request {
@@ -69,6 +73,8 @@ pub struct Counts {
     pub gets: i64,
     pub hits: i64,
     pub puts: i64,
+    /// What was done with the remote tier.
+    pub remote: remote::Counts,
 }
 
 /// An action's record.
@@ -136,6 +142,7 @@ pub fn serve(
             max_files: config.max_files,
         },
     );
+    let remote = Remote::from_config(config);
     // A read-only cache declares no `put`: cmd/go then keeps its outputs to itself.
     let known = if config.read_only {
         vec!["get", "close"]
@@ -169,7 +176,7 @@ pub fn serve(
         let response = match req.command.as_str() {
             "get" => {
                 counts.gets += 1;
-                let r = get(&store, &req);
+                let r = get(&store, remote.as_ref(), &mut counts.remote, &req);
                 if !r.miss && r.err.is_empty() {
                     counts.hits += 1;
                 }
@@ -178,7 +185,7 @@ pub fn serve(
             "put" if !config.read_only => {
                 let body = read_body(&mut input, req.body_size)?;
                 counts.puts += 1;
-                put(&store, &req, &body)
+                put(&store, remote.as_ref(), &mut counts.remote, &req, &body)
             }
             "close" => {
                 send(
@@ -244,7 +251,7 @@ fn decode_id(field: Option<&String>, name: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("kiln: {name} is not base64: {e}"))
 }
 
-fn get(store: &Store, req: &Request) -> Response {
+fn get(store: &Store, remote: Option<&Remote>, rc: &mut remote::Counts, req: &Request) -> Response {
     let miss = Response {
         id: req.id,
         miss: true,
@@ -266,7 +273,10 @@ fn get(store: &Store, req: &Request) -> Response {
             Some(r) => r,
             None => return miss,
         },
-        _ => return miss,
+        _ => match remote.and_then(|r| fetch_remote(store, r, rc, &key)) {
+            Some(r) => r,
+            None => return miss,
+        },
     };
     let path = store.path_of(Kind::Raw, &output_key(&rec.output_id));
     let verified = match files::stat(&path) {
@@ -295,7 +305,43 @@ fn get(store: &Store, req: &Request) -> Response {
     }
 }
 
-fn put(store: &Store, req: &Request, body: &[u8]) -> Response {
+/// An action and its body from the remote tier, checked and kept in the local store.
+fn fetch_remote(
+    store: &Store,
+    remote: &Remote,
+    rc: &mut remote::Counts,
+    key: &Digest,
+) -> Option<ActionRecord> {
+    let mut fetch = |kind, key: &Digest| match remote.get(kind, key) {
+        Ok(found) => found,
+        Err(_) => {
+            rc.errors += 1;
+            None
+        }
+    };
+    let theirs = ActionRecord::decode(&fetch(remote::Entry::GoAction, key)?)?;
+    let body = fetch(remote::Entry::GoOutput, &output_key(&theirs.output_id))?;
+    if Digest::of(&body) != theirs.body || body.len() as u64 != theirs.size {
+        tracing::warn!("the remote cache sent a Go output that does not match its record");
+        return None;
+    }
+    let path = store.put_raw(&output_key(&theirs.output_id), &body).ok()?;
+    let rec = ActionRecord {
+        stat: files::stat(&path).ok()?,
+        ..theirs
+    };
+    store.put(Kind::Action, key, &rec.encode()).ok()?;
+    rc.hits += 1;
+    Some(rec)
+}
+
+fn put(
+    store: &Store,
+    remote: Option<&Remote>,
+    rc: &mut remote::Counts,
+    req: &Request,
+    body: &[u8],
+) -> Response {
     let fail = |err: String| Response {
         id: req.id,
         err,
@@ -330,7 +376,19 @@ fn put(store: &Store, req: &Request, body: &[u8]) -> Response {
             body: Digest::of(body),
             stat,
         };
-        store.put(Kind::Action, &action_key(&action), &rec.encode())?;
+        let record = rec.encode();
+        store.put(Kind::Action, &action_key(&action), &record)?;
+        if let Some(remote) = remote {
+            // The body first: a record on the server always has its body there.
+            let pushed = remote
+                .put(remote::Entry::GoOutput, &output_key(&output), body)
+                .and_then(|_| remote.put(remote::Entry::GoAction, &action_key(&action), &record));
+            match pushed {
+                Ok(true) => rc.uploads += 1,
+                Ok(false) => {}
+                Err(_) => rc.errors += 1,
+            }
+        }
         Ok(path.to_string_lossy().into_owned())
     })();
     match stored {
@@ -444,14 +502,7 @@ mod tests {
         // An empty body is legal and has no body line.
         assert!(replies[4]["DiskPath"].is_string());
         assert_eq!(replies[5], serde_json::json!({"ID": 5}));
-        assert_eq!(
-            counts,
-            Counts {
-                gets: 2,
-                hits: 1,
-                puts: 2
-            }
-        );
+        assert_eq!((counts.gets, counts.hits, counts.puts), (2, 1, 2));
     }
 
     #[test]

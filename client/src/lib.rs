@@ -12,5 +12,6 @@ pub mod files;
 pub mod gocache;
 pub mod manifest;
 pub mod process;
+pub mod remote;
 pub mod result;
 pub mod stats;

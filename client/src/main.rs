@@ -266,6 +266,7 @@ fn run_subcommand(env: &Env, cli: Cli) -> anyhow::Result<()> {
             )?;
             if config.stats {
                 stats::record_go(&config.dir, counts);
+                stats::record_remote(&config.dir, counts.remote);
             }
         }
         Command::Clear => {

@@ -331,6 +331,49 @@ impl Manifest {
         }
     }
 
+    /// Adds the results of `other` (another machine's, say) that this manifest lacks, as older
+    /// than its own. Skipped when the union would outgrow the manifest's bounds.
+    pub fn merge(&mut self, other: &Manifest) {
+        if self.preprocessor
+            || other.preprocessor
+            || self.files.len() + other.files.len() > MAX_FILES
+        {
+            return;
+        }
+        let mine = std::mem::take(&mut self.entries);
+        for e in &other.entries {
+            if mine.iter().any(|m| m.result == e.result) {
+                continue;
+            }
+            let files = e
+                .files
+                .iter()
+                .map(|&i| other.files[i as usize].clone())
+                .collect();
+            let negatives = e
+                .negatives
+                .iter()
+                .map(|&i| {
+                    let n = &other.negatives[i as usize];
+                    (
+                        n.path.clone(),
+                        n.dir.map(|d| other.dirs[d as usize].clone()),
+                    )
+                })
+                .collect();
+            let positives = e
+                .positives
+                .iter()
+                .map(|&i| other.positives[i as usize].clone())
+                .collect();
+            self.add(files, negatives, positives, e.date.clone(), e.result);
+        }
+        // This manifest's own entries stay the newest.
+        self.entries.extend(mine);
+        let excess = self.entries.len().saturating_sub(MAX_ENTRIES);
+        self.entries.drain(..excess);
+    }
+
     /// Adds a result for the given headers and negative paths, keeping the manifest bounded.
     pub fn add(
         &mut self,
@@ -508,6 +551,41 @@ mod tests {
             m.lookup(d, "").is_none(),
             "an unstable fingerprint vouches for nothing"
         );
+    }
+
+    #[test]
+    fn merge_keeps_both_machines_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("a.h"), "int a;").unwrap();
+        std::fs::write(d.join("b.h"), "int b;").unwrap();
+        let mut mine = Manifest::default();
+        mine.add(
+            vec![record(d, "a.h")],
+            vec![],
+            vec![],
+            None,
+            Digest::of(b"mine"),
+        );
+        let mut theirs = Manifest::default();
+        theirs.add(
+            vec![record(d, "b.h")],
+            vec![("gone.h".into(), None)],
+            vec!["b.h".into()],
+            None,
+            Digest::of(b"theirs"),
+        );
+        mine.merge(&theirs);
+        let mine = Manifest::decode(&mine.encode()).unwrap();
+        assert_eq!(mine.entries.len(), 2);
+        assert_eq!(
+            mine.entries.last().unwrap().result,
+            Digest::of(b"mine"),
+            "own results stay newest"
+        );
+        assert_eq!(mine.lookup(d, "").unwrap().result, Digest::of(b"mine"));
+        std::fs::write(d.join("a.h"), "int changed;").unwrap();
+        assert_eq!(mine.lookup(d, "").unwrap().result, Digest::of(b"theirs"));
     }
 
     #[test]

@@ -62,6 +62,22 @@ pub fn record_go(cache_dir: &Path, counts: crate::gocache::Counts) {
     }
 }
 
+/// Counts what one process did with the remote tier.
+pub fn record_remote(cache_dir: &Path, counts: crate::remote::Counts) {
+    if counts == crate::remote::Counts::default() {
+        return;
+    }
+    let shard = dir(cache_dir).join((std::process::id() % SHARDS).to_string());
+    let result = Counters::update(&shard, |c| {
+        c.add("remote_hits", counts.hits);
+        c.add("remote_errors", counts.errors);
+        c.add("remote_uploads", counts.uploads);
+    });
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "cannot update statistics");
+    }
+}
+
 /// The sum of all shards.
 pub fn load(cache_dir: &Path) -> Counters {
     let mut total = Counters::default();
@@ -108,6 +124,9 @@ pub fn to_json(c: &Counters, store: &Store, limits: Limits) -> serde_json::Value
         "uncacheable_by_reason": uncacheable,
         "corrupt_entries": c.get("corrupt_entries"),
         "time_saved_ms": c.get("time_saved_ms"),
+        "remote_hits": c.get("remote_hits"),
+        "remote_errors": c.get("remote_errors"),
+        "remote_uploads": c.get("remote_uploads"),
         "go_gets": c.get("go_gets"),
         "go_hits": c.get("go_hits"),
         "go_puts": c.get("go_puts"),
@@ -154,6 +173,17 @@ pub fn to_text(j: &serde_json::Value) -> String {
     line("  Compile failed", n("compile_failed").to_string());
     line("  Errors", n("errors").to_string());
     line("Corrupt entries replaced", n("corrupt_entries").to_string());
+    if n("remote_hits") + n("remote_errors") + n("remote_uploads") > 0 {
+        line(
+            "Remote cache",
+            format!(
+                "{} hits, {} uploads, {} errors",
+                n("remote_hits"),
+                n("remote_uploads"),
+                n("remote_errors")
+            ),
+        );
+    }
     if n("go_gets") + n("go_puts") > 0 {
         let hits = format!(
             "{} hits {}",

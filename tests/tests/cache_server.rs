@@ -268,3 +268,72 @@ fn real_waf_clean_build_is_all_hits() {
     );
     assert_eq!(p.read("build/app"), first);
 }
+
+#[test]
+fn kiln_remote_tier_serves_a_second_machine() {
+    require("gcc");
+    let store = tempfile::tempdir().unwrap();
+    let server = CacheServer::start(store.path(), &[]);
+    let url = format!("http://{}", server.addr);
+    let machine = || {
+        let mut p = Project::new();
+        p.env.push(("KILN_REMOTE_CACHE".into(), url.clone()));
+        p.write("inc/v.h", "#define V 42\n");
+        p.write(
+            "src/m.c",
+            "#include <stdio.h>\n#include \"v.h\"\nint m(void) { return printf(\"%d\\n\", V); }\n",
+        );
+        kiln_tests::settle();
+        p
+    };
+    let args = ["gcc", "-c", "src/m.c", "-o", "m.o", "-Iinc", "-O2"];
+    let a = machine();
+    ok(&a.kiln(&args));
+    let s = a.stats();
+    assert_eq!(
+        (s["misses"].as_i64(), s["remote_uploads"].as_i64()),
+        (Some(1), Some(2)),
+        "{s}"
+    );
+
+    // Another machine: its own empty local cache, the same server.
+    let b = machine();
+    b.kiln_matches_bare(&args, "m.o");
+    let s = b.stats();
+    assert_eq!(
+        (s["hits"].as_i64(), s["remote_hits"].as_i64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+    // The remote hit was copied into b's local cache.
+    ok(&b.kiln(&args));
+    assert_eq!(b.stats()["remote_hits"], 1);
+    assert_eq!(b.stats()["hits"], 2);
+
+    // With KILN_NO_PUSH a machine reads but never writes.
+    let mut c = machine();
+    c.env.push(("KILN_NO_PUSH".into(), "1".into()));
+    c.write("src/m.c", "int other(void) { return 7; }\n");
+    kiln_tests::settle();
+    ok(&c.kiln(&args));
+    assert_eq!(c.stats()["remote_uploads"], 0);
+
+    // A dead server: the build goes on, quietly, and the server is not asked again at once.
+    drop(server);
+    let d = machine();
+    let out = ok(&d.kiln(&args)).clone();
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.stats()["remote_errors"], 1);
+    let _ = std::fs::remove_file(d.path("m.o"));
+    ok(&d.kiln(&args));
+    assert_eq!(
+        d.stats()["remote_errors"],
+        1,
+        "a failed server is left alone for a while"
+    );
+    assert_eq!(d.stats()["hits"], 1);
+}

@@ -73,3 +73,38 @@ fn go_build_is_served_from_kiln() {
     );
     assert_eq!(p.read("app-cold"), p.read("app-fresh"));
 }
+
+#[test]
+fn a_second_machine_is_served_from_kiln_cache() {
+    require("go");
+    let store = tempfile::tempdir().unwrap();
+    let server = kiln_tests::CacheServer::start(store.path(), &[]);
+    let machine = || {
+        let mut p = Project::new();
+        p.env.push((
+            "KILN_REMOTE_CACHE".into(),
+            format!("http://{}", server.addr),
+        ));
+        p.write("go.mod", "module kilngo\n\ngo 1.24\n");
+        p.write("main.go", MAIN_GO);
+        p
+    };
+    let a = machine();
+    go(&a, "gocache", &["build", "-o", "app", "."]);
+    let s = a.stats();
+    assert!(s["remote_uploads"].as_i64().unwrap() > 20, "{s}");
+
+    // A fresh machine: empty GOCACHE, empty local kiln cache, the same server.
+    let b = machine();
+    go(&b, "gocache", &["build", "-o", "app", "."]);
+    let s = b.stats();
+    let (gets, remote_hits) = (
+        s["go_gets"].as_i64().unwrap(),
+        s["remote_hits"].as_i64().unwrap(),
+    );
+    assert!(
+        gets > 20 && remote_hits * 10 >= gets * 9,
+        "{remote_hits} remote hits of {gets} gets: {s}"
+    );
+    assert_eq!(a.read("app"), b.read("app"));
+}

@@ -7,6 +7,9 @@
 //! - ccache's HTTP remote storage under `/ccache/`: `GET`, `HEAD`, `PUT`, `DELETE`; the
 //!   `subdirs` (`ab/cdef…`) and `flat` layouts name the same entry.
 //!
+//! - kiln's own remote tier: `GET`, `HEAD` and `PUT` on `/kiln/<kind>/<key>`, where `kind` is
+//!   `manifest`, `result`, `go-action` or `go-output` and `key` 64 hex digits.
+//!
 //! Every body is a checksummed entry of the `cache/` store: written atomically, verified on
 //! every read (a damaged one is a 404, never wrong bytes), evicted least-recently-used under a
 //! size and a count cap, with a trim at an interval as well as on writes.
@@ -44,7 +47,12 @@ pub enum Route {
     BazelAc(String),
     BazelCas(String),
     Ccache(String),
+    /// kiln's own entries, by kind and key.
+    Kiln(&'static str, String),
 }
+
+/// The kinds of entry kiln clients keep on the server.
+pub const KILN_KINDS: &[&str] = &["manifest", "result", "go-action", "go-output"];
 
 impl Route {
     /// The entry a route names: distinct per protocol, so no tool can read another's entries.
@@ -54,6 +62,7 @@ impl Route {
             Route::BazelAc(k) => ("bazel-ac", k),
             Route::BazelCas(k) => ("bazel-cas", k),
             Route::Ccache(k) => ("ccache", k),
+            Route::Kiln(kind, k) => (*kind, k),
         };
         Hasher::new("kiln-cache http v1").str(ns).str(k).finish()
     }
@@ -81,6 +90,10 @@ pub fn route(path: &str) -> Option<Route> {
         ["files", sig, i] if is_key(sig) && is_key(i) => Some(Route::Waf(format!("{sig}/{i}"))),
         ["ac", h] if is_sha256_hex(h) => Some(Route::BazelAc((*h).to_owned())),
         ["cas", h] if is_sha256_hex(h) => Some(Route::BazelCas((*h).to_owned())),
+        ["kiln", kind, h] if is_sha256_hex(h) => KILN_KINDS
+            .iter()
+            .find(|k| *k == kind)
+            .map(|k| Route::Kiln(k, (*h).to_owned())),
         ["ccache", rest @ ..] if !rest.is_empty() && rest.iter().all(|s| is_key(s)) => {
             Some(Route::Ccache(rest.concat()))
         }
@@ -164,7 +177,10 @@ async fn handle(State(st): State<AppState>, req: Request) -> Response {
             };
             put(&st, key, body).await
         }
-        (Route::BazelAc(_) | Route::BazelCas(_) | Route::Ccache(_), &Method::PUT) => {
+        (
+            Route::BazelAc(_) | Route::BazelCas(_) | Route::Ccache(_) | Route::Kiln(..),
+            &Method::PUT,
+        ) => {
             let body = match to_bytes(req.into_body(), st.max_body).await {
                 Ok(b) => b,
                 Err(_) => return too_large(&st),
@@ -286,6 +302,11 @@ mod tests {
             ("/ccache/ab/cdef01", Some(Route::Ccache("abcdef01".into()))),
             ("/ccache/abcdef01", Some(Route::Ccache("abcdef01".into()))),
             ("/ccache/", None),
+            (
+                &format!("/kiln/result/{h}"),
+                Some(Route::Kiln("result", h.clone())),
+            ),
+            (&format!("/kiln/other/{h}"), None),
             ("/ccache/a b", None),
             ("/", None),
             ("/other/x", None),
