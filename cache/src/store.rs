@@ -161,7 +161,12 @@ impl Store {
             }
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "removing corrupt cache entry");
-                if fs::remove_file(&path).is_ok() {
+                // Only the file that was read: a writer may have renamed a good entry into place
+                // since.
+                use std::os::unix::fs::MetadataExt;
+                let same_file = fs::symlink_metadata(&path)
+                    .is_ok_and(|now| (now.dev(), now.ino()) == (meta.dev(), meta.ino()));
+                if same_file && fs::remove_file(&path).is_ok() {
                     self.account(key, -(meta.len() as i64), -1)?;
                 }
                 Ok(Lookup::Corrupt(e))

@@ -58,10 +58,12 @@ pub enum Reason {
     Environment,
     /// An output that is not a regular file: `-o /dev/null`, a pipe, a symbolic link.
     SpecialOutput,
+    /// A precompiled header would be used, which no dependency list names.
+    PrecompiledHeader,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 24] = [
+    pub const ALL: [Reason; 25] = [
         Reason::Link,
         Reason::Preprocess,
         Reason::DependenciesOnly,
@@ -86,6 +88,7 @@ impl Reason {
         Reason::ModifiedDuringCompile,
         Reason::Environment,
         Reason::SpecialOutput,
+        Reason::PrecompiledHeader,
     ];
 
     /// The stable name used in statistics.
@@ -115,6 +118,7 @@ impl Reason {
             Reason::ModifiedDuringCompile => "modified_during_compile",
             Reason::Environment => "environment",
             Reason::SpecialOutput => "special_output",
+            Reason::PrecompiledHeader => "precompiled_header",
         }
     }
 }
@@ -235,16 +239,23 @@ pub struct Compile {
     pub debug: bool,
     /// The object embeds its own absolute path (`-fprofile-arcs`, `-fprofile-generate`).
     pub embeds_output_path: bool,
-    /// `-fdebug-prefix-map`/`-ffile-prefix-map` mappings, old to new.
+    /// `-fdebug-prefix-map`/`-ffile-prefix-map` mappings, old to new: paths in debug info.
     pub prefix_maps: Vec<(String, String)>,
+    /// `-fmacro-prefix-map`/`-ffile-prefix-map` mappings: paths in `__FILE__`.
+    pub macro_maps: Vec<(String, String)>,
     /// `-fdebug-compilation-dir` given: the working directory is not recorded.
     pub comp_dir_given: bool,
     /// Diagnostics colour was chosen explicitly.
     pub color_given: bool,
     /// Profile data read by the compile (`-fprofile-use` and friends): a file or a directory.
     pub profile_inputs: Vec<PathBuf>,
-    /// `-fprofile-use` without a path: the `.gcda` beside the output is read.
+    /// `-fprofile-use` without a path: the `.gcda` beside the output (gcc) or
+    /// `default.profdata` in the working directory (clang) is read.
     pub profile_use_default: bool,
+    /// The profile file read depends on the output's absolute path (`-fprofile-use=DIR`,
+    /// `-fprofile-dir`), or the object records the working directory for another reason
+    /// (`-fcoverage-mapping`, assembler debug info): the key includes both.
+    pub records_cwd: bool,
     /// `-march=native` and the like: the output depends on the host CPU.
     pub native_cpu: bool,
     pub include_dirs: IncludeDirs,
@@ -498,6 +509,9 @@ struct Parser {
     assembly: bool,
     preprocess_only: bool,
     deps_only: bool,
+    /// `-MG`: only meaningful with `-M`/`-MM`; without them gcc says so, and kiln's own `-MD`
+    /// would change that message.
+    deps_missing_ok: bool,
     dep_md: bool,
     dep_mmd: bool,
     dep_mf: Option<String>,
@@ -506,10 +520,12 @@ struct Parser {
     debug: bool,
     embeds_output_path: bool,
     prefix_maps: Vec<(String, String)>,
+    macro_maps: Vec<(String, String)>,
     comp_dir_given: bool,
     color_given: bool,
     profile_inputs: Vec<PathBuf>,
     profile_use_default: bool,
+    records_cwd: bool,
     native_cpu: bool,
     archs: usize,
     dirs: IncludeDirs,
@@ -621,6 +637,10 @@ impl Parser {
                 keep(self);
             }
             "-Xpreprocessor" => return Err(Reason::PreprocessorPassthrough),
+            "-Xassembler" => {
+                self.assembler_option(value)?;
+                keep(self);
+            }
             "-aux-info" | "-dumpbase" | "-dumpdir" => return Err(Reason::ExtraOutput),
             "-B" | "-specs" | "-wrapper" | "-include-pch" => return Err(Reason::ExternalInputs),
             _ => keep(self),
@@ -634,6 +654,7 @@ impl Parser {
             "-S" => self.assembly = true,
             "-E" => self.preprocess_only = true,
             "-M" | "-MM" => self.deps_only = true,
+            "-MG" => self.deps_missing_ok = true,
             "-MD" => self.dep_md = true,
             "-MMD" => self.dep_mmd = true,
             "-v" | "-###" | "-time" | "--version" | "--help" | "-dumpversion" | "-dumpmachine"
@@ -643,7 +664,8 @@ impl Parser {
             "-fsyntax-only" | "--analyze" | "-analyze" => return Err(Reason::NoOutput),
             "-fprofile-arcs" | "-fprofile-generate" => self.embeds_output_path = true,
             "-fprofile-use" => self.profile_use_default = true,
-            "-gsplit-dwarf" => {
+            // clang's `=split` is the plain form; `=single` keeps the DWARF in the object.
+            "-gsplit-dwarf" | "-gsplit-dwarf=split" => {
                 self.split_dwarf = true;
                 self.debug = true;
             }
@@ -664,12 +686,8 @@ impl Parser {
             return self.wp(rest);
         }
         if let Some(rest) = arg.strip_prefix("-Wa,") {
-            // Listings and dependency files written by the assembler are extra outputs.
-            if rest
-                .split(',')
-                .any(|a| a.starts_with("-a") || a.starts_with("--MD"))
-            {
-                return Err(Reason::ExtraOutput);
+            for a in rest.split(',') {
+                self.assembler_option(a)?;
             }
         }
         if let Some(rest) = arg.strip_prefix("-f") {
@@ -697,12 +715,36 @@ impl Parser {
         Ok(())
     }
 
+    /// An option for the assembler (`-Wa,X` or `-Xassembler X`).
+    fn assembler_option(&mut self, a: &str) -> Result<(), Reason> {
+        // Listings and dependency files written by the assembler are extra outputs.
+        if a.starts_with("-a") || a.starts_with("--MD") {
+            return Err(Reason::ExtraOutput);
+        }
+        // Assembler debug info records the working directory.
+        if a == "-g"
+            || a.starts_with("--gdwarf")
+            || a.starts_with("--gstabs")
+            || a.starts_with("-gdwarf")
+        {
+            self.records_cwd = true;
+        }
+        Ok(())
+    }
+
     fn f_option(&mut self, rest: &str) -> Result<(), Reason> {
         let value = |prefix: &str| rest.strip_prefix(prefix);
-        if let Some(map) = value("debug-prefix-map=").or_else(|| value("file-prefix-map=")) {
-            if let Some((old, new)) = map.split_once('=') {
-                self.prefix_maps.push((old.to_owned(), new.to_owned()));
-            }
+        let pair = |map: &str| {
+            map.split_once('=')
+                .map(|(o, n)| (o.to_owned(), n.to_owned()))
+        };
+        if let Some(map) = value("debug-prefix-map=") {
+            self.prefix_maps.extend(pair(map));
+        } else if let Some(map) = value("macro-prefix-map=") {
+            self.macro_maps.extend(pair(map));
+        } else if let Some(map) = value("file-prefix-map=") {
+            self.prefix_maps.extend(pair(map));
+            self.macro_maps.extend(pair(map));
         } else if value("debug-compilation-dir").is_some() {
             self.comp_dir_given = true;
         } else if rest.starts_with("diagnostics-color")
@@ -717,16 +759,25 @@ impl Parser {
             .or_else(|| value("auto-profile="))
         {
             self.profile_inputs.push(PathBuf::from(p));
+            // gcc reads `DIR/<mangled absolute output path>.gcda` from a directory.
+            self.records_cwd = true;
+        } else if let Some(dir) = value("profile-dir=") {
+            self.profile_inputs.push(PathBuf::from(dir));
+            self.records_cwd = true;
+        } else if rest == "coverage-mapping" {
+            self.records_cwd = true;
         } else if value("profile-generate=").is_some() {
             self.embeds_output_path = true;
         } else if rest.starts_with("dump-")
+            || (rest.starts_with("opt-info") && rest.contains('='))
             || rest == "stack-usage"
             || rest.starts_with("callgraph-info")
             || rest.starts_with("opt-record")
             || rest.starts_with("save-optimization-record")
         {
             return Err(Reason::ExtraOutput);
-        } else if rest == "time-report"
+        } else if rest.starts_with("proc-stat-report")
+            || rest == "time-report"
             || rest == "mem-report"
             || rest.starts_with("time-trace")
             || rest == "stats"
@@ -775,6 +826,9 @@ impl Parser {
         if self.deps_only && !(self.dep_md || self.dep_mmd) {
             return Err(Reason::DependenciesOnly);
         }
+        if self.deps_missing_ok && !self.deps_only {
+            return Err(Reason::UnknownOption);
+        }
         if !self.compile_only && !self.assembly {
             return Err(Reason::Link);
         }
@@ -815,10 +869,12 @@ impl Parser {
             debug: self.debug,
             embeds_output_path: self.embeds_output_path,
             prefix_maps: self.prefix_maps,
+            macro_maps: self.macro_maps,
             comp_dir_given: self.comp_dir_given,
             color_given: self.color_given,
             profile_inputs: self.profile_inputs,
             profile_use_default: self.profile_use_default,
+            records_cwd: self.records_cwd,
             native_cpu: self.native_cpu,
             include_dirs: self.dirs,
             hashed_args: self.hashed,
@@ -941,6 +997,14 @@ mod tests {
             ("-c foo.c -specs=my.specs", Reason::ExternalInputs),
             ("-c foo.c -B /opt/bin", Reason::ExternalInputs),
             ("-c foo.c -I", Reason::UnknownOption),
+            ("-c foo.c -MG", Reason::UnknownOption),
+            ("-c foo.c -Xassembler -aln=f.lst", Reason::ExtraOutput),
+            ("-c foo.c -O3 -fopt-info-vec=opt.txt", Reason::ExtraOutput),
+            (
+                "-c foo.c -fproc-stat-report=s.csv",
+                Reason::Nondeterministic,
+            ),
+            ("-c foo.c -fproc-stat-report", Reason::Nondeterministic),
         ];
         for (cmd, want) in uncacheable {
             assert_eq!(classify(words(cmd)), Err(want), "{cmd}");
@@ -976,6 +1040,26 @@ mod tests {
         assert_eq!(dwo_path(Path::new("out/noext")), Path::new("out/noext.dwo"));
         let c = classify(words("-c foo.c -g -O2")).unwrap();
         assert!(c.debug);
+        assert!(!c.records_cwd);
+        assert!(
+            classify(words("-c foo.c -g -gsplit-dwarf=split"))
+                .unwrap()
+                .split_dwarf
+        );
+        assert!(
+            !classify(words("-c foo.c -g -gsplit-dwarf=single"))
+                .unwrap()
+                .split_dwarf
+        );
+        for cmd in [
+            "-c f.c -fprofile-instr-generate -fcoverage-mapping",
+            "-c s.S -Wa,-g",
+            "-c s.S -Xassembler --gdwarf-5",
+            "-c f.c -fprofile-use=prof",
+            "-c f.c -fprofile-dir=p",
+        ] {
+            assert!(classify(words(cmd)).unwrap().records_cwd, "{cmd}");
+        }
         let c = classify(words("-c foo.c -g -g0")).unwrap();
         assert!(!c.debug);
         let c = classify(words("-c foo.c -Iinc -I inc2 -isystem sys -iquote q")).unwrap();

@@ -189,6 +189,9 @@ fn prepare(inv: &Invocation) -> Result<Prepared, Skip> {
         }
     };
     let identity = compiler::identify(&inv.compiler, &inv.config.dir)?;
+    if precompiled_header_in_use(inv, &compile, &source.data, identity.family) {
+        return Err(Reason::PrecompiledHeader.into());
+    }
     // The source is scanned for __TIME__ and friends only when a result is stored: a manifest
     // found under a key that includes the source's digest already knows what it contains.
     let key = manifest_key(inv, &compile, &identity, &source)?;
@@ -198,6 +201,75 @@ fn prepare(inv: &Invocation) -> Result<Prepared, Skip> {
         source,
         key,
     })
+}
+
+/// Whether the compile would use a precompiled header, which no dependency list names: for an
+/// `-include X`, `X.gch` or `X.pch` where `X` is looked for; for gcc also a `.gch` of the
+/// source's first `#include`.
+fn precompiled_header_in_use(inv: &Invocation, c: &Compile, source: &[u8], family: Family) -> bool {
+    let dirs = &c.include_dirs;
+    let search: Vec<&String> = dirs
+        .quote
+        .iter()
+        .chain(&dirs.angle)
+        .chain(&dirs.system)
+        .collect();
+    let exists = |p: PathBuf| fs::metadata(inv.cwd.join(p)).is_ok();
+    let found_near = |name: &str, first: &str, suffixes: &[&str]| {
+        suffixes.iter().any(|sfx| {
+            let file = format!("{name}{sfx}");
+            if Path::new(name).is_absolute() {
+                return exists(PathBuf::from(&file));
+            }
+            exists(Path::new(first).join(&file))
+                || search
+                    .iter()
+                    .any(|d| exists(Path::new(d.as_str()).join(&file)))
+        })
+    };
+    let mut it = c.args.iter();
+    while let Some(a) = it.next() {
+        let name = match a.strip_prefix("-include") {
+            Some("") => it.next().map(String::as_str),
+            Some(joined) => Some(joined),
+            None => None,
+        };
+        if let Some(name) = name {
+            if found_near(name, ".", &[".gch", ".pch"]) {
+                return true;
+            }
+        }
+    }
+    if family == Family::Gcc {
+        if let Some(first) = first_include(source) {
+            let source_dir = parent_of(&c.source);
+            if found_near(&first, &source_dir, &[".gch"]) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// The name in the first `#include` directive of a source, if any.
+fn first_include(source: &[u8]) -> Option<String> {
+    for line in source.split(|b| *b == b'\n') {
+        let line = String::from_utf8_lossy(line);
+        let Some(rest) = line.trim_start().strip_prefix('#') else {
+            continue;
+        };
+        let Some(rest) = rest.trim_start().strip_prefix("include") else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        let close = match rest.chars().next()? {
+            '"' => '"',
+            '<' => '>',
+            _ => return None,
+        };
+        return rest[1..].split(close).next().map(str::to_owned);
+    }
+    None
 }
 
 /// The 15-minute UTC slot a `__DATE__` result belongs to. Every time zone's offset is a
@@ -217,7 +289,12 @@ fn manifest_key(
     source: &Hashed,
 ) -> anyhow::Result<Digest> {
     let cfg = inv.config;
-    let rel = |s: &str| relativize(s, cfg.base_dir.as_deref(), &inv.cwd);
+    let covered = |path: &str| {
+        let by =
+            |maps: &[(String, String)]| maps.iter().any(|(old, _)| path.starts_with(old.as_str()));
+        by(&c.macro_maps) && (!c.debug || by(&c.prefix_maps))
+    };
+    let rel = |s: &str| relativize(s, cfg.base_dir.as_deref(), &inv.cwd, covered);
     let mut h = Hasher::new("kiln manifest key v1");
     h.digest(&id.digest())
         .str(c.lang.name())
@@ -232,8 +309,10 @@ fn manifest_key(
         Some(d) if d.user_headers_only => "deps:mmd",
         Some(_) => "deps:md",
     });
-    let output_matters =
-        (c.dep_file.is_some() && !c.dep_target_given) || c.split_dwarf || c.embeds_output_path;
+    let output_matters = (c.dep_file.is_some() && !c.dep_target_given)
+        || c.split_dwarf
+        || c.embeds_output_path
+        || c.records_cwd;
     if output_matters {
         h.str("output").str(&rel(&c.output.to_string_lossy()));
     }
@@ -249,6 +328,7 @@ fn manifest_key(
     let cwd_in_output = (c.debug && cfg.hash_dir && !c.comp_dir_given)
         || c.embeds_output_path
         || c.profile_use_default
+        || c.records_cwd
         || c.split_dwarf
         || (cfg.base_dir.is_some() && c.dep_file.is_some());
     if cwd_in_output {
@@ -263,19 +343,43 @@ fn manifest_key(
             h.str(var).field(v.as_encoded_bytes());
         }
     }
-    if inv.stderr_tty && !c.color_given {
-        h.str("color");
+    for flag in terminal_flags(inv, c, id.family) {
+        h.str(&flag);
     }
     for p in &c.profile_inputs {
         hash_path_contents(&mut h, &inv.cwd.join(p));
     }
     if c.profile_use_default {
+        // gcc reads the .gcda beside the output, clang `default.profdata` here.
         hash_path_contents(&mut h, &inv.cwd.join(c.output.with_extension("gcda")));
+        hash_path_contents(&mut h, &inv.cwd.join("default.profdata"));
     }
     if c.native_cpu {
         h.str("cpu").str(&cpu_identity());
     }
     Ok(h.finish())
+}
+
+/// Flags that make the compiler write to a pipe what it would write to this terminal:
+/// colours when stderr is a terminal whose `TERM` is not `dumb`, as gcc and clang decide
+/// themselves, and gcc's links in diagnostics (except on the Linux console, where gcc leaves
+/// them out). Nothing when the user chose, or stderr is not a terminal.
+fn terminal_flags(inv: &Invocation, c: &Compile, family: Family) -> Vec<String> {
+    let term = inv.env.get("TERM");
+    if !inv.stderr_tty || c.color_given || matches!(term, None | Some("dumb")) {
+        return Vec::new();
+    }
+    match family {
+        Family::Clang => vec!["-fcolor-diagnostics".to_owned()],
+        Family::Gcc => {
+            let mut flags = vec!["-fdiagnostics-color=always".to_owned()];
+            let urls_given = c.args.iter().any(|a| a.starts_with("-fdiagnostics-urls"));
+            if !urls_given && term != Some("linux") {
+                flags.push("-fdiagnostics-urls=always".to_owned());
+            }
+            flags
+        }
+    }
 }
 
 /// Hashes a profile file, or every file in a profile directory, or notes its absence.
@@ -316,8 +420,15 @@ fn cpu_identity() -> String {
 
 /// With a base directory, absolute paths under it are hashed relative to the working directory,
 /// so the same tree checked out elsewhere has the same keys. `-I/abs` and `-ffile-prefix-map=/abs=x`
-/// style arguments are rewritten too.
-fn relativize(arg: &str, base: Option<&Path>, cwd: &Path) -> String {
+/// style arguments are rewritten too, but only paths that `covered` says the output cannot
+/// show (a prefix map rewrites them in `__FILE__` and debug info): the compiler still sees
+/// the absolute path, and a hit must be what it would produce.
+fn relativize(
+    arg: &str,
+    base: Option<&Path>,
+    cwd: &Path,
+    covered: impl Fn(&str) -> bool,
+) -> String {
     let Some(base) = base else {
         return arg.to_owned();
     };
@@ -333,6 +444,10 @@ fn relativize(arg: &str, base: Option<&Path>, cwd: &Path) -> String {
         Some((p, r)) => (p, format!("={r}")),
         None => (path, String::new()),
     };
+    let is_map = prefix.starts_with("-f") && prefix.ends_with("prefix-map=");
+    if !is_map && !covered(path) {
+        return arg.to_owned();
+    }
     format!(
         "{prefix}{}{rest}",
         relative_path(Path::new(path), cwd).display()
@@ -554,7 +669,13 @@ fn compile_and_store(
     let cfg = inv.config;
     let corrupt = tiers.corrupt;
     let c = &p.compile;
-    let mut args = c.args.clone();
+    // The arguments as given (an `@file` stays a file: expanded, it may be too long for a
+    // command line), then kiln's own. `prepare` checked they are UTF-8.
+    let mut args: Vec<String> = inv
+        .args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     let own_deps = match (&c.dep_file, c.lang.preprocessed()) {
         (None, true) => match TempFile::new(&cfg.dir, ".d") {
             Ok(t) => {
@@ -580,17 +701,19 @@ fn compile_and_store(
             args.extend(["-MF".to_owned(), d.path.to_string_lossy().into_owned()]);
         }
     }
-    if inv.stderr_tty && !c.color_given {
-        args.push(match p.identity.family {
-            Family::Gcc => "-fdiagnostics-color=always".to_owned(),
-            Family::Clang => "-fcolor-diagnostics".to_owned(),
-        });
-    }
+    args.extend(terminal_flags(inv, c, p.identity.family));
     let output = match process::capture(&inv.compiler, &args, Some(true)) {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("kiln: cannot run {}: {e}", inv.compiler.display());
-            return 127;
+            // Too long a command line for kiln's own spawn, say: the compiler as asked.
+            tracing::warn!(
+                "cannot run {}: {e}; compiling without the cache",
+                inv.compiler.display()
+            );
+            if cfg.stats {
+                stats::record(&cfg.dir, Outcome::Error, corrupt);
+            }
+            return exec_direct(inv);
         }
     };
     let compile_ms = started.elapsed().as_millis().min(u128::from(u32::MAX)) as u32;
@@ -717,7 +840,10 @@ fn store_result(
             stable: hashed.stable,
         });
     }
-    if scan.time && inv.env.get("SOURCE_DATE_EPOCH").is_none() {
+    // `__TIMESTAMP__` is the source's modification time whatever SOURCE_DATE_EPOCH says, and
+    // only gcc lets SOURCE_DATE_EPOCH fix `__TIME__`.
+    let fixed_time = inv.env.get("SOURCE_DATE_EPOCH").is_some() && p.identity.family == Family::Gcc;
+    if scan.timestamp || (scan.time && !fixed_time) {
         return Err(Reason::TimeMacros.into());
     }
     if scan.incbin {
@@ -948,14 +1074,61 @@ fn negative_paths(
         _ => &p.identity.c_dirs,
     };
     let dirs = &c.include_dirs;
+    // CPATH searches like -I, C_INCLUDE_PATH and friends like -isystem (an empty element is
+    // the working directory).
+    let env_dirs = |var: &str| -> Vec<String> {
+        inv.env
+            .get(var)
+            .map(|v| {
+                v.split(':')
+                    .map(|d| {
+                        if d.is_empty() {
+                            ".".to_owned()
+                        } else {
+                            d.to_owned()
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let cpath = env_dirs("CPATH");
+    let lang_path = env_dirs(match c.lang {
+        Lang::Cxx | Lang::CxxPreprocessed => "CPLUS_INCLUDE_PATH",
+        Lang::ObjC => "OBJC_INCLUDE_PATH",
+        Lang::ObjCxx => "OBJCPLUS_INCLUDE_PATH",
+        _ => "C_INCLUDE_PATH",
+    });
     let chain: Vec<String> = std::iter::once(&source_dir)
         .chain(&dirs.quote)
         .chain(&dirs.angle)
+        .chain(&cpath)
         .chain(&dirs.system)
+        .chain(&lang_path)
         .chain(system)
         .chain(&dirs.after)
         .map(|d| normalize(d))
         .collect();
+    // `#include "x"` looks in the including file's directory first, and `-include` in the
+    // working directory: every such directory could gain a header that shadows a used one.
+    let mut includers: Vec<String> = Vec::new();
+    let has_forced_include = c
+        .args
+        .iter()
+        .any(|a| a.starts_with("-include") && a != "-include-pch");
+    let system_headers = system_dirs(p);
+    let project_headers = headers.iter().filter(|h| !under_any(h, &system_headers));
+    for d in project_headers
+        .map(|h| parent_of(h))
+        .chain(std::iter::once(normalize(&source_dir)))
+    {
+        if !includers.contains(&d) {
+            includers.push(d);
+        }
+    }
+    if has_forced_include && !includers.iter().any(|d| d == ".") {
+        includers.push(".".to_owned());
+    }
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut parents = std::collections::HashMap::new();
@@ -978,7 +1151,7 @@ fn negative_paths(
             continue;
         };
         let own = &chain[idx];
-        for earlier in &chain[..idx] {
+        for earlier in chain[..idx].iter().chain(&includers) {
             if earlier == own {
                 continue;
             }
@@ -1105,17 +1278,26 @@ mod tests {
         );
         let cwd = Path::new("/home/u/proj/build");
         let base = Some(Path::new("/home/u"));
+        let mapped = |p: &str| p.starts_with("/home/u/proj");
         assert_eq!(
-            relativize("-I/home/u/proj/include", base, cwd),
+            relativize("-I/home/u/proj/include", base, cwd, mapped),
             "-I../include"
         );
         assert_eq!(
-            relativize("-ffile-prefix-map=/home/u/proj=.", base, cwd),
+            relativize("-ffile-prefix-map=/home/u/proj=.", base, cwd, |_| false),
             "-ffile-prefix-map=..=."
         );
-        assert_eq!(relativize("/home/u/proj/a.c", base, cwd), "../a.c");
-        assert_eq!(relativize("-I/usr/include", base, cwd), "-I/usr/include");
-        assert_eq!(relativize("-I/home/u/x", None, cwd), "-I/home/u/x");
+        assert_eq!(relativize("/home/u/proj/a.c", base, cwd, mapped), "../a.c");
+        assert_eq!(
+            relativize("-I/usr/include", base, cwd, mapped),
+            "-I/usr/include"
+        );
+        assert_eq!(relativize("-I/home/u/x", None, cwd, mapped), "-I/home/u/x");
+        // Not mapped: __FILE__ would show the absolute path, so it stays in the key.
+        assert_eq!(
+            relativize("/home/u/proj/a.c", base, cwd, |_| false),
+            "/home/u/proj/a.c"
+        );
     }
 
     #[test]

@@ -157,7 +157,7 @@ fn probe(path: &Path, resolved: &Path, stat: Stat) -> anyhow::Result<Identity> {
 /// Empty when the compiler cannot say (no C++ front end, say).
 fn search_dirs(path: &Path, lang: &str) -> Vec<String> {
     let args = ["-x", lang, "-E", "-v", "/dev/null", "-o", "/dev/null"].map(String::from);
-    let Ok(out) = process::capture(path, &args, None) else {
+    let Ok(out) = process::probe(path, &args) else {
         return Vec::new();
     };
     let text = String::from_utf8_lossy(&out.stderr);

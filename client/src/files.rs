@@ -19,8 +19,10 @@ pub const TIMESTAMP_SLACK: Duration = Duration::from_millis(100);
 pub struct Scan {
     /// `__DATE__`: the output changes from day to day.
     pub date: bool,
-    /// `__TIME__` or `__TIMESTAMP__`: the output changes from second to second.
+    /// `__TIME__`: the output changes from second to second.
     pub time: bool,
+    /// `__TIMESTAMP__`: the source's modification time.
+    pub timestamp: bool,
     /// `.incbin`: the assembler reads a file kiln does not see.
     pub incbin: bool,
     /// `__has_include`: the output depends on files that may not exist, which no dependency
@@ -44,7 +46,8 @@ impl Scan {
         };
         Scan {
             date: has(b"__DATE__"),
-            time: has(b"__TIME__") || has(b"__TIMESTAMP__"),
+            time: has(b"__TIME__"),
+            timestamp: has(b"__TIMESTAMP__"),
             incbin: has(b".incbin"),
             has_include: has(b"__has_include"),
         }
@@ -54,6 +57,7 @@ impl Scan {
         Scan {
             date: self.date || o.date,
             time: self.time || o.time,
+            timestamp: self.timestamp || o.timestamp,
             incbin: self.incbin || o.incbin,
             has_include: self.has_include || o.has_include,
         }
@@ -208,7 +212,7 @@ mod tests {
     fn scan_finds_macros() {
         let d = Scan::of(b"const char *d = __DATE__;");
         assert!(d.date && !d.time && !d.incbin && !d.has_include);
-        assert!(Scan::of(b"__TIMESTAMP__").time);
+        assert!(Scan::of(b"__TIMESTAMP__").timestamp && !Scan::of(b"__TIMESTAMP__").time);
         assert!(Scan::of(b"asm(\".incbin \\\"x\\\"\")").incbin);
         assert!(Scan::of(b"#if __has_include(<x.h>)").has_include);
         assert_eq!(Scan::of(b"int main(){}"), Scan::default());

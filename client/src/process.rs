@@ -11,6 +11,20 @@ pub fn exec(program: &Path, args: &[std::ffi::OsString]) -> io::Error {
     Command::new(program).args(args).exec()
 }
 
+/// Runs a probe of the compiler with the include-path variables removed, so what it reports
+/// is the compiler's own.
+pub fn probe(program: &Path, args: &[String]) -> io::Result<Output> {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .env_remove("CPATH")
+        .env_remove("C_INCLUDE_PATH")
+        .env_remove("CPLUS_INCLUDE_PATH")
+        .env_remove("OBJC_INCLUDE_PATH")
+        .env_remove("OBJCPLUS_INCLUDE_PATH")
+        .output()
+}
+
 /// Runs a program to completion with stdout and stderr captured and stdin inherited (or
 /// closed, for probes).
 pub fn capture(program: &Path, args: &[String], inherit_stdin: Option<bool>) -> io::Result<Output> {
