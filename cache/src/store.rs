@@ -180,19 +180,32 @@ impl Store {
         let path = self.path_of(kind, key);
         let framed = entry::encode(kind, payload);
         let previous = fs::symlink_metadata(&path).map(|m| m.len()).ok();
-        write_atomically(&path, &framed).map_err(|source| StoreError::Write {
-            path: path.clone(),
+        self.write(key, &path, &framed, previous)
+    }
+
+    /// Writes `bytes` atomically at `path` (which held `previous` bytes, if anything), counts
+    /// the change in the key's shard, and cleans the shard when it outgrew its share.
+    fn write(
+        &self,
+        key: &Digest,
+        path: &Path,
+        bytes: &[u8],
+        previous: Option<u64>,
+    ) -> Result<(), StoreError> {
+        write_atomically(path, bytes).map_err(|source| StoreError::Write {
+            path: path.to_path_buf(),
             source,
         })?;
         let (size_delta, files_delta) = match previous {
-            Some(old) => (framed.len() as i64 - old as i64, 0),
-            None => (framed.len() as i64, 1),
+            Some(old) => (bytes.len() as i64 - old as i64, 0),
+            None => (bytes.len() as i64, 1),
         };
         let counters = self.account(key, size_delta, files_delta)?;
         if self.over_limits(&counters) {
-            self.cleanup_shard(&self.shard_dir(key))
+            let shard = self.shard_dir(key);
+            self.cleanup_shard(&shard)
                 .map_err(|source| StoreError::Write {
-                    path: self.shard_dir(key),
+                    path: shard,
                     source,
                 })?;
         }
@@ -208,22 +221,7 @@ impl Store {
         if previous == Some(bytes.len() as u64) {
             return Ok(path);
         }
-        write_atomically(&path, bytes).map_err(|source| StoreError::Write {
-            path: path.clone(),
-            source,
-        })?;
-        let (size_delta, files_delta) = match previous {
-            Some(old) => (bytes.len() as i64 - old as i64, 0),
-            None => (bytes.len() as i64, 1),
-        };
-        let counters = self.account(key, size_delta, files_delta)?;
-        if self.over_limits(&counters) {
-            self.cleanup_shard(&self.shard_dir(key))
-                .map_err(|source| StoreError::Write {
-                    path: self.shard_dir(key),
-                    source,
-                })?;
-        }
+        self.write(key, &path, bytes, previous)?;
         Ok(path)
     }
 

@@ -1132,6 +1132,7 @@ fn negative_paths(
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut parents = std::collections::HashMap::new();
+    let mut existence = std::collections::HashMap::new();
     for h in headers {
         let h = normalize(h);
         // The most specific directory of the chain that holds this header.
@@ -1155,7 +1156,7 @@ fn negative_paths(
             if earlier == own {
                 continue;
             }
-            if let Some(missing) = first_missing(&inv.cwd, earlier, rest) {
+            if let Some(missing) = first_missing(&inv.cwd, earlier, rest, &mut existence) {
                 if seen.insert(missing.clone()) {
                     let parent = dir_record(&inv.cwd, &missing, &mut parents);
                     out.push((missing, parent));
@@ -1204,6 +1205,7 @@ fn negative_paths(
                 &inv.cwd,
                 &dir,
                 place.strip_prefix(&format!("{dir}/")).unwrap_or(&place),
+                &mut existence,
             ) {
                 if seen.insert(missing.clone()) {
                     let parent = dir_record(&inv.cwd, &missing, &mut parents);
@@ -1244,7 +1246,15 @@ fn dir_record(
 /// The shortest path under `dir` along `rest` that does not exist, if any. As long as it
 /// stays absent, nothing below it can appear, so one `stat` covers a whole subtree: C++'s
 /// `bits/*.h` in a directory without `bits/` is a single negative.
-fn first_missing(cwd: &Path, dir: &str, rest: &str) -> Option<String> {
+///
+/// `seen` remembers what exists: headers share their first components (`bits/…`), so most
+/// look-ups repeat.
+fn first_missing(
+    cwd: &Path,
+    dir: &str,
+    rest: &str,
+    seen: &mut std::collections::HashMap<String, bool>,
+) -> Option<String> {
     let mut path = if dir == "." {
         String::new()
     } else {
@@ -1255,7 +1265,15 @@ fn first_missing(cwd: &Path, dir: &str, rest: &str) -> Option<String> {
             path.push('/');
         }
         path.push_str(component);
-        if fs::symlink_metadata(cwd.join(&path)).is_err() {
+        let exists = match seen.get(&path) {
+            Some(e) => *e,
+            None => {
+                let e = fs::symlink_metadata(cwd.join(&path)).is_ok();
+                seen.insert(path.clone(), e);
+                e
+            }
+        };
+        if !exists {
             return Some(path);
         }
     }

@@ -209,20 +209,21 @@ impl Manifest {
     pub fn lookup(&self, cwd: &Path, today: &str) -> Option<Found> {
         // Each file and negative is checked at most once across entries.
         // A verified file: its stat now, and whether that stat can vouch for it next time.
-        let mut file_ok: HashMap<u32, Option<(Stat, bool)>> = HashMap::new();
+        // Indices are dense, so the memos are vectors: a hit checks hundreds of paths.
+        let mut file_ok: Vec<Option<Option<(Stat, bool)>>> = vec![None; self.files.len()];
         let mut digests: HashMap<&str, Option<(Digest, Stat, bool)>> = HashMap::new();
-        let mut absent: HashMap<u32, bool> = HashMap::new();
-        let mut dir_unchanged: HashMap<u32, bool> = HashMap::new();
-        let mut present: HashMap<u32, bool> = HashMap::new();
+        let mut absent: Vec<Option<bool>> = vec![None; self.negatives.len()];
+        let mut dir_unchanged: Vec<Option<bool>> = vec![None; self.dirs.len()];
+        let mut present: Vec<Option<bool>> = vec![None; self.positives.len()];
         'entries: for e in self.entries.iter().rev() {
             if e.date.as_deref().is_some_and(|d| d != today) {
                 continue;
             }
             for &i in &e.negatives {
                 let neg = &self.negatives[i as usize];
-                let ok = *absent.entry(i).or_insert_with(|| {
+                let ok = *absent[i as usize].get_or_insert_with(|| {
                     let unchanged = neg.dir.is_some_and(|d| {
-                        *dir_unchanged.entry(d).or_insert_with(|| {
+                        *dir_unchanged[d as usize].get_or_insert_with(|| {
                             let rec = &self.dirs[d as usize];
                             rec.stable
                                 && files::stat(&cwd.join(&rec.path)).is_ok_and(|st| st == rec.stat)
@@ -235,7 +236,7 @@ impl Manifest {
                 }
             }
             for &i in &e.positives {
-                let ok = *present.entry(i).or_insert_with(|| {
+                let ok = *present[i as usize].get_or_insert_with(|| {
                     std::fs::metadata(cwd.join(&self.positives[i as usize])).is_ok()
                 });
                 if !ok {
@@ -244,7 +245,7 @@ impl Manifest {
             }
             for &i in &e.files {
                 let rec = &self.files[i as usize];
-                let verdict = file_ok.entry(i).or_insert_with(|| {
+                let verdict = file_ok[i as usize].get_or_insert_with(|| {
                     let path = cwd.join(&rec.path);
                     match files::stat(&path) {
                         Ok(st) if rec.stable && st == rec.stat => Some((st, true)),
@@ -269,7 +270,7 @@ impl Manifest {
                 .iter()
                 .filter_map(|&i| {
                     let rec = &self.files[i as usize];
-                    let (now, stable) = file_ok.get(&i).copied().flatten()?;
+                    let (now, stable) = file_ok[i as usize].flatten()?;
                     (stable && (now != rec.stat || !rec.stable)).then_some((i as usize, now))
                 })
                 .collect();

@@ -28,10 +28,17 @@ fn dir(cache_dir: &Path) -> PathBuf {
     cache_dir.join("stats")
 }
 
+/// Applies `f` to this process's counter file; a failure only loses statistics.
+fn bump(cache_dir: &Path, f: impl FnOnce(&mut Counters)) {
+    let shard = dir(cache_dir).join((std::process::id() % SHARDS).to_string());
+    if let Err(e) = Counters::update(&shard, f) {
+        tracing::debug!(error = %e, "cannot update statistics");
+    }
+}
+
 /// Counts one outcome, plus `corrupt` damaged entries met on the way.
 pub fn record(cache_dir: &Path, outcome: Outcome, corrupt: u32) {
-    let shard = dir(cache_dir).join((std::process::id() % SHARDS).to_string());
-    let result = Counters::update(&shard, |c| {
+    bump(cache_dir, |c| {
         match outcome {
             Outcome::Hit { saved_ms } => {
                 c.add("hits", 1);
@@ -44,37 +51,25 @@ pub fn record(cache_dir: &Path, outcome: Outcome, corrupt: u32) {
         }
         c.add("corrupt_entries", i64::from(corrupt));
     });
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "cannot update statistics");
-    }
 }
 
 /// Counts one `kiln go-cacheprog` session.
 pub fn record_go(cache_dir: &Path, counts: crate::gocache::Counts) {
-    let shard = dir(cache_dir).join((std::process::id() % SHARDS).to_string());
-    let result = Counters::update(&shard, |c| {
+    bump(cache_dir, |c| {
         c.add("go_gets", counts.gets);
         c.add("go_hits", counts.hits);
         c.add("go_puts", counts.puts);
     });
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "cannot update statistics");
-    }
 }
 
 /// Counts what one process did with the remote tier.
 pub fn record_remote(cache_dir: &Path, counts: crate::remote::Counts) {
-    if counts == crate::remote::Counts::default() {
-        return;
-    }
-    let shard = dir(cache_dir).join((std::process::id() % SHARDS).to_string());
-    let result = Counters::update(&shard, |c| {
-        c.add("remote_hits", counts.hits);
-        c.add("remote_errors", counts.errors);
-        c.add("remote_uploads", counts.uploads);
-    });
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "cannot update statistics");
+    if counts != crate::remote::Counts::default() {
+        bump(cache_dir, |c| {
+            c.add("remote_hits", counts.hits);
+            c.add("remote_errors", counts.errors);
+            c.add("remote_uploads", counts.uploads);
+        });
     }
 }
 
