@@ -25,7 +25,8 @@ Wrapping a compile:
 
 Configuration: a TOML file (KILN_CONFIG, default ~/.config/kiln/kiln.toml), overridden by
 KILN_* variables (KILN_DIR, KILN_CACHE_SIZE, KILN_BASE_DIR, KILN_DISABLE, KILN_READONLY,
-KILN_RECACHE, KILN_HASH_DIR, KILN_STATS), overridden by flags. KILN_LOG=debug explains each
+KILN_RECACHE, KILN_HASH_DIR, KILN_STATS, KILN_REMOTE_CACHE, KILN_NO_PUSH), overridden by flags.
+Go: GOCACHEPROG=\"kiln go-cacheprog\". KILN_LOG=debug explains each
 hit and miss on stderr.";
 
 #[derive(Parser, Debug)]
