@@ -531,17 +531,6 @@ impl Tiers<'_> {
             }
         }
     }
-
-    /// Pushes an entry to the remote tier, if there is one and pushing is on.
-    fn push(&mut self, kind: remote::Entry, key: &Digest, bytes: &[u8]) {
-        if let Some(remote) = &self.remote {
-            match remote.put(kind, key, bytes) {
-                Ok(true) => self.counts.uploads += 1,
-                Ok(false) => {}
-                Err(_) => self.counts.errors += 1,
-            }
-        }
-    }
 }
 
 fn lookup(
@@ -885,7 +874,6 @@ fn store_result(
     store
         .put(Kind::Result, &result_key, &result)
         .context("cannot store the result")?;
-    tiers.push(remote::Entry::Result, &result_key, &result);
 
     let manifest = if untrusted {
         Manifest {
@@ -898,18 +886,6 @@ fn store_result(
             Ok(Lookup::Hit(bytes)) => Manifest::decode(&bytes).unwrap_or_default(),
             _ => Manifest::default(),
         };
-        // Keep what other machines recorded for this key on the remote tier.
-        if let Some(remote) = tiers.remote.as_ref().filter(|_| !inv.config.no_push) {
-            match remote.get(remote::Entry::Manifest, &p.key) {
-                Ok(Some(bytes)) => {
-                    if let Some(theirs) = Manifest::decode(&bytes) {
-                        manifest.merge(&theirs);
-                    }
-                }
-                Ok(None) => {}
-                Err(_) => tiers.counts.errors += 1,
-            }
-        }
         manifest.add(records, negatives, positives, date, result_key);
         manifest
     };
@@ -917,9 +893,84 @@ fn store_result(
     store
         .put(Kind::Manifest, &p.key, &manifest)
         .context("cannot store the manifest")?;
-    tiers.push(remote::Entry::Manifest, &p.key, &manifest);
     tracing::debug!(result = %result_key, headers = headers.len(), "stored");
+    if let Some(remote) = &tiers.remote {
+        if inv.config.remote_async {
+            // Uploaded by a process of its own, which outlives this compile.
+            let (m, r) = (p.key.to_hex(), result_key.to_hex());
+            let args = [
+                "remote-push",
+                "--manifest",
+                m.as_str(),
+                "--result",
+                r.as_str(),
+            ]
+            .map(std::ffi::OsStr::new);
+            match std::env::current_exe().and_then(|exe| process::spawn_detached(&exe, &args)) {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot start the uploader; uploading now");
+                    push_entries(store, remote, &mut tiers.counts, &p.key, &result_key);
+                }
+            }
+        } else {
+            push_entries(store, remote, &mut tiers.counts, &p.key, &result_key);
+        }
+    }
     Ok(())
+}
+
+/// Pushes a result and its manifest from the local store to the remote tier. The manifest
+/// pushed, and kept locally, also holds what other machines recorded for the same key there.
+pub fn push_entries(
+    store: &Store,
+    remote: &Remote,
+    counts: &mut remote::Counts,
+    manifest_key: &Digest,
+    result_key: &Digest,
+) {
+    fn push(
+        remote: &Remote,
+        counts: &mut remote::Counts,
+        kind: remote::Entry,
+        key: &Digest,
+        bytes: &[u8],
+    ) {
+        match remote.put(kind, key, bytes) {
+            Ok(true) => counts.uploads += 1,
+            Ok(false) => {}
+            Err(_) => counts.errors += 1,
+        }
+    }
+    if let Ok(Lookup::Hit(result)) = store.get(Kind::Result, result_key) {
+        push(remote, counts, remote::Entry::Result, result_key, &result);
+    }
+    let Ok(Lookup::Hit(bytes)) = store.get(Kind::Manifest, manifest_key) else {
+        return;
+    };
+    let Some(mut manifest) = Manifest::decode(&bytes) else {
+        return;
+    };
+    match remote.get(remote::Entry::Manifest, manifest_key) {
+        Ok(Some(theirs)) => {
+            if let Some(theirs) = Manifest::decode(&theirs) {
+                manifest.merge(&theirs);
+            }
+        }
+        Ok(None) => {}
+        Err(_) => counts.errors += 1,
+    }
+    let merged = manifest.encode();
+    if merged != bytes {
+        let _ = store.put(Kind::Manifest, manifest_key, &merged);
+    }
+    push(
+        remote,
+        counts,
+        remote::Entry::Manifest,
+        manifest_key,
+        &merged,
+    );
 }
 
 fn read_output(cwd: &Path, path: &Path) -> Result<Vec<u8>, Skip> {

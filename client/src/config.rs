@@ -40,6 +40,9 @@ pub struct Config {
     pub remote_cache: Option<String>,
     /// Read from the remote tier but never write to it (`no_push`, `KILN_NO_PUSH`).
     pub no_push: bool,
+    /// Upload to the remote tier from a process of its own, so a compile does not wait for
+    /// the network (`remote_async`, `KILN_REMOTE_ASYNC`).
+    pub remote_async: bool,
     /// Where the file came from, for `kiln config`.
     pub source: Option<PathBuf>,
 }
@@ -59,6 +62,7 @@ struct FileConfig {
     stats: Option<bool>,
     remote_cache: Option<String>,
     no_push: Option<bool>,
+    remote_async: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +178,7 @@ impl Config {
                 other => other,
             },
             no_push: flag("KILN_NO_PUSH", file.no_push, false)?,
+            remote_async: flag("KILN_REMOTE_ASYNC", file.remote_async, false)?,
             source,
         })
     }

@@ -55,6 +55,15 @@ enum Command {
     Clear,
     /// Serve Go's build cache: GOCACHEPROG="kiln go-cacheprog" (Go 1.24 and later).
     GoCacheprog,
+    /// Upload a stored result and its manifest to the remote cache; kiln runs this itself, in
+    /// the background, with KILN_REMOTE_ASYNC=1.
+    #[command(hide = true)]
+    RemotePush {
+        #[arg(long)]
+        manifest: kiln_cache::Digest,
+        #[arg(long)]
+        result: kiln_cache::Digest,
+    },
 }
 
 const SUBCOMMANDS: &[&str] = &[
@@ -63,6 +72,7 @@ const SUBCOMMANDS: &[&str] = &[
     "cleanup",
     "clear",
     "go-cacheprog",
+    "remote-push",
     "help",
     "--help",
     "-h",
@@ -268,6 +278,21 @@ fn run_subcommand(env: &Env, cli: Cli) -> anyhow::Result<()> {
             if config.stats {
                 stats::record_go(&config.dir, counts);
                 stats::record_remote(&config.dir, counts.remote);
+            }
+        }
+        Command::RemotePush { manifest, result } => {
+            if let Some(remote) = kiln_client::remote::Remote::from_config(&config) {
+                let mut counts = kiln_client::remote::Counts::default();
+                kiln_client::compile::push_entries(
+                    &store,
+                    &remote,
+                    &mut counts,
+                    &manifest,
+                    &result,
+                );
+                if config.stats {
+                    stats::record_remote(&config.dir, counts);
+                }
             }
         }
         Command::Clear => {

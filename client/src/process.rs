@@ -35,3 +35,16 @@ pub fn capture(program: &Path, args: &[String], inherit_stdin: Option<bool>) -> 
     };
     Command::new(program).args(args).stdin(stdin).output()
 }
+
+/// Starts a program in its own process group with no standard streams, and does not wait for
+/// it: an uploader that outlives the compile that started it and exits when done.
+pub fn spawn_detached(program: &Path, args: &[&std::ffi::OsStr]) -> io::Result<()> {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map(drop)
+}

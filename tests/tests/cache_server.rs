@@ -337,3 +337,40 @@ fn kiln_remote_tier_serves_a_second_machine() {
     );
     assert_eq!(d.stats()["hits"], 1);
 }
+
+#[test]
+fn background_uploads_reach_the_server() {
+    require("gcc");
+    let store = tempfile::tempdir().unwrap();
+    let server = CacheServer::start(store.path(), &[]);
+    let machine = || {
+        let mut p = Project::new();
+        p.env.push((
+            "KILN_REMOTE_CACHE".into(),
+            format!("http://{}", server.addr),
+        ));
+        p.env.push(("KILN_REMOTE_ASYNC".into(), "1".into()));
+        p.write("a.c", "int a(int x) { return x * 5; }\n");
+        kiln_tests::settle();
+        p
+    };
+    let args = ["gcc", "-c", "a.c", "-o", "a.o"];
+    let a = machine();
+    ok(&a.kiln(&args));
+    // The uploader runs on after the compile returned; it counts what it pushed when done.
+    let mut uploads = 0;
+    for _ in 0..200 {
+        uploads = a.stats()["remote_uploads"].as_i64().unwrap();
+        if uploads == 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        uploads, 2,
+        "the background upload did not finish within 10 s"
+    );
+    let b = machine();
+    b.kiln_matches_bare(&args, "a.o");
+    assert_eq!(b.stats()["remote_hits"], 1);
+}
