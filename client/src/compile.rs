@@ -515,6 +515,17 @@ impl Tiers<'_> {
         }
     }
 
+    /// The server's manifest for a key, if there is a server and it has one.
+    fn remote_manifest(&mut self, key: &Digest) -> Option<Manifest> {
+        match self.remote.as_ref()?.get(remote::Entry::Manifest, key) {
+            Ok(found) => Manifest::decode(&found?),
+            Err(_) => {
+                self.counts.errors += 1;
+                None
+            }
+        }
+    }
+
     /// A result, decoded; one that does not decode is removed and is a miss.
     fn fetch_result(&mut self, key: &Digest) -> anyhow::Result<Option<CompileResult>> {
         let Some((bytes, remote)) = self.fetch(Kind::Result, remote::Entry::Result, key)? else {
@@ -538,16 +549,19 @@ fn lookup(
     tiers: &mut Tiers,
     p: &Prepared,
 ) -> anyhow::Result<Option<CompileResult>> {
-    let manifest = match tiers.fetch(Kind::Manifest, remote::Entry::Manifest, &p.key)? {
-        Some((bytes, _)) => match Manifest::decode(&bytes) {
-            Some(m) => m,
-            None => return Ok(None),
-        },
-        None => {
-            tracing::debug!("miss: first compile of this source with these arguments and compiler");
-            return Ok(None);
-        }
-    };
+    let (mut manifest, from_remote) =
+        match tiers.fetch(Kind::Manifest, remote::Entry::Manifest, &p.key)? {
+            Some((bytes, from_remote)) => match Manifest::decode(&bytes) {
+                Some(m) => (m, from_remote),
+                None => return Ok(None),
+            },
+            None => {
+                tracing::debug!(
+                    "miss: first compile of this source with these arguments and compiler"
+                );
+                return Ok(None);
+            }
+        };
     if manifest.preprocessor {
         let key = preprocessed_key(inv, p)?;
         tracing::debug!(%key, "preprocessor mode: a project file uses __has_include");
@@ -557,11 +571,32 @@ fn lookup(
         }
         return Ok(result);
     }
-    let Some(found) = manifest.lookup(&inv.cwd, &date_slot()) else {
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            tracing::debug!("miss: {}", manifest.explain_miss(&inv.cwd, &date_slot()));
+    let found = match manifest.lookup(&inv.cwd, &date_slot()) {
+        Some(found) => found,
+        None => {
+            // The local manifest may predate results other machines recorded on the server.
+            let theirs = if from_remote {
+                None
+            } else {
+                tiers.remote_manifest(&p.key)
+            };
+            let found = theirs.and_then(|theirs| {
+                manifest.merge(&theirs);
+                manifest.lookup(&inv.cwd, &date_slot())
+            });
+            match found {
+                Some(found) => {
+                    let _ = tiers.store.put(Kind::Manifest, &p.key, &manifest.encode());
+                    found
+                }
+                None => {
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        tracing::debug!("miss: {}", manifest.explain_miss(&inv.cwd, &date_slot()));
+                    }
+                    return Ok(None);
+                }
+            }
         }
-        return Ok(None);
     };
     let result = tiers.fetch_result(&found.result)?;
     if result.is_none() {

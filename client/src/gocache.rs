@@ -292,9 +292,16 @@ fn get(store: &Store, remote: Option<&Remote>, rc: &mut remote::Counts, req: &Re
         },
         Err(_) => false,
     };
-    if !verified {
-        return miss;
-    }
+    let rec = if verified {
+        rec
+    } else {
+        // The body was evicted or damaged here: the server may still have it.
+        match remote.and_then(|r| fetch_remote(store, r, rc, &key)) {
+            Some(r) => r,
+            None => return miss,
+        }
+    };
+    let path = store.path_of(Kind::Raw, &output_key(&rec.output_id));
     Response {
         id: req.id,
         output_id: Some(B64.encode(&rec.output_id)),

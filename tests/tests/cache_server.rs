@@ -374,3 +374,39 @@ fn background_uploads_reach_the_server() {
     b.kiln_matches_bare(&args, "a.o");
     assert_eq!(b.stats()["remote_hits"], 1);
 }
+
+#[test]
+fn a_stale_local_manifest_still_finds_what_other_machines_made() {
+    require("gcc");
+    let store = tempfile::tempdir().unwrap();
+    let server = CacheServer::start(store.path(), &[]);
+    let machine = || {
+        let mut p = Project::new();
+        p.env.push((
+            "KILN_REMOTE_CACHE".into(),
+            format!("http://{}", server.addr),
+        ));
+        p.write("inc/v.h", "#define V 1\n");
+        p.write("m.c", "#include \"v.h\"\nint m(void) { return V; }\n");
+        kiln_tests::settle();
+        p
+    };
+    let args = ["gcc", "-c", "m.c", "-o", "m.o", "-Iinc"];
+    let (a, b) = (machine(), machine());
+    ok(&a.kiln(&args));
+    ok(&b.kiln(&args));
+    assert_eq!(b.stats()["remote_hits"], 1);
+    // Both move on; a compiles first. b's own manifest knows only the old header.
+    for p in [&a, &b] {
+        p.write("inc/v.h", "#define V 2\n");
+    }
+    kiln_tests::settle();
+    ok(&a.kiln(&args));
+    b.kiln_matches_bare(&args, "m.o");
+    let s = b.stats();
+    assert_eq!(
+        (s["remote_hits"].as_i64(), s["misses"].as_i64()),
+        (Some(2), Some(0)),
+        "{s}"
+    );
+}
