@@ -399,8 +399,8 @@ fn list_shard(dir: &Path) -> io::Result<(Vec<(PathBuf, SystemTime, u64)>, u64)> 
 }
 
 /// Writes `bytes` to a temporary file beside `path` and renames it into place, so readers see
-/// the old entry, or the new one whole, never a part.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// the old file, or the new one whole, never a part. Creates the directory if needed.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
     let nanos = SystemTime::now()

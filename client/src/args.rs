@@ -882,25 +882,11 @@ impl Parser {
     }
 }
 
-/// `-include` starts with `-I`, `-MD` with... nothing here: guard joined prefixes that are
-/// really other options.
+/// A joined prefix that is really the start of another option: `-undef` is not `-u ndef`.
+/// (Prefixes are case-sensitive and the longer `-i…` forms are tried first, so this is the one
+/// collision.)
 fn joined_is_other_option(prefix: &str, arg: &str) -> bool {
-    match prefix {
-        "-I" => arg.starts_with("-include") || arg.starts_with("-imacros"),
-        "-o" => false,
-        "-x" => false,
-        "-D" => arg.starts_with("-dumpbase") || arg.starts_with("-dumpdir"),
-        "-l" => false,
-        "-u" => arg.starts_with("-undef"),
-        "-T" => false,
-        "-z" => false,
-        "-A" => false,
-        "-B" => false,
-        "-L" => false,
-        "-U" => false,
-        "-MT" | "-MQ" | "-MF" => false,
-        _ => false,
-    }
+    prefix == "-u" && arg == "-undef"
 }
 
 /// Where GCC and Clang write `-MD` output without `-MF`: the output with its extension
@@ -954,6 +940,7 @@ mod tests {
             "-c foo.c -Wl,--as-needed -Wa,--noexecstack -pthread",
             "-c foo.c -fdiagnostics-color=always",
             "-c foo.c -target x86_64-linux-gnu --sysroot=/sys",
+            "-c foo.c -undef -include pre.h -imacros m.h",
         ];
         for cmd in cacheable {
             assert!(

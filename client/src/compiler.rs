@@ -104,20 +104,11 @@ pub fn identify(path: &Path, dir: &Path) -> anyhow::Result<Identity> {
         .with_context(|| format!("cannot resolve compiler {}", path.display()))?;
     let id = probe(path, &resolved, stat)?;
     let json = serde_json::to_vec_pretty(&id)?;
-    if let Some(parent) = record.parent() {
-        std::fs::create_dir_all(parent).ok();
-    }
     // Best effort: failing to remember only costs time next run.
-    if let Err(e) = kiln_cache_write(&record, &json) {
+    if let Err(e) = kiln_cache::write_atomically(&record, &json) {
         tracing::debug!(error = %e, "cannot record compiler identity");
     }
     Ok(id)
-}
-
-fn kiln_cache_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }
 
 fn probe(path: &Path, resolved: &Path, stat: Stat) -> anyhow::Result<Identity> {

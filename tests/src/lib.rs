@@ -79,6 +79,11 @@ impl CacheServer {
         CacheServer { child, addr }
     }
 
+    /// The server's URL, for `KILN_REMOTE_CACHE`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     /// One HTTP/1.1 request; returns the status and the body.
     pub fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
         self.request_with(method, path, &[], body)
@@ -171,6 +176,14 @@ impl Project {
             cache,
             env: Vec::new(),
         }
+    }
+
+    /// A project whose kiln uses the `kiln-cache` at `url` as its remote tier: another
+    /// machine, as far as kiln can tell.
+    pub fn with_remote(url: &str) -> Project {
+        let mut p = Project::new();
+        p.env.push(("KILN_REMOTE_CACHE".into(), url.to_owned()));
+        p
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {

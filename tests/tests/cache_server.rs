@@ -274,10 +274,9 @@ fn kiln_remote_tier_serves_a_second_machine() {
     require("gcc");
     let store = tempfile::tempdir().unwrap();
     let server = CacheServer::start(store.path(), &[]);
-    let url = format!("http://{}", server.addr);
+    let url = server.url();
     let machine = || {
-        let mut p = Project::new();
-        p.env.push(("KILN_REMOTE_CACHE".into(), url.clone()));
+        let p = Project::with_remote(&url);
         p.write("inc/v.h", "#define V 42\n");
         p.write(
             "src/m.c",
@@ -344,11 +343,7 @@ fn background_uploads_reach_the_server() {
     let store = tempfile::tempdir().unwrap();
     let server = CacheServer::start(store.path(), &[]);
     let machine = || {
-        let mut p = Project::new();
-        p.env.push((
-            "KILN_REMOTE_CACHE".into(),
-            format!("http://{}", server.addr),
-        ));
+        let mut p = Project::with_remote(&server.url());
         p.env.push(("KILN_REMOTE_ASYNC".into(), "1".into()));
         p.write("a.c", "int a(int x) { return x * 5; }\n");
         kiln_tests::settle();
@@ -381,11 +376,7 @@ fn a_stale_local_manifest_still_finds_what_other_machines_made() {
     let store = tempfile::tempdir().unwrap();
     let server = CacheServer::start(store.path(), &[]);
     let machine = || {
-        let mut p = Project::new();
-        p.env.push((
-            "KILN_REMOTE_CACHE".into(),
-            format!("http://{}", server.addr),
-        ));
+        let p = Project::with_remote(&server.url());
         p.write("inc/v.h", "#define V 1\n");
         p.write("m.c", "#include \"v.h\"\nint m(void) { return V; }\n");
         kiln_tests::settle();

@@ -80,11 +80,7 @@ fn a_second_machine_is_served_from_kiln_cache() {
     let store = tempfile::tempdir().unwrap();
     let server = kiln_tests::CacheServer::start(store.path(), &[]);
     let machine = || {
-        let mut p = Project::new();
-        p.env.push((
-            "KILN_REMOTE_CACHE".into(),
-            format!("http://{}", server.addr),
-        ));
+        let p = Project::with_remote(&server.url());
         p.write("go.mod", "module kilngo\n\ngo 1.24\n");
         p.write("main.go", MAIN_GO);
         p
