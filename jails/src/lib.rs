@@ -1,0 +1,1 @@
+//! kiln jails (being built).

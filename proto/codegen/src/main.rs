@@ -1,0 +1,18 @@
+//! Writes the generated tonic/prost code for `kiln.v1` into `proto/src/gen/`.
+
+use std::path::PathBuf;
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = root.join("src/gen");
+    tonic_prost_build::configure()
+        .out_dir(&out)
+        .build_transport(true)
+        // Blob fields share the receive buffer instead of being copied into a Vec.
+        .bytes(".")
+        // Chunks carry file contents: their Debug is written by hand so bytes never reach logs.
+        .skip_debug(["kiln.v1.Chunk"])
+        .compile_protos(&[root.join("kiln/v1/kiln.proto")], &[root.clone()])
+        .expect("protoc failed; install protobuf-compiler");
+    println!("wrote {}", out.join("kiln.v1.rs").display());
+}
