@@ -2,6 +2,7 @@
 //! statistics. The binary (`main.rs`) only parses kiln's own command line and calls in here.
 
 pub mod args;
+pub mod closure;
 mod codec;
 pub mod compile;
 pub mod compiler;
@@ -15,3 +16,4 @@ pub mod process;
 pub mod remote;
 pub mod result;
 pub mod stats;
+pub mod toolchain;

@@ -1,0 +1,1 @@
+//! The include closure of a compile, for the farm (being built).

@@ -1,0 +1,1 @@
+//! Toolchain packaging for the farm (being built).
