@@ -1,0 +1,301 @@
+//! Files inside a container's root, reached from the builder without ever leaving that root.
+//!
+//! Every path is resolved with `openat2(RESOLVE_IN_ROOT)`: `..` stops at the root and a symlink
+//! is followed as the jail would follow it, inside the root, never into the builder's
+//! filesystem. The last component of a file written or read is never a symlink. This holds even
+//! for a root a job has already written to, so outputs are read here safely after the job.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{fstat, mkdirat, Mode, SFlag};
+
+use crate::JailError;
+
+/// The most an output may weigh.
+pub const MAX_OUTPUT: u64 = 1 << 30;
+
+fn resolve() -> ResolveFlag {
+    ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS | ResolveFlag::RESOLVE_NO_XDEV
+}
+
+fn path_error(path: &Path, why: impl Into<String>) -> JailError {
+    JailError::Path {
+        path: path.to_path_buf(),
+        why: why.into(),
+    }
+}
+
+/// The normal components of an absolute jail path; `..` and relative paths are refused because
+/// a client has no business naming them.
+fn parts(path: &Path) -> Result<Vec<&std::ffi::OsStr>, JailError> {
+    if !path.is_absolute() {
+        return Err(path_error(path, "not an absolute path"));
+    }
+    let mut out = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(p) => out.push(p),
+            Component::ParentDir => return Err(path_error(path, "`..` is not allowed")),
+            Component::Prefix(_) => return Err(path_error(path, "not a jail path")),
+        }
+    }
+    Ok(out)
+}
+
+/// A container root opened for resolving paths beneath it.
+#[derive(Debug)]
+pub struct Root {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl Root {
+    pub fn open(path: &Path) -> Result<Root, JailError> {
+        let fd = nix::fcntl::open(
+            path,
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(JailError::sys(format!(
+            "opening the jail root {}",
+            path.display()
+        )))?;
+        Ok(Root {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn open_dir(&self, rel: &Path) -> Result<OwnedFd, Errno> {
+        let how = OpenHow::new()
+            .flags(OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC)
+            .resolve(resolve());
+        openat2(self.fd.as_fd(), rel, how)
+    }
+
+    /// Makes the directory `path` (and its parents) exist inside the root; directories it creates
+    /// get mode 0755 and, with `owner`, that owner. Returns the directory, open.
+    pub fn make_dirs(&self, path: &Path, owner: Option<(u32, u32)>) -> Result<OwnedFd, JailError> {
+        let parts = parts(path)?;
+        let mut rel = PathBuf::from(".");
+        let mut dir = self
+            .open_dir(&rel)
+            .map_err(JailError::sys("opening the jail root"))?;
+        for part in parts {
+            rel.push(part);
+            dir = match self.open_dir(&rel) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) => {
+                    match mkdirat(dir.as_fd(), part, Mode::from_bits_truncate(0o755)) {
+                        Ok(()) | Err(Errno::EEXIST) => {}
+                        Err(e) => {
+                            return Err(path_error(path, format!("cannot create directory: {e}")))
+                        }
+                    }
+                    let fd = self
+                        .open_dir(&rel)
+                        .map_err(|e| path_error(path, format!("cannot open directory: {e}")))?;
+                    if let Some((uid, gid)) = owner {
+                        nix::unistd::fchown(
+                            fd.as_fd(),
+                            Some(nix::unistd::Uid::from_raw(uid)),
+                            Some(nix::unistd::Gid::from_raw(gid)),
+                        )
+                        .map_err(JailError::sys(format!("chown {}", path.display())))?;
+                    }
+                    fd
+                }
+                Err(Errno::ENOTDIR) => {
+                    return Err(path_error(path, "a component is not a directory"))
+                }
+                Err(e) => return Err(path_error(path, format!("cannot open directory: {e}"))),
+            };
+        }
+        Ok(dir)
+    }
+
+    /// Gives an existing directory to the job's user, so the compiler can write there.
+    pub fn chown_dir(&self, path: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
+        let dir = self.make_dirs(path, Some((uid, gid)))?;
+        nix::unistd::fchown(
+            dir.as_fd(),
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .map_err(JailError::sys(format!("chown {}", path.display())))
+    }
+
+    /// Writes a file at `path` inside the root, creating its directories; an existing file is
+    /// replaced, a symlink at that name is refused.
+    pub fn write_file(&self, path: &Path, data: &[u8], executable: bool) -> Result<(), JailError> {
+        let (dir, name) = self.parent_of(path)?;
+        let mode = if executable { 0o755 } else { 0o644 };
+        let fd = nix::fcntl::openat(
+            dir.as_fd(),
+            name,
+            OFlag::O_WRONLY
+                | OFlag::O_CREAT
+                | OFlag::O_TRUNC
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(mode),
+        )
+        .map_err(|e| match e {
+            Errno::ELOOP => path_error(path, "is a symlink"),
+            e => path_error(path, format!("cannot create: {e}")),
+        })?;
+        let mut file = File::from(fd);
+        file.write_all(data)
+            .map_err(JailError::io(format!("writing {}", path.display())))?;
+        // O_TRUNC on an existing file keeps its old mode.
+        nix::sys::stat::fchmod(file.as_fd(), Mode::from_bits_truncate(mode))
+            .map_err(JailError::sys(format!("chmod {}", path.display())))
+    }
+
+    /// Reads the regular file at `path` inside the root. `Ok(None)` when it does not exist; an
+    /// error when it is a symlink, a directory, a device or over `max` bytes.
+    pub fn read_file(&self, path: &Path, max: u64) -> Result<Option<Vec<u8>>, JailError> {
+        let (dir, name) = match self.parent_of_existing(path)? {
+            Some(found) => found,
+            None => return Ok(None),
+        };
+        let fd = match nix::fcntl::openat(
+            dir.as_fd(),
+            name,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(Errno::ELOOP) => return Err(path_error(path, "output is a symlink")),
+            Err(e) => return Err(path_error(path, format!("cannot open: {e}"))),
+        };
+        let stat = fstat(&fd).map_err(JailError::sys(format!("stat {}", path.display())))?;
+        if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+            return Err(path_error(path, "output is not a regular file"));
+        }
+        if stat.st_size as u64 > max {
+            return Err(path_error(
+                path,
+                format!(
+                    "output of {} bytes is over the limit of {max}",
+                    stat.st_size
+                ),
+            ));
+        }
+        let mut data = Vec::with_capacity(stat.st_size as usize);
+        File::from(fd)
+            .take(max + 1)
+            .read_to_end(&mut data)
+            .map_err(JailError::io(format!("reading {}", path.display())))?;
+        if data.len() as u64 > max {
+            return Err(path_error(
+                path,
+                "output grew past the limit while being read",
+            ));
+        }
+        Ok(Some(data))
+    }
+
+    fn parent_of<'p>(&self, path: &'p Path) -> Result<(OwnedFd, &'p std::ffi::OsStr), JailError> {
+        let name = *parts(path)?
+            .last()
+            .ok_or_else(|| path_error(path, "names the root itself"))?;
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        Ok((self.make_dirs(parent, None)?, name))
+    }
+
+    fn parent_of_existing<'p>(
+        &self,
+        path: &'p Path,
+    ) -> Result<Option<(OwnedFd, &'p std::ffi::OsStr)>, JailError> {
+        let name = *parts(path)?
+            .last()
+            .ok_or_else(|| path_error(path, "names the root itself"))?;
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        let rel = Path::new(".").join(parent.strip_prefix("/").unwrap_or(parent));
+        match self.open_dir(&rel) {
+            Ok(fd) => Ok(Some((fd, name))),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(path_error(path, format!("cannot open its directory: {e}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_and_reads_inside_and_never_outside() {
+        let host = tempfile::tempdir().unwrap();
+        let root_dir = host.path().join("root");
+        std::fs::create_dir(&root_dir).unwrap();
+        let secret = host.path().join("secret");
+        std::fs::write(&secret, b"host secret").unwrap();
+        let root = Root::open(&root_dir).unwrap();
+
+        root.write_file(Path::new("/src/a/b.c"), b"int x;", false)
+            .unwrap();
+        assert_eq!(
+            std::fs::read(root_dir.join("src/a/b.c")).unwrap(),
+            b"int x;"
+        );
+        assert_eq!(
+            root.read_file(Path::new("/src/a/b.c"), 100)
+                .unwrap()
+                .unwrap(),
+            b"int x;"
+        );
+        assert_eq!(root.read_file(Path::new("/src/none.o"), 100).unwrap(), None);
+        assert_eq!(
+            root.read_file(Path::new("/nodir/none.o"), 100).unwrap(),
+            None
+        );
+
+        // A symlink pointing out of the root, as a job could leave one: reading it is refused.
+        std::os::unix::fs::symlink(&secret, root_dir.join("src/out.o")).unwrap();
+        assert!(root.read_file(Path::new("/src/out.o"), 100).is_err());
+        // A directory symlink pointing out is followed inside the root only: the host file
+        // behind it is not reached.
+        std::os::unix::fs::symlink(host.path(), root_dir.join("escape")).unwrap();
+        assert_eq!(
+            root.read_file(Path::new("/escape/secret"), 100).unwrap(),
+            None
+        );
+        // Writing through it resolves inside the root, where the target does not exist.
+        assert!(root
+            .write_file(Path::new("/escape/secret"), b"overwritten", false)
+            .is_err());
+        assert_eq!(std::fs::read(&secret).unwrap(), b"host secret");
+
+        // Writing onto a symlink is refused rather than followed.
+        assert!(root
+            .write_file(Path::new("/src/out.o"), b"x", false)
+            .is_err());
+        assert_eq!(std::fs::read(&secret).unwrap(), b"host secret");
+
+        assert!(root.write_file(Path::new("relative"), b"x", false).is_err());
+        assert!(root
+            .write_file(Path::new("/a/../../b"), b"x", false)
+            .is_err());
+        assert!(
+            root.read_file(Path::new("/src/a/b.c"), 3).is_err(),
+            "size cap ignored"
+        );
+        assert!(
+            root.read_file(Path::new("/src/a"), 100).is_err(),
+            "read a directory"
+        );
+    }
+}

@@ -1,0 +1,323 @@
+//! The Linux jail against real namespaces and overlayfs (these tests need root): a job that
+//! tries to reach the network, read the host's files, write outside its upper layer, fork-bomb
+//! or run past its limit is stopped and reported, and the host is untouched.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use kiln_jails::inroot::Root;
+use kiln_jails::linux::LinuxJail;
+use kiln_jails::{Backend, Limits, Outcome, Pool, RunSpec};
+use kiln_proto::archive::{Manifest, Source};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    work: PathBuf,
+    archive: PathBuf,
+    pool: Pool<LinuxJail>,
+}
+
+fn fixture(keep: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = dir.path().join("probe");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/probe.c");
+    let status = Command::new("gcc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&probe)
+        .arg(&src)
+        .status()
+        .expect("gcc is needed for the jail tests");
+    assert!(status.success(), "building the probe failed");
+    let mut m = Manifest::default();
+    m.add(
+        "usr/bin/probe",
+        Source::File {
+            host: probe,
+            executable: true,
+        },
+    );
+    m.add(
+        "etc/motd",
+        Source::File {
+            host: src,
+            executable: false,
+        },
+    );
+    let archive = dir.path().join("toolchain.tar.gz");
+    m.pack(std::fs::File::create(&archive).unwrap()).unwrap();
+    let work = dir.path().join("work");
+    let helper = Path::new(env!("CARGO_BIN_EXE_kiln-jail"));
+    let limits = Limits {
+        timeout: Duration::from_secs(20),
+        processes: 32,
+        disk: 64 << 20,
+        ..Limits::default()
+    };
+    let jail = LinuxJail::new(&work, helper, limits).unwrap();
+    Fixture {
+        _dir: dir,
+        work,
+        archive,
+        pool: Pool::new(jail, keep, 2),
+    }
+}
+
+fn spec(uid: u32, args: &[&str], timeout: Duration) -> RunSpec {
+    let mut argv = vec!["/usr/bin/probe".to_string()];
+    argv.extend(args.iter().map(|s| s.to_string()));
+    RunSpec {
+        argv,
+        env: vec![("LANG".into(), "C".into())],
+        cwd: "/job".into(),
+        uid,
+        gid: uid,
+        limits: Limits {
+            timeout,
+            processes: 32,
+            ..Limits::default()
+        },
+    }
+}
+
+async fn run_once(
+    f: &Fixture,
+    uid: u32,
+    args: &[&str],
+    timeout: Duration,
+) -> (Outcome, Option<Vec<u8>>) {
+    f.pool.prepare("probe", f.archive.clone()).await.unwrap();
+    let lease = f.pool.checkout("probe").await.unwrap();
+    let root = Root::open(lease.root()).unwrap();
+    root.chown_dir(Path::new("/job"), uid, uid).unwrap();
+    let outcome = f.pool.run(&lease, spec(uid, args, timeout)).await.unwrap();
+    let out = root.read_file(Path::new("/job/out.txt"), 1 << 20).unwrap();
+    f.pool.checkin(lease);
+    (outcome, out)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn processes_of(uid: u32) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("status"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&uid.to_string())
+                })
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn runs_unprivileged_without_capabilities_and_returns_outputs() {
+    const UID: u32 = 64100;
+    let f = fixture(2);
+    let (outcome, out) = run_once(&f, UID, &["hello"], Duration::from_secs(20)).await;
+    let stdout = text(&outcome.stdout);
+    assert_eq!(outcome.exit_code, Some(3), "{outcome:?}");
+    assert!(
+        stdout.contains(&format!("uid={UID} gid={UID} host=kiln-jail")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("CapEff:\t0000000000000000"), "{stdout}");
+    assert!(stdout.contains("CapPrm:\t0000000000000000"), "{stdout}");
+    assert!(stdout.contains("NoNewPrivs:\t1"), "{stdout}");
+    assert_eq!(text(&outcome.stderr), "to stderr\n");
+    assert_eq!(out.unwrap(), b"made in the jail\n");
+}
+
+#[tokio::test]
+async fn has_no_network() {
+    const UID: u32 = 64101;
+    let f = fixture(1);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let (outcome, _) = run_once(&f, UID, &["net", &port], Duration::from_secs(20)).await;
+    let stdout = text(&outcome.stdout);
+    assert!(
+        stdout.starts_with("connect ") && !stdout.contains("connect ok"),
+        "{stdout}"
+    );
+    assert!(
+        listener.accept().is_err(),
+        "the jail reached the host's loopback"
+    );
+}
+
+#[tokio::test]
+async fn cannot_see_host_files_or_write_outside_its_layer() {
+    const UID: u32 = 64102;
+    let f = fixture(1);
+    let secret = f.work.parent().unwrap().join("host-secret");
+    std::fs::write(&secret, b"secret").unwrap();
+    let secret = secret.to_str().unwrap().to_string();
+    let (outcome, _) = run_once(
+        &f,
+        UID,
+        &["read", &secret, "/etc/shadow", "/etc/hostname", "/etc/motd"],
+        Duration::from_secs(20),
+    )
+    .await;
+    let stdout = text(&outcome.stdout);
+    assert!(
+        stdout.contains(&format!("{secret} No such file")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("/etc/shadow No such file"), "{stdout}");
+    assert!(stdout.contains("/etc/hostname No such file"), "{stdout}");
+    assert!(
+        stdout.contains("/etc/motd ok"),
+        "the image is not visible: {stdout}"
+    );
+
+    let planted = f.work.parent().unwrap().join("planted");
+    let planted = planted.to_str().unwrap().to_string();
+    let (outcome, _) = run_once(
+        &f,
+        UID,
+        &[
+            "write",
+            "/etc/motd",
+            "/usr/bin/evil",
+            "/tmp/scratch",
+            &planted,
+            "/job/fine",
+        ],
+        Duration::from_secs(20),
+    )
+    .await;
+    let stdout = text(&outcome.stdout);
+    assert!(stdout.contains("/etc/motd Permission denied"), "{stdout}");
+    assert!(
+        stdout.contains("/usr/bin/evil Permission denied"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("/tmp/scratch ok"), "{stdout}");
+    assert!(stdout.contains("/job/fine ok"), "{stdout}");
+    assert!(!Path::new(&planted).exists(), "a job wrote to the host");
+    assert!(!Path::new("/usr/bin/evil").exists());
+    assert_eq!(std::fs::read(&secret).unwrap(), b"secret");
+}
+
+#[tokio::test]
+async fn a_fork_bomb_is_bounded_and_everything_dies_at_the_limit() {
+    const UID: u32 = 64103;
+    let f = fixture(1);
+    let started = std::time::Instant::now();
+    let (outcome, _) = run_once(&f, UID, &["forkbomb"], Duration::from_secs(2)).await;
+    let stdout = text(&outcome.stdout);
+    let forked: usize = stdout
+        .trim()
+        .strip_prefix("forked ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout:?} {outcome:?}"));
+    assert!(forked < 32, "forked {forked} processes past the limit");
+    assert_eq!(outcome.signal, Some(9));
+    assert!(
+        outcome
+            .killed
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("time limit"),
+        "{outcome:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(processes_of(UID), 0, "processes of the job outlived it");
+}
+
+#[tokio::test]
+async fn a_job_past_its_time_is_killed_with_its_detached_children() {
+    const UID: u32 = 64104;
+    let f = fixture(1);
+    let (outcome, _) = run_once(&f, UID, &["spin"], Duration::from_millis(500)).await;
+    assert_eq!(outcome.exit_code, None);
+    assert!(
+        outcome
+            .killed
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("time limit"),
+        "{outcome:?}"
+    );
+    assert_eq!(processes_of(UID), 0, "a setsid child escaped the kill");
+}
+
+#[tokio::test]
+async fn an_output_link_out_of_the_jail_is_refused() {
+    const UID: u32 = 64105;
+    let f = fixture(1);
+    f.pool.prepare("probe", f.archive.clone()).await.unwrap();
+    let lease = f.pool.checkout("probe").await.unwrap();
+    let root = Root::open(lease.root()).unwrap();
+    root.chown_dir(Path::new("/job"), UID, UID).unwrap();
+    let outcome = f
+        .pool
+        .run(
+            &lease,
+            spec(
+                UID,
+                &["symlink", "/etc/passwd", "/job/out.o"],
+                Duration::from_secs(20),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome.exit_code, Some(0));
+    let err = root
+        .read_file(Path::new("/job/out.o"), 1 << 20)
+        .unwrap_err();
+    assert!(err.to_string().contains("symlink"), "{err}");
+    f.pool.checkin(lease);
+}
+
+#[tokio::test]
+async fn containers_are_reset_and_reused_and_leftovers_cleaned() {
+    const UID: u32 = 64106;
+    let f = fixture(1);
+    let (_, out) = run_once(&f, UID, &["hello"], Duration::from_secs(20)).await;
+    assert!(out.is_some());
+    // Wait for the background reset to put the container back.
+    for _ in 0..200 {
+        if f.pool.ready_counts().get("probe") == Some(&1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(f.pool.ready_counts().get("probe"), Some(&1));
+    let lease = f.pool.checkout("probe").await.unwrap();
+    let root = Root::open(lease.root()).unwrap();
+    assert_eq!(
+        root.read_file(Path::new("/job/out.txt"), 100).unwrap(),
+        None,
+        "reset left files"
+    );
+    f.pool.checkin(lease);
+    f.pool.shutdown().await;
+
+    // A builder that died leaves mounts behind; a new one removes them.
+    let helper = Path::new(env!("CARGO_BIN_EXE_kiln-jail"));
+    let jail = LinuxJail::new(&f.work, helper, Limits::default()).unwrap();
+    let image = jail.make_image("again", &f.archive).unwrap();
+    let _container = jail.make_container(&image).unwrap();
+    let jail = LinuxJail::new(&f.work, helper, Limits::default()).unwrap();
+    assert!(jail.cleanup_leftovers().unwrap() >= 2);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(f.work.to_str().unwrap()),
+        "mounts left under the work dir"
+    );
+}
