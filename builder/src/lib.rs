@@ -1,1 +1,262 @@
-//! kiln-builder (being built).
+//! `kiln-builder`: dials the scheduler, keeps toolchains and input files by digest, and runs
+//! each job in a jail made from the client's own toolchain.
+//!
+//! A job arrives as a [`JobSpec`]: the toolchain digest, the command, and the input files by
+//! path and digest. The builder asks (one `JobNeed`) for whatever it lacks, verifies every byte
+//! against its digest, takes a container for the toolchain from the pool, places the inputs at
+//! their absolute paths inside it, runs the command as the slot's unprivileged user, and returns
+//! the exit status, the output streams and the outputs as chunks. Nothing in a job is trusted:
+//! paths are checked, archives are unpacked by the hardened unpacker, files go in and come out
+//! without following links out of the container.
+
+mod job;
+mod toolchains;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kiln_jails::linux::LinuxJail;
+use kiln_jails::{Backend, Limits, Pool};
+use kiln_proto::v1::scheduler_client::SchedulerClient;
+use kiln_proto::v1::{from_builder, to_builder, FromBuilder, Heartbeat, Register};
+use kiln_proto::{version_mismatch, wire_digest, Digest, MAX_MESSAGE, PROTOCOL_VERSION};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+pub use toolchains::ToolchainCache;
+
+/// The builder's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The scheduler's URL, `http://host:port`.
+    pub scheduler: String,
+    /// How this builder appears in status.
+    pub name: String,
+    /// Jobs at once.
+    pub slots: u32,
+    /// Toolchains, input files, images and containers live here.
+    pub work_dir: PathBuf,
+    /// The `kiln-jail` helper program.
+    pub jail_helper: PathBuf,
+    /// Disk for toolchain archives.
+    pub toolchain_cache: u64,
+    /// Disk for input files kept by digest.
+    pub input_cache: u64,
+    /// Limits for each job; a job may ask for a shorter time limit, never a longer one.
+    pub limits: Limits,
+    /// Slot `i` runs as uid and gid `uid_base + i`.
+    pub uid_base: u32,
+    /// Ready containers kept per toolchain.
+    pub pool_size: usize,
+}
+
+impl Config {
+    pub fn new(scheduler: &str, work_dir: PathBuf, jail_helper: PathBuf) -> Config {
+        Config {
+            scheduler: scheduler.to_string(),
+            name: hostname(),
+            slots: std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
+            work_dir,
+            jail_helper,
+            toolchain_cache: 10 << 30,
+            input_cache: 10 << 30,
+            limits: Limits::default(),
+            uid_base: 61_000,
+            pool_size: 2,
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "builder".into())
+}
+
+/// The state every job of this builder shares.
+pub(crate) struct Shared {
+    config: Config,
+    pool: Pool<LinuxJail>,
+    toolchains: Mutex<ToolchainCache>,
+    /// One lock per toolchain being fetched, so concurrent jobs ask for it once.
+    fetching: Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    inputs: kiln_cache::Store,
+    free_slots: Mutex<Vec<u32>>,
+}
+
+impl Shared {
+    fn toolchains(&self) -> MutexGuard<'_, ToolchainCache> {
+        self.toolchains.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take_slot(&self) -> Option<u32> {
+        self.free_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+    }
+
+    fn give_slot(&self, slot: u32) {
+        self.free_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(slot);
+    }
+
+    fn running(&self) -> u32 {
+        let free = self
+            .free_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len() as u32;
+        self.config.slots.saturating_sub(free)
+    }
+}
+
+/// Runs the builder until `shutdown` resolves: reconnects to the scheduler whenever the link
+/// drops, with a growing pause between attempts.
+pub async fn serve(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let jail = LinuxJail::new(
+        &config.work_dir.join("jail"),
+        &config.jail_helper,
+        config.limits,
+    )?;
+    let removed = jail.cleanup_leftovers()?;
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            "removed containers and images left by an earlier run"
+        );
+    }
+    let toolchains =
+        ToolchainCache::open(&config.work_dir.join("toolchains"), config.toolchain_cache)?;
+    let inputs = kiln_cache::Store::open(
+        config.work_dir.join("inputs"),
+        kiln_cache::Limits {
+            max_size: config.input_cache,
+            max_files: 0,
+        },
+    );
+    let shared = Arc::new(Shared {
+        pool: Pool::new(jail, config.pool_size, config.slots.max(1)),
+        toolchains: Mutex::new(toolchains),
+        fetching: Mutex::new(Default::default()),
+        inputs,
+        free_slots: Mutex::new((0..config.slots).rev().collect()),
+        config,
+    });
+    tokio::pin!(shutdown);
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let session = session(shared.clone());
+        tokio::select! {
+            _ = &mut shutdown => break,
+            ended = session => {
+                match ended {
+                    Ok(()) => pause = Duration::from_millis(100),
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "scheduler link failed"),
+                }
+            }
+        }
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+    shared.pool.shutdown().await;
+    Ok(())
+}
+
+/// One connection to the scheduler, until it ends. Jobs of this session end with it: the
+/// scheduler places them again elsewhere.
+async fn session(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let endpoint = tonic::transport::Endpoint::from_shared(shared.config.scheduler.clone())?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await?;
+    let mut client = SchedulerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let (out, rx) = mpsc::channel::<FromBuilder>(256);
+    let held = shared.toolchains().held();
+    out.send(FromBuilder {
+        msg: Some(from_builder::Msg::Register(Register {
+            protocol_version: PROTOCOL_VERSION,
+            name: shared.config.name.clone(),
+            os: std::env::consts::OS.to_string(),
+            arch: std::env::consts::ARCH.to_string(),
+            slots: shared.config.slots,
+            toolchains: held.iter().map(|(d, s)| wire_digest(d, *s)).collect(),
+            jail: "linux".into(),
+        })),
+    })
+    .await?;
+    let mut incoming = client
+        .join(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    let welcome = match incoming.message().await? {
+        Some(kiln_proto::v1::ToBuilder {
+            msg: Some(to_builder::Msg::Welcome(w)),
+        }) => w,
+        _ => anyhow::bail!("the scheduler did not welcome this builder"),
+    };
+    if welcome.protocol_version != PROTOCOL_VERSION {
+        anyhow::bail!(version_mismatch("the scheduler", welcome.protocol_version));
+    }
+    tracing::info!(id = %welcome.builder_id, scheduler = %shared.config.scheduler, "joined the farm");
+
+    let heartbeat = Duration::from_millis(welcome.heartbeat_ms.clamp(100, 60_000));
+    let beat = {
+        let shared = shared.clone();
+        let out = out.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(heartbeat);
+            loop {
+                tick.tick().await;
+                let msg = FromBuilder {
+                    msg: Some(from_builder::Msg::Heartbeat(Heartbeat {
+                        running: shared.running(),
+                        slots: shared.config.slots,
+                    })),
+                };
+                if out.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let _beat = AbortOnDrop(beat);
+
+    let mut jobs = job::Jobs::default();
+    let result = loop {
+        match incoming.message().await {
+            Ok(Some(msg)) => match msg.msg {
+                Some(to_builder::Msg::Start(start)) => jobs.start(&shared, &out, start),
+                Some(to_builder::Msg::Chunk(chunk)) => jobs.chunk(chunk).await,
+                Some(to_builder::Msg::Cancel(cancel)) => jobs.cancel(cancel.job_id),
+                Some(to_builder::Msg::Welcome(_)) | None => {}
+            },
+            Ok(None) => break Ok(()),
+            Err(status) => break Err(anyhow::anyhow!("{}", status.message())),
+        }
+    };
+    jobs.abort_all();
+    result
+}
+
+/// Aborts a task when its owner goes away.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

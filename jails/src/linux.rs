@@ -138,6 +138,22 @@ impl LinuxJail {
     }
 }
 
+/// Gives the calling process a mount namespace of its own, with every mount private, so the
+/// containers it mounts are invisible to the host and vanish when it exits. Call it before
+/// starting threads: the kernel refuses to unshare mounts in a threaded process.
+pub fn private_mounts() -> Result<(), JailError> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(JailError::sys("creating a private mount namespace"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(JailError::sys("making mounts private"))
+}
+
 /// Mount points under `dir`, deepest first, read from the kernel's table.
 fn mounts_below(dir: &Path) -> Vec<PathBuf> {
     let Ok(table) = fs::read_to_string("/proc/self/mountinfo") else {

@@ -364,15 +364,16 @@ pub struct JobFinished {
     #[prost(message, optional, tag = "2")]
     pub finished: ::core::option::Option<Finished>,
 }
-/// The builder did not run the job. `busy` means it had no free slot and the job can go elsewhere;
-/// otherwise the job itself was at fault (a hostile archive, a path outside the jail).
+/// The builder did not run the job. With `retry`, the job can go to another builder (this one was
+/// full, a transfer arrived corrupt, its jail failed); without, the job itself is at fault (a
+/// hostile archive, a path outside the jail) and is refused.
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct JobRejected {
     #[prost(uint64, tag = "1")]
     pub job_id: u64,
     #[prost(bool, tag = "2")]
-    pub busy: bool,
+    pub retry: bool,
     #[prost(string, tag = "3")]
     pub message: ::prost::alloc::string::String,
 }

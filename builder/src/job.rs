@@ -1,0 +1,528 @@
+//! One job on this builder: fetch what is missing, place the inputs, run, return the outputs.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Component, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kiln_cache::{Kind, Lookup};
+use kiln_jails::inroot::{Root, MAX_OUTPUT};
+use kiln_jails::linux::LinuxJail;
+use kiln_jails::{JailError, Lease, RunSpec};
+use kiln_proto::content::{chunk_digest, chunks, Assembly};
+use kiln_proto::v1::{
+    from_builder, Chunk, Finished, FromBuilder, JobChunk, JobFinished, JobNeed, JobRejected,
+    JobSpec, JobStart, Need, OutputFile, ToolchainsChanged,
+};
+use kiln_proto::{digest_of, wire_digest, Digest};
+use tokio::sync::mpsc;
+
+use crate::Shared;
+
+/// How long a job waits for the next chunk it asked for.
+const CHUNK_WAIT: Duration = Duration::from_secs(60);
+/// The largest input file accepted.
+const MAX_INPUT: u64 = 512 << 20;
+/// The largest toolchain archive accepted.
+const MAX_TOOLCHAIN: u64 = 2 << 30;
+const MAX_INPUTS: usize = 200_000;
+const MAX_OUTPUTS: usize = 64;
+
+/// The jobs of one scheduler session.
+#[derive(Default)]
+pub(crate) struct Jobs {
+    running: HashMap<u64, (mpsc::Sender<Chunk>, tokio::task::JoinHandle<()>)>,
+}
+
+impl Jobs {
+    pub fn start(
+        &mut self,
+        shared: &Arc<Shared>,
+        out: &mpsc::Sender<FromBuilder>,
+        start: JobStart,
+    ) {
+        self.running.retain(|_, (_, handle)| !handle.is_finished());
+        let id = start.job_id;
+        let Some(spec) = start.spec else {
+            return;
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let handle = tokio::spawn(run(shared.clone(), out.clone(), id, spec, rx));
+        self.running.insert(id, (tx, handle));
+    }
+
+    pub async fn chunk(&mut self, chunk: JobChunk) {
+        let Some(data) = chunk.chunk else {
+            return;
+        };
+        if let Some((tx, _)) = self.running.get(&chunk.job_id) {
+            // A job that has stopped listening has ended; its chunks are dropped.
+            let _ = tx.send(data).await;
+        }
+    }
+
+    pub fn cancel(&mut self, id: u64) {
+        if let Some((_, handle)) = self.running.remove(&id) {
+            handle.abort();
+        }
+    }
+
+    pub fn abort_all(&mut self) {
+        for (_, (_, handle)) in self.running.drain() {
+            handle.abort();
+        }
+    }
+}
+
+/// Why a job did not produce a result.
+enum JobError {
+    /// Not the job's fault: another builder may run it.
+    Retry(String),
+    /// The job is malformed or hostile.
+    Refuse(String),
+    /// The scheduler is gone; nobody to tell.
+    Gone,
+}
+
+impl From<JailError> for JobError {
+    fn from(e: JailError) -> JobError {
+        match e {
+            JailError::Path { .. } => JobError::Refuse(e.to_string()),
+            other => JobError::Retry(other.to_string()),
+        }
+    }
+}
+
+async fn send(out: &mpsc::Sender<FromBuilder>, msg: from_builder::Msg) -> Result<(), JobError> {
+    out.send(FromBuilder { msg: Some(msg) })
+        .await
+        .map_err(|_| JobError::Gone)
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    out: mpsc::Sender<FromBuilder>,
+    id: u64,
+    spec: JobSpec,
+    chunks_rx: mpsc::Receiver<Chunk>,
+) {
+    let label = spec.label.clone();
+    let result = match shared.take_slot() {
+        None => Err(JobError::Retry("the builder has no free slot".into())),
+        Some(slot) => {
+            let result = execute(&shared, &out, id, spec, chunks_rx, slot).await;
+            shared.give_slot(slot);
+            result
+        }
+    };
+    let (retry, message) = match result {
+        Ok(()) => return,
+        Err(JobError::Gone) => return,
+        Err(JobError::Retry(m)) => (true, m),
+        Err(JobError::Refuse(m)) => (false, m),
+    };
+    tracing::warn!(job = id, %label, retry, %message, "job not run");
+    let _ = send(
+        &out,
+        from_builder::Msg::Rejected(JobRejected {
+            job_id: id,
+            retry,
+            message,
+        }),
+    )
+    .await;
+}
+
+/// A checked absolute path: no `..`, not the root.
+fn jail_path(text: &str, what: &str) -> Result<PathBuf, JobError> {
+    let path = PathBuf::from(text);
+    let ok = path.is_absolute()
+        && path.components().count() > 1
+        && path.components().all(|c| {
+            matches!(
+                c,
+                Component::RootDir | Component::Normal(_) | Component::CurDir
+            )
+        });
+    if ok && text.len() < 4096 {
+        Ok(path)
+    } else {
+        Err(JobError::Refuse(format!(
+            "{what} {text:?} is not an absolute path inside the jail"
+        )))
+    }
+}
+
+struct Checked {
+    toolchain: Digest,
+    argv: Vec<String>,
+    cwd: PathBuf,
+    inputs: Vec<(PathBuf, Digest, bool)>,
+    dirs: Vec<PathBuf>,
+    outputs: Vec<PathBuf>,
+}
+
+fn check(spec: &JobSpec) -> Result<Checked, JobError> {
+    let bad = |m: String| JobError::Refuse(m);
+    let toolchain = spec
+        .toolchain
+        .as_ref()
+        .ok_or_else(|| bad("no toolchain".into()))
+        .and_then(|d| digest_of(d).map_err(|e| bad(e.to_string())))?;
+    if spec.argv.is_empty() {
+        return Err(bad("no command".into()));
+    }
+    jail_path(&spec.argv[0], "the program")?;
+    if spec.inputs.len() > MAX_INPUTS || spec.outputs.len() > MAX_OUTPUTS {
+        return Err(bad("too many inputs or outputs".into()));
+    }
+    let mut inputs = Vec::with_capacity(spec.inputs.len());
+    for f in &spec.inputs {
+        let path = jail_path(&f.path, "input")?;
+        let wire = f
+            .digest
+            .as_ref()
+            .ok_or_else(|| bad(format!("input {} has no digest", f.path)))?;
+        if wire.size > MAX_INPUT {
+            return Err(bad(format!("input {} is over {MAX_INPUT} bytes", f.path)));
+        }
+        inputs.push((
+            path,
+            digest_of(wire).map_err(|e| bad(e.to_string()))?,
+            f.executable,
+        ));
+    }
+    Ok(Checked {
+        toolchain,
+        argv: spec.argv.clone(),
+        cwd: jail_path(&spec.cwd, "the working directory")?,
+        inputs,
+        dirs: spec
+            .dirs
+            .iter()
+            .map(|d| jail_path(d, "directory"))
+            .collect::<Result<_, _>>()?,
+        outputs: spec
+            .outputs
+            .iter()
+            .map(|o| jail_path(o, "output"))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+async fn execute(
+    shared: &Arc<Shared>,
+    out: &mpsc::Sender<FromBuilder>,
+    id: u64,
+    spec: JobSpec,
+    mut chunks_rx: mpsc::Receiver<Chunk>,
+    slot: u32,
+) -> Result<(), JobError> {
+    let checked = check(&spec)?;
+    let tc = checked.toolchain;
+
+    // What is missing: the toolchain (asked for by one job at a time), and input files.
+    let mut fetch_guard = None;
+    if !shared.toolchains().touch(&tc) {
+        let lock = {
+            let mut fetching = shared.fetching.lock().unwrap_or_else(|e| e.into_inner());
+            fetching.entry(tc).or_default().clone()
+        };
+        let guard = lock.lock_owned().await;
+        if !shared.toolchains().touch(&tc) {
+            fetch_guard = Some(guard);
+        }
+    }
+    let mut wanted: HashMap<Digest, u64> = HashMap::new();
+    let mut seen = HashSet::new();
+    for (f, wire) in checked.inputs.iter().zip(&spec.inputs) {
+        if seen.insert(f.1) && !shared.inputs.path_of(Kind::Blob, &f.1).exists() {
+            wanted.insert(f.1, wire.digest.as_ref().map_or(0, |d| d.size));
+        }
+    }
+    let need_toolchain = fetch_guard.is_some();
+    if need_toolchain || !wanted.is_empty() {
+        let need = Need {
+            toolchain: need_toolchain,
+            files: wanted.iter().map(|(d, s)| wire_digest(d, *s)).collect(),
+        };
+        send(
+            out,
+            from_builder::Msg::Need(JobNeed {
+                job_id: id,
+                need: Some(need),
+            }),
+        )
+        .await?;
+        receive(shared, out, &mut chunks_rx, tc, need_toolchain, &mut wanted).await?;
+    }
+    drop(fetch_guard);
+
+    shared.toolchains().pin(tc);
+    let result = run_in_jail(shared, out, id, &spec, &checked, slot).await;
+    shared.toolchains().unpin(&tc);
+    result
+}
+
+/// Receives the chunks this job asked for, verifying and keeping each piece of content.
+async fn receive(
+    shared: &Arc<Shared>,
+    out: &mpsc::Sender<FromBuilder>,
+    chunks_rx: &mut mpsc::Receiver<Chunk>,
+    toolchain: Digest,
+    mut need_toolchain: bool,
+    wanted: &mut HashMap<Digest, u64>,
+) -> Result<(), JobError> {
+    let mut open: HashMap<Digest, Assembly> = HashMap::new();
+    while need_toolchain || !wanted.is_empty() {
+        let chunk = match tokio::time::timeout(CHUNK_WAIT, chunks_rx.recv()).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err(JobError::Gone),
+            Err(_) => return Err(JobError::Retry("the job's inputs stopped arriving".into())),
+        };
+        let (digest, size) = chunk_digest(&chunk).map_err(|e| JobError::Refuse(e.to_string()))?;
+        let is_toolchain = digest == toolchain && need_toolchain;
+        if !is_toolchain && !wanted.contains_key(&digest) {
+            continue; // Sent ahead, but already here.
+        }
+        if chunk.offset == 0 {
+            let max = if is_toolchain {
+                MAX_TOOLCHAIN
+            } else {
+                MAX_INPUT
+            };
+            let asm =
+                Assembly::new(digest, size, max).map_err(|e| JobError::Refuse(e.to_string()))?;
+            open.insert(digest, asm);
+        }
+        let Some(asm) = open.get_mut(&digest) else {
+            return Err(JobError::Retry(format!(
+                "a chunk of {digest} arrived out of order"
+            )));
+        };
+        let data = match asm.add(&chunk) {
+            Ok(Some(data)) => data,
+            Ok(None) => continue,
+            Err(e) => return Err(JobError::Retry(format!("corrupt transfer: {e}"))),
+        };
+        open.remove(&digest);
+        if is_toolchain {
+            need_toolchain = false;
+            keep_toolchain(shared, out, digest, data).await?;
+        } else {
+            wanted.remove(&digest);
+            let inputs = shared.inputs.clone();
+            tokio::task::spawn_blocking(move || inputs.put(Kind::Blob, &digest, &data))
+                .await
+                .map_err(|e| JobError::Retry(e.to_string()))?
+                .map_err(|e| JobError::Retry(format!("keeping an input: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+async fn keep_toolchain(
+    shared: &Arc<Shared>,
+    out: &mpsc::Sender<FromBuilder>,
+    digest: Digest,
+    data: Bytes,
+) -> Result<(), JobError> {
+    let worker = shared.clone();
+    let size = data.len() as u64;
+    let evicted = tokio::task::spawn_blocking(move || worker.toolchains().insert(digest, &data))
+        .await
+        .map_err(|e| JobError::Retry(e.to_string()))?
+        .map_err(|e| JobError::Retry(format!("keeping the toolchain: {e:#}")))?;
+    for old in &evicted {
+        let _ = shared.pool.evict(&old.to_hex()).await;
+    }
+    tracing::info!(toolchain = %digest, bytes = size, evicted = evicted.len(), "toolchain received");
+    send(
+        out,
+        from_builder::Msg::Toolchains(ToolchainsChanged {
+            added: vec![wire_digest(&digest, size)],
+            evicted: evicted.iter().map(|d| wire_digest(d, 0)).collect(),
+        }),
+    )
+    .await
+}
+
+/// Gives a container back to the pool however the job ends.
+struct LeaseGuard {
+    pool: kiln_jails::Pool<LinuxJail>,
+    lease: Option<Lease<LinuxJail>>,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.pool.checkin(lease);
+        }
+    }
+}
+
+async fn run_in_jail(
+    shared: &Arc<Shared>,
+    out: &mpsc::Sender<FromBuilder>,
+    id: u64,
+    spec: &JobSpec,
+    c: &Checked,
+    slot: u32,
+) -> Result<(), JobError> {
+    let key = c.toolchain.to_hex();
+    let archive = shared.toolchains().path(&c.toolchain);
+    if let Err(e) = shared.pool.prepare(&key, archive.clone()).await {
+        if let JailError::Archive(_) = e {
+            // A hostile or broken archive is refused, and not kept.
+            let _ = std::fs::remove_file(&archive);
+            return Err(JobError::Refuse(format!("the toolchain: {e}")));
+        }
+        return Err(e.into());
+    }
+    let waited = Instant::now();
+    let lease = shared.pool.checkout(&key).await?;
+    let guard = LeaseGuard {
+        pool: shared.pool.clone(),
+        lease: Some(lease),
+    };
+    let root_path = guard
+        .lease
+        .as_ref()
+        .map(|l| l.root().to_path_buf())
+        .unwrap_or_default();
+    tracing::debug!(
+        job = id,
+        ready_us = waited.elapsed().as_micros() as u64,
+        "container ready"
+    );
+
+    let uid = shared.config.uid_base + slot;
+    let placed = {
+        let inputs = shared.inputs.clone();
+        let files = c.inputs.clone();
+        let dirs = c.dirs.clone();
+        let cwd = c.cwd.clone();
+        let outputs = c.outputs.clone();
+        let root_path = root_path.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), JobError> {
+            let root = Root::open(&root_path)?;
+            for dir in &dirs {
+                root.make_dirs(dir, None)?;
+            }
+            for (path, digest, executable) in &files {
+                let data = match inputs.get(Kind::Blob, digest) {
+                    Ok(Lookup::Hit(data)) => data,
+                    _ => {
+                        return Err(JobError::Retry(format!(
+                            "input {} went missing",
+                            path.display()
+                        )))
+                    }
+                };
+                root.write_file(path, &data, *executable)?;
+            }
+            root.chown_dir(&cwd, uid, uid)?;
+            for output in &outputs {
+                if let Some(parent) = output.parent() {
+                    root.chown_dir(parent, uid, uid)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| JobError::Retry(e.to_string()))?
+    };
+    placed?;
+
+    let mut limits = shared.config.limits;
+    if spec.timeout_ms > 0 {
+        limits.timeout = limits.timeout.min(Duration::from_millis(spec.timeout_ms));
+    }
+    let run = RunSpec {
+        argv: c.argv.clone(),
+        env: spec
+            .env
+            .iter()
+            .map(|e| (e.name.clone(), e.value.clone()))
+            .collect(),
+        cwd: c.cwd.clone(),
+        uid,
+        gid: uid,
+        limits,
+    };
+    let lease = guard.lease.as_ref().ok_or(JobError::Gone)?;
+    let outcome = shared.pool.run(lease, run).await?;
+
+    let read = {
+        let outputs = c.outputs.clone();
+        tokio::task::spawn_blocking(move || -> Result<Vec<(PathBuf, Bytes)>, JobError> {
+            let root = Root::open(&root_path)?;
+            let mut found = Vec::new();
+            for path in outputs {
+                if let Some(data) = root.read_file(&path, MAX_OUTPUT)? {
+                    found.push((path, Bytes::from(data)));
+                }
+            }
+            Ok(found)
+        })
+        .await
+        .map_err(|e| JobError::Retry(e.to_string()))?
+    };
+    drop(guard);
+    let outputs = read?;
+    let digests: Vec<Digest> = outputs.iter().map(|(_, d)| Digest::of(d)).collect();
+    let finished = Finished {
+        exit_code: outcome.exit_code.unwrap_or(-1),
+        stdout: outcome.stdout.into(),
+        stderr: outcome.stderr.into(),
+        outputs: outputs
+            .iter()
+            .zip(&digests)
+            .map(|((path, data), d)| OutputFile {
+                path: path.to_string_lossy().into_owned(),
+                digest: Some(wire_digest(d, data.len() as u64)),
+            })
+            .collect(),
+        builder: shared.config.name.clone(),
+        killed: outcome.killed.unwrap_or_default(),
+        run_ms: outcome.elapsed.as_millis() as u64,
+    };
+    tracing::debug!(job = id, label = %spec.label, exit = finished.exit_code, run_ms = finished.run_ms, "job finished");
+    send(
+        out,
+        from_builder::Msg::Finished(JobFinished {
+            job_id: id,
+            finished: Some(finished),
+        }),
+    )
+    .await?;
+    for ((_, data), digest) in outputs.iter().zip(&digests) {
+        for chunk in chunks(digest, data) {
+            send(
+                out,
+                from_builder::Msg::Chunk(JobChunk {
+                    job_id: id,
+                    chunk: Some(chunk),
+                }),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_paths_must_stay_absolute_and_inside() {
+        for ok in ["/usr/bin/gcc", "/home/u/x.c", "/a/./b"] {
+            assert!(jail_path(ok, "p").is_ok(), "{ok}");
+        }
+        for bad in ["", "/", "rel/x", "/a/../../etc/passwd", "../x"] {
+            assert!(jail_path(bad, "p").is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,724 @@
+//! The gRPC service: builder links, job relay, retries, status.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kiln_proto::content::{chunk_digest, chunks, Assembly};
+use kiln_proto::v1::scheduler_server::{Scheduler as SchedulerRpc, SchedulerServer};
+use kiln_proto::v1::{
+    from_builder, from_client, refused, to_builder, to_client, BuilderStatus, Chunk, FromBuilder,
+    FromClient, JobCancel, JobChunk, JobStart, JobStatus, Need, Placed, Refused, StatusReply,
+    StatusRequest, ToBuilder, ToClient, Welcome,
+};
+use kiln_proto::{digest_of, version_mismatch, wire_digest, Digest, MAX_MESSAGE, PROTOCOL_VERSION};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::placement::{self, BuilderState, NoPlace, Registry, Wants};
+use crate::toolchains::Toolchains;
+
+/// The scheduler's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How often builders send a heartbeat; three missed ones and a builder is lost.
+    pub heartbeat: Duration,
+    /// Memory for toolchain archives relayed to builders.
+    pub toolchain_cache: u64,
+    /// Builders a job may be tried on before the client is told to compile locally.
+    pub max_attempts: u32,
+    /// The largest toolchain the scheduler accepts.
+    pub max_toolchain: u64,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            heartbeat: Duration::from_secs(2),
+            toolchain_cache: 2 << 30,
+            max_attempts: 2,
+            max_toolchain: 1 << 30,
+        }
+    }
+}
+
+type ClientTx = mpsc::Sender<Result<ToClient, Status>>;
+type BuilderTx = mpsc::Sender<Result<ToBuilder, Status>>;
+
+struct Job {
+    spec: kiln_proto::v1::JobSpec,
+    toolchain: Digest,
+    client: ClientTx,
+    builder: String,
+    attempt: u32,
+    tried: Vec<String>,
+    started: Instant,
+    /// The builder reported the result; the slot is free again.
+    finished: bool,
+}
+
+struct State {
+    registry: Registry,
+    links: HashMap<String, BuilderTx>,
+    jobs: HashMap<u64, Job>,
+    toolchains: Toolchains,
+    /// Toolchains arriving from clients, by job.
+    uploads: HashMap<u64, Assembly>,
+    jobs_done: u64,
+    jobs_failed: u64,
+}
+
+struct Inner {
+    config: Config,
+    state: Mutex<State>,
+    next_job: AtomicU64,
+    next_builder: AtomicU64,
+    started: Instant,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// The scheduler service; cheap to clone.
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler").finish_non_exhaustive()
+    }
+}
+
+fn refused(reason: refused::Reason, message: impl Into<String>) -> ToClient {
+    ToClient {
+        msg: Some(to_client::Msg::Refused(Refused {
+            reason: reason as i32,
+            message: message.into(),
+        })),
+    }
+}
+
+impl Scheduler {
+    pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> Scheduler {
+        Scheduler {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State {
+                    registry: Registry::default(),
+                    links: HashMap::new(),
+                    jobs: HashMap::new(),
+                    toolchains: Toolchains::new(config.toolchain_cache),
+                    uploads: HashMap::new(),
+                    jobs_done: 0,
+                    jobs_failed: 0,
+                }),
+                config,
+                next_job: AtomicU64::new(1),
+                next_builder: AtomicU64::new(1),
+                started: Instant::now(),
+                shutdown,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is bookkeeping; a panic elsewhere must not take the farm down with it.
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Places job `id` (first time or again) and starts it on the chosen builder. On failure the
+    /// client is told why and the job is forgotten.
+    async fn place(&self, id: u64) {
+        let decision = {
+            let mut st = self.lock();
+            let st = &mut *st;
+            let Some(job) = st.jobs.get_mut(&id) else {
+                return;
+            };
+            if job.attempt >= self.inner.config.max_attempts {
+                Err((
+                    refused::Reason::BuildersFailed,
+                    format!("{} builders failed this job", job.attempt),
+                ))
+            } else {
+                let wants = Wants {
+                    os: &job.spec.os,
+                    arch: &job.spec.arch,
+                    toolchain: job.toolchain,
+                    exclude: &job.tried,
+                };
+                match placement::place(&st.registry, &wants, Instant::now()) {
+                    Ok(builder) => {
+                        job.attempt += 1;
+                        job.tried.push(builder.clone());
+                        job.builder = builder.clone();
+                        job.finished = false;
+                        st.uploads.remove(&id);
+                        if let Some(b) = st.registry.builders.get_mut(&builder) {
+                            b.running += 1;
+                        }
+                        let start = ToBuilder {
+                            msg: Some(to_builder::Msg::Start(JobStart {
+                                job_id: id,
+                                spec: Some(job.spec.clone()),
+                            })),
+                        };
+                        let placed = ToClient {
+                            msg: Some(to_client::Msg::Placed(Placed {
+                                builder: st
+                                    .registry
+                                    .builders
+                                    .get(&builder)
+                                    .map(|b| b.name.clone())
+                                    .unwrap_or_default(),
+                                attempt: job.attempt,
+                            })),
+                        };
+                        Ok((
+                            st.links.get(&builder).cloned(),
+                            job.client.clone(),
+                            start,
+                            placed,
+                        ))
+                    }
+                    Err(NoPlace::NoBuilders) => Err((
+                        refused::Reason::NoBuilders,
+                        format!("no {}/{} builder is connected", job.spec.os, job.spec.arch),
+                    )),
+                    Err(NoPlace::NoCapacity) => Err((
+                        refused::Reason::NoCapacity,
+                        "every suitable builder is busy".into(),
+                    )),
+                }
+            }
+        };
+        match decision {
+            Ok((link, client, start, placed)) => {
+                let _ = client.send(Ok(placed)).await;
+                match link {
+                    Some(link) if link.send(Ok(start)).await.is_ok() => {}
+                    // The builder went away between placement and sending: its loss handler
+                    // (or this retry) places the job again.
+                    _ => Box::pin(self.retry(id, "the builder's link closed")).await,
+                }
+            }
+            Err((reason, message)) => {
+                let job = self.lock().jobs.remove(&id);
+                if let Some(job) = job {
+                    tracing::info!(job = id, %message, "job refused");
+                    let _ = job.client.send(Ok(refused(reason, message))).await;
+                }
+            }
+        }
+    }
+
+    /// Job `id` failed on its builder through no fault of its own: try another.
+    async fn retry(&self, id: u64, why: &str) {
+        {
+            let mut st = self.lock();
+            let st = &mut *st;
+            let Some(job) = st.jobs.get_mut(&id) else {
+                return;
+            };
+            if let Some(b) = st.registry.builders.get_mut(&job.builder) {
+                if !job.finished {
+                    b.running = b.running.saturating_sub(1);
+                }
+                b.last_failure = Some(Instant::now());
+                b.jobs_failed += 1;
+            }
+            st.jobs_failed += 1;
+            tracing::warn!(job = id, builder = %job.builder, why, "job failed on its builder; placing it again");
+        }
+        self.place(id).await;
+    }
+
+    async fn builder_lost(&self, id: &str, why: &str) {
+        let jobs: Vec<u64> = {
+            let mut st = self.lock();
+            st.links.remove(id);
+            if let Some(b) = st.registry.builders.get(id) {
+                tracing::warn!(builder = %b.name, id, why, "builder lost");
+            }
+            st.jobs
+                .iter()
+                .filter(|(_, j)| j.builder == id)
+                .map(|(k, _)| *k)
+                .collect()
+        };
+        for job in jobs {
+            self.retry(job, why).await;
+        }
+        self.lock().registry.builders.remove(id);
+    }
+
+    async fn on_builder_message(&self, builder: &str, msg: from_builder::Msg) {
+        match msg {
+            from_builder::Msg::Register(_) => {}
+            from_builder::Msg::Heartbeat(hb) => {
+                if let Some(b) = self.lock().registry.builders.get_mut(builder) {
+                    b.slots = hb.slots.max(1);
+                }
+            }
+            from_builder::Msg::Toolchains(change) => {
+                let mut st = self.lock();
+                if let Some(b) = st.registry.builders.get_mut(builder) {
+                    for d in change.added.iter().filter_map(|d| digest_of(d).ok()) {
+                        b.toolchains.insert(d);
+                    }
+                    for d in change.evicted.iter().filter_map(|d| digest_of(d).ok()) {
+                        b.toolchains.remove(&d);
+                    }
+                }
+            }
+            from_builder::Msg::Need(need) => {
+                self.on_need(builder, need.job_id, need.need.unwrap_or_default())
+                    .await
+            }
+            from_builder::Msg::Chunk(c) => {
+                let client = self.client_of(builder, c.job_id);
+                if let (Some(client), Some(chunk)) = (client, c.chunk) {
+                    let _ = client
+                        .send(Ok(ToClient {
+                            msg: Some(to_client::Msg::Chunk(chunk)),
+                        }))
+                        .await;
+                }
+            }
+            from_builder::Msg::Finished(f) => {
+                let client = {
+                    let mut st = self.lock();
+                    let st = &mut *st;
+                    match st.jobs.get_mut(&f.job_id).filter(|j| j.builder == builder) {
+                        Some(job) => {
+                            job.finished = true;
+                            st.jobs_done += 1;
+                            if let Some(b) = st.registry.builders.get_mut(builder) {
+                                b.running = b.running.saturating_sub(1);
+                                b.jobs_done += 1;
+                            }
+                            Some(job.client.clone())
+                        }
+                        None => None,
+                    }
+                };
+                if let (Some(client), Some(finished)) = (client, f.finished) {
+                    let _ = client
+                        .send(Ok(ToClient {
+                            msg: Some(to_client::Msg::Finished(finished)),
+                        }))
+                        .await;
+                }
+            }
+            from_builder::Msg::Rejected(r) => {
+                if self.client_of(builder, r.job_id).is_none() {
+                    return;
+                }
+                if r.retry {
+                    self.retry(r.job_id, &r.message).await;
+                } else {
+                    let job = {
+                        let mut st = self.lock();
+                        let job = st.jobs.remove(&r.job_id);
+                        if let Some(b) = st.registry.builders.get_mut(builder) {
+                            b.running = b.running.saturating_sub(1);
+                        }
+                        job
+                    };
+                    if let Some(job) = job {
+                        let _ = job
+                            .client
+                            .send(Ok(refused(refused::Reason::BadRequest, r.message)))
+                            .await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn client_of(&self, builder: &str, job: u64) -> Option<ClientTx> {
+        self.lock()
+            .jobs
+            .get(&job)
+            .filter(|j| j.builder == builder)
+            .map(|j| j.client.clone())
+    }
+
+    /// A builder lacks something for a job. Toolchains the scheduler holds go from here; the
+    /// rest is asked of the client.
+    async fn on_need(&self, builder: &str, job_id: u64, mut need: Need) {
+        let (client, link, toolchain) = {
+            let mut st = self.lock();
+            let st = &mut *st;
+            let Some(job) = st.jobs.get(&job_id).filter(|j| j.builder == builder) else {
+                return;
+            };
+            let toolchain = if need.toolchain {
+                st.toolchains
+                    .get(&job.toolchain)
+                    .map(|data| (job.toolchain, data))
+            } else {
+                None
+            };
+            if toolchain.is_some() {
+                need.toolchain = false;
+            }
+            (
+                job.client.clone(),
+                st.links.get(builder).cloned(),
+                toolchain,
+            )
+        };
+        if let (Some((digest, data)), Some(link)) = (toolchain, link) {
+            tracing::debug!(job = job_id, builder, "sending a cached toolchain");
+            // On its own task: a large archive must not hold up this builder's other messages.
+            tokio::spawn(async move {
+                for chunk in chunks(&digest, &data) {
+                    let msg = ToBuilder {
+                        msg: Some(to_builder::Msg::Chunk(JobChunk {
+                            job_id,
+                            chunk: Some(chunk),
+                        })),
+                    };
+                    if link.send(Ok(msg)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        if need.toolchain || !need.files.is_empty() {
+            let _ = client
+                .send(Ok(ToClient {
+                    msg: Some(to_client::Msg::Need(need)),
+                }))
+                .await;
+        }
+    }
+
+    /// A chunk from a client: relayed to the job's builder, and kept if it is part of a
+    /// toolchain the scheduler does not hold yet.
+    async fn on_client_chunk(&self, job_id: u64, chunk: Chunk) -> Result<(), Status> {
+        let link = {
+            let mut st = self.lock();
+            let st = &mut *st;
+            let Some(job) = st.jobs.get(&job_id) else {
+                return Ok(());
+            };
+            let (digest, size) =
+                chunk_digest(&chunk).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            if digest == job.toolchain && !st.toolchains.contains(&digest) {
+                if chunk.offset == 0 {
+                    match Assembly::new(digest, size, self.inner.config.max_toolchain) {
+                        Ok(a) => {
+                            st.uploads.insert(job_id, a);
+                        }
+                        Err(e) => return Err(Status::invalid_argument(format!("toolchain: {e}"))),
+                    }
+                }
+                if let Some(asm) = st.uploads.get_mut(&job_id) {
+                    match asm.add(&chunk) {
+                        Ok(Some(data)) => {
+                            st.uploads.remove(&job_id);
+                            st.toolchains.insert(digest, data);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            // The builder checks the digest too and refuses the job; here the
+                            // copy is just not kept.
+                            tracing::warn!(job = job_id, error = %e, "toolchain upload is corrupt");
+                            st.uploads.remove(&job_id);
+                        }
+                    }
+                }
+            }
+            st.links.get(&job.builder).cloned()
+        };
+        if let Some(link) = link {
+            let msg = ToBuilder {
+                msg: Some(to_builder::Msg::Chunk(JobChunk {
+                    job_id,
+                    chunk: Some(chunk),
+                })),
+            };
+            let _ = link.send(Ok(msg)).await;
+        }
+        Ok(())
+    }
+
+    /// The client's stream ended: the job is over for everyone.
+    async fn client_gone(&self, job_id: u64) {
+        let (job, link) = {
+            let mut st = self.lock();
+            st.uploads.remove(&job_id);
+            let job = st.jobs.remove(&job_id);
+            let link = job.as_ref().and_then(|j| st.links.get(&j.builder).cloned());
+            if let Some(j) = &job {
+                if !j.finished {
+                    if let Some(b) = st.registry.builders.get_mut(&j.builder) {
+                        b.running = b.running.saturating_sub(1);
+                    }
+                }
+            }
+            (job, link)
+        };
+        if let (Some(job), Some(link)) = (job, link) {
+            if !job.finished {
+                let msg = ToBuilder {
+                    msg: Some(to_builder::Msg::Cancel(JobCancel { job_id })),
+                };
+                let _ = link.send(Ok(msg)).await;
+            }
+        }
+    }
+}
+
+fn validate(spec: &kiln_proto::v1::JobSpec) -> Result<Digest, String> {
+    let toolchain = spec
+        .toolchain
+        .as_ref()
+        .ok_or("the job names no toolchain")?;
+    let digest = digest_of(toolchain).map_err(|e| e.to_string())?;
+    if spec.argv.is_empty() {
+        return Err("the job has no command".into());
+    }
+    if spec.os.is_empty() || spec.arch.is_empty() {
+        return Err("the job names no platform".into());
+    }
+    Ok(digest)
+}
+
+#[tonic::async_trait]
+impl SchedulerRpc for Scheduler {
+    type JoinStream = ReceiverStream<Result<ToBuilder, Status>>;
+    type CompileStream = ReceiverStream<Result<ToClient, Status>>;
+
+    async fn join(
+        &self,
+        request: Request<Streaming<FromBuilder>>,
+    ) -> Result<Response<Self::JoinStream>, Status> {
+        let peer = request.remote_addr();
+        let mut incoming = request.into_inner();
+        let first = incoming
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty builder stream"))?;
+        let Some(from_builder::Msg::Register(reg)) = first.msg else {
+            return Err(Status::invalid_argument(
+                "a builder's first message must be Register",
+            ));
+        };
+        if reg.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(version_mismatch(
+                "the builder",
+                reg.protocol_version,
+            )));
+        }
+        if reg.slots == 0 || reg.os.is_empty() || reg.arch.is_empty() {
+            return Err(Status::invalid_argument(
+                "a builder must register a platform and at least one slot",
+            ));
+        }
+        let id = format!(
+            "b{}",
+            self.inner.next_builder.fetch_add(1, Ordering::Relaxed)
+        );
+        let name = if reg.name.is_empty() {
+            id.clone()
+        } else {
+            reg.name.clone()
+        };
+        let (tx, rx) = mpsc::channel(256);
+        {
+            let mut st = self.lock();
+            st.registry.builders.insert(
+                id.clone(),
+                BuilderState {
+                    name: name.clone(),
+                    os: reg.os.clone(),
+                    arch: reg.arch.clone(),
+                    jail: reg.jail.clone(),
+                    slots: reg.slots,
+                    running: 0,
+                    toolchains: reg
+                        .toolchains
+                        .iter()
+                        .filter_map(|d| digest_of(d).ok())
+                        .collect(),
+                    last_failure: None,
+                    connected: Instant::now(),
+                    jobs_done: 0,
+                    jobs_failed: 0,
+                },
+            );
+            st.links.insert(id.clone(), tx.clone());
+        }
+        tracing::info!(builder = %name, id = %id, ?peer, slots = reg.slots, os = %reg.os, arch = %reg.arch, "builder joined");
+        let welcome = ToBuilder {
+            msg: Some(to_builder::Msg::Welcome(Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                builder_id: id.clone(),
+                heartbeat_ms: self.inner.config.heartbeat.as_millis() as u64,
+            })),
+        };
+        let _ = tx.send(Ok(welcome)).await;
+        drop(tx);
+        let this = self.clone();
+        let silence = self.inner.config.heartbeat * 3;
+        let mut shutdown = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            let why = loop {
+                let next = tokio::select! {
+                    next = tokio::time::timeout(silence, incoming.message()) => next,
+                    _ = shutdown.changed() => break "the scheduler is shutting down".to_string(),
+                };
+                match next {
+                    Err(_) => break format!("no heartbeat for {} ms", silence.as_millis()),
+                    Ok(Err(e)) => break format!("stream error: {}", e.message()),
+                    Ok(Ok(None)) => break "the builder closed its stream".to_string(),
+                    Ok(Ok(Some(FromBuilder { msg: Some(msg) }))) => {
+                        this.on_builder_message(&id, msg).await
+                    }
+                    Ok(Ok(Some(_))) => {}
+                }
+            };
+            this.builder_lost(&id, &why).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn compile(
+        &self,
+        request: Request<Streaming<FromClient>>,
+    ) -> Result<Response<Self::CompileStream>, Status> {
+        let mut incoming = request.into_inner();
+        let first = incoming
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty job stream"))?;
+        let Some(from_client::Msg::Spec(spec)) = first.msg else {
+            return Err(Status::invalid_argument(
+                "a job's first message must be its JobSpec",
+            ));
+        };
+        if spec.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(version_mismatch(
+                "the client",
+                spec.protocol_version,
+            )));
+        }
+        let toolchain = validate(&spec).map_err(Status::invalid_argument)?;
+        let (tx, rx) = mpsc::channel(64);
+        let id = self.inner.next_job.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(job = id, label = %spec.label, "job received");
+        self.lock().jobs.insert(
+            id,
+            Job {
+                spec,
+                toolchain,
+                client: tx,
+                builder: String::new(),
+                attempt: 0,
+                tried: Vec::new(),
+                started: Instant::now(),
+                finished: false,
+            },
+        );
+        self.place(id).await;
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match incoming.message().await {
+                    Ok(Some(FromClient {
+                        msg: Some(from_client::Msg::Chunk(chunk)),
+                    })) => {
+                        if let Err(status) = this.on_client_chunk(id, chunk).await {
+                            let client = this.lock().jobs.get(&id).map(|j| j.client.clone());
+                            if let Some(client) = client {
+                                let _ = client.send(Err(status)).await;
+                            }
+                            break;
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            this.client_gone(id).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let now = Instant::now();
+        let st = self.lock();
+        let builders = st
+            .registry
+            .builders
+            .iter()
+            .map(|(id, b)| BuilderStatus {
+                id: id.clone(),
+                name: b.name.clone(),
+                os: b.os.clone(),
+                arch: b.arch.clone(),
+                jail: b.jail.clone(),
+                slots: b.slots,
+                running: b.running,
+                toolchains: b.toolchains.iter().map(|d| wire_digest(d, 0)).collect(),
+                jobs_done: b.jobs_done,
+                jobs_failed: b.jobs_failed,
+                connected_ms: now.duration_since(b.connected).as_millis() as u64,
+            })
+            .collect();
+        let mut jobs: Vec<JobStatus> = st
+            .jobs
+            .iter()
+            .map(|(id, j)| JobStatus {
+                id: *id,
+                builder: st
+                    .registry
+                    .builders
+                    .get(&j.builder)
+                    .map(|b| b.name.clone())
+                    .unwrap_or_default(),
+                label: j.spec.label.clone(),
+                running_ms: now.duration_since(j.started).as_millis() as u64,
+                attempt: j.attempt,
+            })
+            .collect();
+        jobs.sort_by_key(|j| j.id);
+        Ok(Response::new(StatusReply {
+            protocol_version: PROTOCOL_VERSION,
+            builders,
+            jobs,
+            jobs_done: st.jobs_done,
+            jobs_failed: st.jobs_failed,
+            uptime_ms: now.duration_since(self.inner.started).as_millis() as u64,
+        }))
+    }
+}
+
+/// Serves the scheduler on `listener` until `shutdown` resolves; builder links are closed then,
+/// so builders reconnect to the next scheduler.
+pub async fn serve(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let scheduler = Scheduler::new(config, stop_rx);
+    let service = SchedulerServer::new(scheduler)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .await?;
+    Ok(())
+}
