@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# kiln's main job on one machine: build kiln, then build a real third-party C project (Lua 5.4,
-# fetched from Debian's source packages at run time) through the cache twice: a cold build that
-# fills the cache, and a rebuild from scratch that is served from it. Prints the times and
-# `kiln stats`.
+# kiln's main job on one machine: build kiln, start a compile farm on loopback (kiln-scheduler
+# and two kiln-builders running every compile in a Linux namespace jail), then build a real
+# third-party C project (Lua 5.4, fetched from Debian's source packages at run time) three ways:
+# plain gcc; through `kiln --dist` with an empty cache, so every compile runs on a builder; and
+# again from scratch, served from the cache. It checks that the farm's objects are
+# byte-identical to plain gcc's, shows which builder compiled what, and shuts the farm down.
 #
 #   scripts/demo.sh [WORK_DIR]      (default: target/demo)
 #
-# Needs root (or sudo) once, to install gcc/make/dpkg-dev and enable Debian source packages.
+# Needs root: the builders mount overlays and enter namespaces (and apt installs gcc, make and
+# dpkg-dev, and enables Debian source packages, when they are missing).
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -52,18 +55,47 @@ export KILN_DIR=$work/cache
 rm -rf "$KILN_DIR"
 "$kiln" stats --zero >/dev/null
 
+say "Starting the farm: kiln-scheduler and two kiln-builders on 127.0.0.1"
+pids=()
+stop_farm() {
+  [ ${#pids[@]} -gt 0 ] || return 0
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  wait "${pids[@]}" 2>/dev/null || true
+  pids=()
+}
+trap stop_farm EXIT
+bin=$root/target/release
+"$bin/kiln-scheduler" --listen 127.0.0.1:0 >"$work/scheduler.out" 2>"$work/scheduler.log" &
+pids+=($!)
+for _ in $(seq 100); do grep -q 'listening on' "$work/scheduler.out" 2>/dev/null && break; sleep 0.05; done
+addr=$(sed -n 's/^kiln-scheduler: listening on //p' "$work/scheduler.out")
+[ -n "$addr" ] || { cat "$work/scheduler.log" >&2; exit 1; }
+export KILN_SCHEDULER=http://$addr
+for n in 1 2; do
+  "$bin/kiln-builder" --scheduler "$KILN_SCHEDULER" --jail linux --slots 2 \
+    --work-dir "$work/builder$n" --name "builder$n" 2>"$work/builder$n.log" &
+  pids+=($!)
+done
+for _ in $(seq 200); do
+  joined=$("$kiln" dist-status --json 2>/dev/null | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["builders"]))' 2>/dev/null || echo 0)
+  [ "$joined" = 2 ] && break
+  sleep 0.05
+done
+"$kiln" dist-status
+
 # Debian's luaconf.h includes a header its packaging generates.
 mkdir -p "$work/include"
 multiarch_h=$work/include/lua5.4-deb-multiarch.h
 [ -e "$multiarch_h" ] || echo "#define DEB_HOST_MULTIARCH \"$(gcc -dumpmachine)\"" > "$multiarch_h"
 
 # Debian's Lua Makefile goes through libtool; a plain Makefile of our own compiles the same
-# sources with the flags upstream uses for Linux, with dependency files as real builds have.
+# sources with the flags upstream uses for Linux, plus debug information (which the farm must
+# reproduce exactly) and dependency files as real builds have.
 cat > "$work/Makefile" <<MAKE
 SRC := $src/src
 OBJ := $work/obj
 COMPILE := $kiln gcc
-CFLAGS := -std=gnu99 -O2 -Wall -Wextra -DLUA_COMPAT_5_3 -DLUA_USE_LINUX -I$work/include -MD -MP
+CFLAGS := -std=gnu99 -O2 -g -Wall -Wextra -DLUA_COMPAT_5_3 -DLUA_USE_LINUX -I$work/include -MD -MP
 LIB := \$(filter-out \$(SRC)/lua.c \$(SRC)/luac.c,\$(wildcard \$(SRC)/*.c))
 all: \$(OBJ)/lua
 \$(OBJ)/%.o: \$(SRC)/%.c
@@ -80,7 +112,7 @@ build() {
   make -C "$work" clean >/dev/null
   local t0 t1
   t0=$(date +%s%N)
-  make -C "$work" -j"$(nproc)" all "$@" >/dev/null
+  make -C "$work" -j4 all "$@" >/dev/null
   t1=$(date +%s%N)
   python3 -c "print(f'{($t1 - $t0) / 1e9:.2f}')"
 }
@@ -88,18 +120,39 @@ build() {
 say "Plain build with gcc, for comparison"
 plain=$(build COMPILE=gcc)
 echo "plain: ${plain} s"
+rm -rf "$work/obj-plain" && cp -r "$work/obj" "$work/obj-plain"
 
-say "Cold build through kiln (fills the cache)"
-cold=$(build)
-echo "cold: ${cold} s"
+say "Build through kiln --dist with an empty cache (the first compiles run here while kiln packages gcc for the farm)"
+cold=$(KILN_DIST=1 build)
+echo "farm: ${cold} s"
+same=0; total=0
+for o in "$work"/obj-plain/*.o; do
+  total=$((total + 1))
+  cmp -s "$o" "$work/obj/$(basename "$o")" && same=$((same + 1))
+done
+echo "objects byte-identical to plain gcc's (with -g): $same of $total"
+[ "$same" = "$total" ] || { echo "the farm's objects differ from gcc's" >&2; exit 1; }
+for n in 1 2; do
+  ran=$(grep -c ' compiled ' "$work/builder$n.log" || true)
+  echo "builder$n compiled $ran files, e.g.:"
+  grep ' compiled ' "$work/builder$n.log" | sed -n 's/.*source=\([^ ]*\).*run_ms=\([0-9]*\).*/    \1 (\2 ms in the jail)/p' | head -n 3
+done
+
 say "Rebuild from scratch (served from the cache)"
-warm=$(build)
+warm=$(KILN_DIST=1 build)
 echo "warm: ${warm} s"
 "$work/obj/lua" -e 'print("built lua says: " .. _VERSION)'
 
 say "kiln stats"
 "$kiln" stats
-hits=$("$kiln" stats --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["hits"])')
+json=$("$kiln" stats --json)
+hits=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["hits"])' "$json")
+remote=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["dist_compiles"])' "$json")
 [ "$hits" -gt 0 ] || { echo "expected cache hits on the rebuild" >&2; exit 1; }
+[ "$remote" -gt 0 ] || { echo "expected compiles on the farm" >&2; exit 1; }
+
+say "Stopping the farm"
+stop_farm
+echo "scheduler and builders stopped"
 echo
-echo "Plain gcc ${plain} s; through kiln: cold ${cold} s, cached rebuild ${warm} s (${hits} compiles served from the cache)."
+echo "Plain gcc ${plain} s; kiln --dist on a loopback farm ${cold} s (${remote} compiles on builders, objects identical); cached rebuild ${warm} s (${hits} hits)."

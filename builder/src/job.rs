@@ -296,10 +296,10 @@ async fn receive(
                 Assembly::new(digest, size, max).map_err(|e| JobError::Refuse(e.to_string()))?;
             open.insert(digest, asm);
         }
+        // The tail of a transfer begun for an earlier placement of this job: its start went to
+        // a builder that is gone. The client sends the whole content again.
         let Some(asm) = open.get_mut(&digest) else {
-            return Err(JobError::Retry(format!(
-                "a chunk of {digest} arrived out of order"
-            )));
+            continue;
         };
         let data = match asm.add(&chunk) {
             Ok(Some(data)) => data,
@@ -488,7 +488,7 @@ async fn run_in_jail(
         killed: outcome.killed.unwrap_or_default(),
         run_ms: outcome.elapsed.as_millis() as u64,
     };
-    tracing::debug!(job = id, label = %spec.label, exit = finished.exit_code, run_ms = finished.run_ms, "job finished");
+    tracing::info!(job = id, source = %spec.label, exit = finished.exit_code, run_ms = finished.run_ms, "compiled");
     send(
         out,
         from_builder::Msg::Finished(JobFinished {

@@ -63,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         .with_max_level(log_level())
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if args.jail != "linux" {
         anyhow::bail!(

@@ -27,6 +27,7 @@ use crate::args::{self, Compile, Lang, Reason};
 use crate::compiler::{self, Family, Identity};
 use crate::config::Config;
 use crate::depfile;
+use crate::dist;
 use crate::env::{Env, COMPILER_VARS, SIDE_OUTPUT_VARS};
 use crate::files::{self, Hashed, Probe, Scan};
 use crate::manifest::{DirRecord, FileRecord, Manifest};
@@ -34,6 +35,7 @@ use crate::process;
 use crate::remote::{self, Remote};
 use crate::result::{CompileResult, Part};
 use crate::stats::{self, Outcome};
+use crate::{closure, toolchain};
 
 /// Everything one invocation needs, gathered by `main`.
 #[derive(Debug)]
@@ -726,7 +728,7 @@ fn compile_and_store(
         }
     }
     args.extend(terminal_flags(inv, c, p.identity.family));
-    let output = match process::capture(&inv.compiler, &args, Some(true)) {
+    let output = match run_compiler(inv, &p, &args, own_deps.as_ref().map(|t| t.0.as_path())) {
         Ok(o) => o,
         Err(e) => {
             // Too long a command line for kiln's own spawn, say: the compiler as asked.
@@ -793,6 +795,91 @@ fn compile_and_store(
         stats::record_remote(&cfg.dir, tiers.counts);
     }
     0
+}
+
+/// Runs the miss's compile: on the farm with `--dist`, locally otherwise or when the farm
+/// cannot (the cause is counted; the build never fails for it).
+fn run_compiler(
+    inv: &Invocation,
+    p: &Prepared,
+    args: &[String],
+    own_deps: Option<&Path>,
+) -> std::io::Result<std::process::Output> {
+    let cfg = inv.config;
+    if cfg.dist {
+        let outcome = distribute(inv, p, args, own_deps);
+        if cfg.stats {
+            stats::record_dist(
+                &cfg.dir,
+                outcome.as_ref().map(|_| ()).map_err(dist::Fallback::name),
+            );
+        }
+        match outcome {
+            Ok(done) => {
+                tracing::debug!(builder = %done.builder, "compiled on the farm");
+                return Ok(done.output);
+            }
+            Err(fallback) => tracing::info!("{fallback}; compiling locally"),
+        }
+    }
+    process::capture(&inv.compiler, args, Some(true))
+}
+
+fn distribute(
+    inv: &Invocation,
+    p: &Prepared,
+    args: &[String],
+    own_deps: Option<&Path>,
+) -> Result<dist::Done, dist::Fallback> {
+    use dist::Fallback;
+    let cfg = inv.config;
+    let c = &p.compile;
+    let scheduler = cfg.scheduler.as_deref().ok_or(Fallback::NoScheduler)?;
+    // The builder's CPU is not this one, and profile data is not shipped.
+    if c.native_cpu {
+        return Err(Fallback::Unsupported(
+            "-march=native depends on this machine's CPU".into(),
+        ));
+    }
+    if !c.profile_inputs.is_empty() || c.profile_use_default {
+        return Err(Fallback::Unsupported("profile data is not shipped".into()));
+    }
+    let toolchain = toolchain::ensure(&cfg.dir, &inv.compiler, &p.identity.digest())
+        .map_err(|e| Fallback::Toolchain(format!("{e:#}")))?;
+    let env_paths = closure::EnvIncludePaths::from_env(inv.env, c.lang);
+    let closure = match closure::scan(c, &p.identity, &inv.cwd, &env_paths) {
+        Ok(found) => found,
+        Err(why) => {
+            tracing::debug!("{why}; asking the preprocessor for the headers");
+            closure::from_preprocessor(&inv.compiler, c, &p.identity, &inv.cwd)
+                .map_err(|e| Fallback::Inputs(format!("{e:#}")))?
+        }
+    };
+    let cwd = &inv.cwd;
+    let mut outputs = vec![cwd.join(&c.output)];
+    if let Some(d) = &c.dep_file {
+        outputs.push(cwd.join(&d.path));
+    }
+    if let Some(own) = own_deps {
+        outputs.push(cwd.join(own));
+    }
+    if c.split_dwarf {
+        outputs.push(cwd.join(args::dwo_path(&c.output)));
+    }
+    let mut argv = vec![inv.compiler.to_string_lossy().into_owned()];
+    argv.extend(args.iter().cloned());
+    dist::compile(&dist::Request {
+        scheduler,
+        toolchain: &toolchain.archive,
+        toolchain_digest: toolchain.digest,
+        argv,
+        cwd,
+        env: inv.env,
+        files: &closure.files,
+        dirs: &closure.dirs,
+        outputs: &outputs,
+        source: &cwd.join(&c.source),
+    })
 }
 
 fn exit_code(status: &std::process::ExitStatus) -> i32 {

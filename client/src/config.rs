@@ -43,6 +43,10 @@ pub struct Config {
     /// Upload to the remote tier from a process of its own, so a compile does not wait for
     /// the network (`remote_async`, `KILN_REMOTE_ASYNC`).
     pub remote_async: bool,
+    /// Send misses to the compile farm (`dist`, `KILN_DIST`, `kiln --dist`).
+    pub dist: bool,
+    /// The farm's scheduler (`scheduler`, `KILN_SCHEDULER`, `http://HOST:PORT`).
+    pub scheduler: Option<String>,
     /// Where the file came from, for `kiln config`.
     pub source: Option<PathBuf>,
 }
@@ -63,6 +67,8 @@ struct FileConfig {
     remote_cache: Option<String>,
     no_push: Option<bool>,
     remote_async: Option<bool>,
+    dist: Option<bool>,
+    scheduler: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,6 +84,7 @@ pub struct Overrides {
     pub dir: Option<PathBuf>,
     pub disable: Option<bool>,
     pub recache: Option<bool>,
+    pub dist: Option<bool>,
 }
 
 impl Config {
@@ -179,6 +186,21 @@ impl Config {
             },
             no_push: flag("KILN_NO_PUSH", file.no_push, false)?,
             remote_async: flag("KILN_REMOTE_ASYNC", file.remote_async, false)?,
+            dist: flags
+                .dist
+                .map_or_else(|| flag("KILN_DIST", file.dist, false), Ok)?,
+            scheduler: match env
+                .get("KILN_SCHEDULER")
+                .map(str::to_owned)
+                .or(file.scheduler)
+            {
+                Some(url) if !url.starts_with("http://") => {
+                    bail!(
+                        "scheduler {url:?} is not an http:// URL (KILN_SCHEDULER=http://HOST:PORT)"
+                    )
+                }
+                other => other,
+            },
             source,
         })
     }

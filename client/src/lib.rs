@@ -8,6 +8,7 @@ pub mod compile;
 pub mod compiler;
 pub mod config;
 pub mod depfile;
+pub mod dist;
 pub mod env;
 pub mod files;
 pub mod gocache;

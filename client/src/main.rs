@@ -20,12 +20,16 @@ const ABOUT: &str = "kiln: a compiler cache. Put it in front of gcc or clang.";
 
 const AFTER_HELP: &str = "\
 Wrapping a compile:
-  kiln [--recache] [--disable] COMPILER ARGS...   e.g. kiln gcc -c foo.c -o foo.o
+  kiln [--recache] [--disable] [--dist] COMPILER ARGS...   e.g. kiln gcc -c foo.c -o foo.o
   CC=\"kiln gcc\" make, or CMAKE_C_COMPILER_LAUNCHER=kiln, or a link named gcc pointing to kiln.
 
 Configuration: a TOML file (KILN_CONFIG, default ~/.config/kiln/kiln.toml), overridden by
 KILN_* variables (KILN_DIR, KILN_CACHE_SIZE, KILN_BASE_DIR, KILN_DISABLE, KILN_READONLY,
-KILN_RECACHE, KILN_HASH_DIR, KILN_STATS, KILN_REMOTE_CACHE, KILN_NO_PUSH), overridden by flags.
+KILN_RECACHE, KILN_HASH_DIR, KILN_STATS, KILN_REMOTE_CACHE, KILN_NO_PUSH, KILN_DIST,
+KILN_SCHEDULER), overridden by flags.
+The farm: KILN_SCHEDULER=http://HOST:PORT and --dist (or KILN_DIST=1) compile misses on a
+builder; kiln dist-status shows the builders. kiln toolchain package COMPILER OUT writes the
+archive a builder runs COMPILER from, and prints its digest and size.
 Go: GOCACHEPROG=\"kiln go-cacheprog\". KILN_LOG=debug explains each
 hit and miss on stderr.";
 
@@ -53,8 +57,19 @@ enum Command {
     Cleanup,
     /// Remove every cached result.
     Clear,
+    /// Show the compile farm: builders, their slots, load and toolchains, and jobs in flight.
+    DistStatus {
+        /// Print a JSON document (with a `builders` list).
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve Go's build cache: GOCACHEPROG="kiln go-cacheprog" (Go 1.24 and later).
     GoCacheprog,
+    /// Toolchain archives: the compiler as the farm's builders run it.
+    Toolchain {
+        #[command(subcommand)]
+        command: ToolchainCommand,
+    },
     /// Upload a stored result and its manifest to the remote cache; kiln runs this itself, in
     /// the background, with KILN_REMOTE_ASYNC=1.
     #[command(hide = true)]
@@ -66,12 +81,24 @@ enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum ToolchainCommand {
+    /// Pack COMPILER (a path, or a name looked up in PATH) with what it needs to compile into
+    /// the archive OUT, and print its digest and size.
+    Package {
+        compiler: std::path::PathBuf,
+        out: std::path::PathBuf,
+    },
+}
+
 const SUBCOMMANDS: &[&str] = &[
     "stats",
     "config",
     "cleanup",
     "clear",
     "go-cacheprog",
+    "dist-status",
+    "toolchain",
     "remote-push",
     "help",
     "--help",
@@ -110,6 +137,7 @@ fn main() -> ExitCode {
                     match rest.next().and_then(|a| a.to_str()) {
                         Some("--recache") => flags.recache = Some(true),
                         Some("--disable") => flags.disable = Some(true),
+                        Some("--dist") => flags.dist = Some(true),
                         Some(other) if other.starts_with("--") => {
                             eprintln!("kiln: unknown option {other:?} before the compiler (see kiln --help)");
                             return ExitCode::from(2);
@@ -256,6 +284,11 @@ fn run_subcommand(env: &Env, cli: Cli) -> anyhow::Result<()> {
             println!("recache             {}", config.recache);
             println!("disable             {}", config.disable);
             println!("stats               {}", config.stats);
+            println!("dist                {}", config.dist);
+            println!(
+                "scheduler           {}",
+                config.scheduler.as_deref().unwrap_or("(none)")
+            );
         }
         Command::Cleanup => {
             let r = store
@@ -268,6 +301,21 @@ fn run_subcommand(env: &Env, cli: Cli) -> anyhow::Result<()> {
                 stats::human_bytes(r.size),
                 r.files
             );
+        }
+        Command::DistStatus { json } => {
+            let url = config
+                .scheduler
+                .as_deref()
+                .context("no scheduler is configured: set KILN_SCHEDULER=http://HOST:PORT")?;
+            let status = kiln_client::dist::status(url)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&kiln_client::dist::status_json(&status))?
+                );
+            } else {
+                print!("{}", kiln_client::dist::status_text(&status));
+            }
         }
         Command::GoCacheprog => {
             let counts = kiln_client::gocache::serve(
@@ -295,6 +343,23 @@ fn run_subcommand(env: &Env, cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Toolchain { command } => match command {
+            ToolchainCommand::Package {
+                compiler: name,
+                out,
+            } => {
+                let self_exe = std::env::current_exe().unwrap_or_else(|_| "kiln".into());
+                let path = compiler::find(&name.to_string_lossy(), env, &self_exe)?;
+                let t = kiln_client::toolchain::package(&path, &out)?;
+                println!("toolchain           {}", t.archive.display());
+                println!("digest              {}", t.digest);
+                println!(
+                    "size                {} ({} bytes)",
+                    stats::human_bytes(t.size),
+                    t.size
+                );
+            }
+        },
         Command::Clear => {
             let n = store
                 .clear()

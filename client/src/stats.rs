@@ -73,6 +73,14 @@ pub fn record_remote(cache_dir: &Path, counts: crate::remote::Counts) {
     }
 }
 
+/// Counts a compile sent to the farm: done there, or the cause it came back to this machine.
+pub fn record_dist(cache_dir: &Path, outcome: Result<(), &'static str>) {
+    bump(cache_dir, |c| match outcome {
+        Ok(()) => c.add("dist_compiles", 1),
+        Err(cause) => c.add(&format!("dist_fallback.{cause}"), 1),
+    });
+}
+
 /// The sum of all shards.
 pub fn load(cache_dir: &Path) -> Counters {
     let mut total = Counters::default();
@@ -109,6 +117,16 @@ pub fn to_json(c: &Counters, store: &Store, limits: Limits) -> serde_json::Value
         .iter()
         .map(|r| c.get(&format!("uncacheable.{}", r.name())))
         .sum();
+    let dist_fallbacks: serde_json::Map<String, serde_json::Value> = crate::dist::Fallback::NAMES
+        .iter()
+        .map(|cause| {
+            (
+                cause.to_string(),
+                json!(c.get(&format!("dist_fallback.{cause}"))),
+            )
+        })
+        .filter(|(_, v)| v.as_i64() != Some(0))
+        .collect();
     json!({
         "requests": c.get("hits") + c.get("misses") + c.get("compile_failed") + c.get("errors") + uncacheable_total,
         "hits": c.get("hits"),
@@ -122,6 +140,9 @@ pub fn to_json(c: &Counters, store: &Store, limits: Limits) -> serde_json::Value
         "remote_hits": c.get("remote_hits"),
         "remote_errors": c.get("remote_errors"),
         "remote_uploads": c.get("remote_uploads"),
+        "dist_compiles": c.get("dist_compiles"),
+        "dist_fallbacks": dist_fallbacks.values().map(|v| v.as_i64().unwrap_or(0)).sum::<i64>(),
+        "dist_fallbacks_by_cause": dist_fallbacks,
         "go_gets": c.get("go_gets"),
         "go_hits": c.get("go_hits"),
         "go_puts": c.get("go_puts"),
@@ -178,6 +199,21 @@ pub fn to_text(j: &serde_json::Value) -> String {
                 n("remote_errors")
             ),
         );
+    }
+    if n("dist_compiles") + n("dist_fallbacks") > 0 {
+        line(
+            "Compiled on the farm",
+            format!(
+                "{:<10}{} local fallbacks",
+                n("dist_compiles"),
+                n("dist_fallbacks")
+            ),
+        );
+        if let Some(causes) = j["dist_fallbacks_by_cause"].as_object() {
+            for (cause, count) in causes {
+                line(&format!("    {cause}"), count.to_string());
+            }
+        }
     }
     if n("go_gets") + n("go_puts") > 0 {
         let hits = format!(

@@ -35,10 +35,8 @@ pub struct Limits {
     /// Largest file the job may write.
     pub file_size: u64,
     pub open_files: u64,
-    /// Everything the job writes, inputs included (the container's upper layer).
+    /// Everything the job writes, inputs and `/tmp` included (the container's upper layer).
     pub disk: u64,
-    /// The job's `/tmp`.
-    pub tmp: u64,
 }
 
 impl Default for Limits {
@@ -50,7 +48,6 @@ impl Default for Limits {
             file_size: 2 << 30,
             open_files: 4096,
             disk: 4 << 30,
-            tmp: 2 << 30,
         }
     }
 }

@@ -234,8 +234,9 @@ impl Backend for LinuxJail {
             let _ = fs::remove_dir_all(&tmp);
             return Err(e.into());
         }
-        // Mount points the helper needs; real directories in the image, so nothing is created
-        // in the job's upper layer before the job starts.
+        // Mount points the helper needs, and /tmp; real directories in the image, so nothing is
+        // created in the job's upper layer before the job starts. /tmp is the container's own
+        // (inside its size cap), not a mount: inputs may live under /tmp on the client.
         for sub in ["proc", "dev", "tmp"] {
             let path = tmp.join(sub);
             if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
@@ -247,6 +248,9 @@ impl Backend for LinuxJail {
             fs::create_dir_all(&path)
                 .map_err(JailError::io(format!("creating {}", path.display())))?;
         }
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(tmp.join("tmp"), fs::Permissions::from_mode(0o1777))
+            .map_err(JailError::io("making /tmp writable"))?;
         if dir.exists() {
             fs::remove_dir_all(&dir)
                 .map_err(JailError::io(format!("replacing {}", dir.display())))?;
@@ -309,7 +313,6 @@ impl Backend for LinuxJail {
             .args(["--processes", &limits.processes.to_string()])
             .args(["--file-size", &limits.file_size.to_string()])
             .args(["--open-files", &limits.open_files.to_string()])
-            .args(["--tmp-size", &limits.tmp.to_string()])
             .arg("--")
             .args(&spec.argv)
             .env_clear()

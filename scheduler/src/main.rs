@@ -51,6 +51,7 @@ fn main() -> anyhow::Result<()> {
         .with_max_level(log_level())
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if args.local_builder {
         // Before any thread exists (see kiln-builder).

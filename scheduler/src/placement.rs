@@ -29,6 +29,7 @@ pub struct BuilderState {
     pub connected: Instant,
     pub jobs_done: u64,
     pub jobs_failed: u64,
+    pub toolchains_received: u64,
 }
 
 /// The builders the scheduler knows, by id.
@@ -106,6 +107,7 @@ mod tests {
             connected: Instant::now(),
             jobs_done: 0,
             jobs_failed: 0,
+            toolchains_received: 0,
         }
     }
 

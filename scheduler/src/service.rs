@@ -266,6 +266,7 @@ impl Scheduler {
                 if let Some(b) = st.registry.builders.get_mut(builder) {
                     for d in change.added.iter().filter_map(|d| digest_of(d).ok()) {
                         b.toolchains.insert(d);
+                        b.toolchains_received += 1;
                     }
                     for d in change.evicted.iter().filter_map(|d| digest_of(d).ok()) {
                         b.toolchains.remove(&d);
@@ -549,6 +550,7 @@ impl SchedulerRpc for Scheduler {
                     connected: Instant::now(),
                     jobs_done: 0,
                     jobs_failed: 0,
+                    toolchains_received: 0,
                 },
             );
             st.links.insert(id.clone(), tx.clone());
@@ -668,6 +670,7 @@ impl SchedulerRpc for Scheduler {
                 jobs_done: b.jobs_done,
                 jobs_failed: b.jobs_failed,
                 connected_ms: now.duration_since(b.connected).as_millis() as u64,
+                toolchains_received: b.toolchains_received,
             })
             .collect();
         let mut jobs: Vec<JobStatus> = st

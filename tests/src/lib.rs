@@ -21,6 +21,8 @@ fn built(name: &str) -> PathBuf {
                 "kiln-client",
                 "-p",
                 "kiln-cache-server",
+                "-p",
+                "kiln-jails",
                 "--bins",
             ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -344,5 +346,182 @@ impl TinyDisk {
 impl Drop for TinyDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
+
+/// The `kiln-jail` helper.
+pub fn jail_helper() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| built("kiln-jail"))
+}
+
+type Task = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+/// A compile farm in this process: a scheduler and builders with real Linux jails, on
+/// 127.0.0.1. Builders and the scheduler can be killed and restarted.
+pub struct Farm {
+    runtime: tokio::runtime::Runtime,
+    pub addr: std::net::SocketAddr,
+    scheduler: Option<(tokio::sync::oneshot::Sender<()>, Task)>,
+    builders: Vec<Option<(tokio::sync::oneshot::Sender<()>, Task)>>,
+    dir: tempfile::TempDir,
+    slots: u32,
+}
+
+impl std::fmt::Debug for Farm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Farm").field("addr", &self.addr).finish()
+    }
+}
+
+impl Farm {
+    /// A scheduler and `builders` builders of `slots` slots each, all joined.
+    pub fn start(builders: usize, slots: u32) -> Farm {
+        // KILN_TEST_LOG=debug shows what the scheduler and builders do.
+        let level = std::env::var("KILN_TEST_LOG").ok();
+        if let Some(level) = level.and_then(|l| l.parse::<tracing::Level>().ok()) {
+            let _ = tracing_subscriber::fmt()
+                .with_max_level(level)
+                .with_test_writer()
+                .try_init();
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut farm = Farm {
+            runtime,
+            addr,
+            scheduler: None,
+            builders: Vec::new(),
+            dir: tempfile::tempdir().unwrap(),
+            slots,
+        };
+        farm.serve_scheduler(listener);
+        for i in 0..builders {
+            farm.start_builder(i);
+        }
+        farm.wait_for_builders(builders);
+        farm
+    }
+
+    /// `http://127.0.0.1:PORT`, for KILN_SCHEDULER.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn serve_scheduler(&mut self, listener: tokio::net::TcpListener) {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let config = kiln_scheduler::Config {
+            heartbeat: std::time::Duration::from_millis(500),
+            ..kiln_scheduler::Config::default()
+        };
+        let task = self
+            .runtime
+            .spawn(kiln_scheduler::serve(config, listener, async {
+                let _ = rx.await;
+            }));
+        self.scheduler = Some((tx, task));
+    }
+
+    /// Stops the scheduler (gracefully) and starts a new one on the same address.
+    pub fn restart_scheduler(&mut self) {
+        if let Some((tx, task)) = self.scheduler.take() {
+            let _ = tx.send(());
+            self.runtime.block_on(task).unwrap().unwrap();
+        }
+        let listener = self
+            .runtime
+            .block_on(tokio::net::TcpListener::bind(self.addr))
+            .expect("rebinding the scheduler's address");
+        self.serve_scheduler(listener);
+    }
+
+    /// Starts builder `i` (again).
+    pub fn start_builder(&mut self, i: usize) {
+        let work = self.dir.path().join(format!("builder{i}"));
+        let mut config = kiln_builder::Config::new(&self.url(), work, jail_helper().to_path_buf());
+        config.name = format!("builder{i}");
+        config.slots = self.slots;
+        // Distinct users per builder: process limits count per user.
+        config.uid_base = 62_000 + 100 * i as u32;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = self.runtime.spawn(kiln_builder::serve(config, async {
+            let _ = rx.await;
+        }));
+        if self.builders.len() <= i {
+            self.builders.resize_with(i + 1, || None);
+        }
+        self.builders[i] = Some((tx, task));
+    }
+
+    /// Kills builder `i` at once, as a crash would: its link to the scheduler drops mid-job.
+    pub fn kill_builder(&mut self, i: usize) {
+        if let Some((_, task)) = self.builders[i].take() {
+            task.abort();
+            let _ = self.runtime.block_on(task);
+        }
+    }
+
+    /// The scheduler's status, as `kiln dist-status --json` prints it.
+    pub fn status(&self) -> serde_json::Value {
+        let status = kiln_client::dist::status(&self.url()).expect("scheduler status");
+        kiln_client::dist::status_json(&status)
+    }
+
+    /// Waits until `n` builders have joined.
+    pub fn wait_for_builders(&self, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let joined = kiln_client::dist::status(&self.url())
+                .map(|s| s.builders.len())
+                .unwrap_or(0);
+            if joined == n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{joined} of {n} builders joined in 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// A project whose kiln sends misses to this farm.
+    pub fn project(&self) -> Project {
+        let mut p = Project::new();
+        p.env.push(("KILN_SCHEDULER".into(), self.url()));
+        p.env.push(("KILN_DIST".into(), "1".into()));
+        p
+    }
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        for b in self.builders.iter_mut() {
+            if let Some((tx, task)) = b.take() {
+                let _ = tx.send(());
+                let _ = self.runtime.block_on(task);
+            }
+        }
+        if let Some((tx, task)) = self.scheduler.take() {
+            let _ = tx.send(());
+            let _ = self.runtime.block_on(task);
+        }
+        // Builders killed mid-job leave their containers mounted.
+        use kiln_jails::Backend;
+        for i in 0..self.builders.len() {
+            let jail = self.dir.path().join(format!("builder{i}/jail"));
+            if let Ok(j) =
+                kiln_jails::linux::LinuxJail::new(&jail, jail_helper(), Default::default())
+            {
+                let _ = j.cleanup_leftovers();
+            }
+        }
     }
 }

@@ -4,8 +4,8 @@
 //!    pid, net, ipc and uts namespaces, makes every mount private, and starts stage 2. It
 //!    enforces the wall-clock limit (killing stage 2, the namespace's init, kills every process
 //!    in it) and writes a one-line report for the builder.
-//! 2. `kiln-jail init …`, pid 1 of the new pid namespace: mounts `/proc`, a minimal `/dev` and a
-//!    tmpfs `/tmp` in the container root, pivots into it, sets the hostname and rlimits, drops to
+//! 2. `kiln-jail init …`, pid 1 of the new pid namespace: mounts `/proc` and a minimal `/dev`
+//!    in the container root, pivots into it, sets the hostname and rlimits, drops to
 //!    the job's uid and gid (which clears every capability), sets `no_new_privs`, starts a new
 //!    session and execs the command.
 //!
@@ -78,7 +78,6 @@ struct Params {
     processes: u64,
     file_size: u64,
     open_files: u64,
-    tmp_size: u64,
     argv: Vec<OsString>,
 }
 
@@ -109,7 +108,6 @@ impl Params {
                 "--processes" => p.processes = num()?,
                 "--file-size" => p.file_size = num()?,
                 "--open-files" => p.open_files = num()?,
-                "--tmp-size" => p.tmp_size = num()?,
                 _ => return Err(format!("unknown option {flag}")),
             }
         }
@@ -139,7 +137,6 @@ impl Params {
         push("--processes", self.processes.to_string().into());
         push("--file-size", self.file_size.to_string().into());
         push("--open-files", self.open_files.to_string().into());
-        push("--tmp-size", self.tmp_size.to_string().into());
         out.push("--".into());
         out.extend(self.argv.iter().cloned());
         out
@@ -307,16 +304,6 @@ fn enter(p: &Params) -> Result<Never, String> {
         std::os::unix::fs::symlink(target, dev.join(name))
             .map_err(|e| format!("creating /dev/{name}: {e}"))?;
     }
-    let tmp_opts = format!("size={},mode=1777", p.tmp_size.max(1 << 20));
-    mount(
-        Some("kiln-tmp"),
-        &root.join("tmp"),
-        Some("tmpfs"),
-        flags,
-        Some(tmp_opts.as_str()),
-    )
-    .map_err(|e| format!("mounting /tmp: {e}"))?;
-
     // pivot_root(".", ".") stacks the old root under the new one; detaching it leaves only
     // the container.
     nix::unistd::chdir(root).map_err(|e| format!("entering {}: {e}", root.display()))?;

@@ -421,6 +421,9 @@ pub struct BuilderStatus {
     pub jobs_failed: u64,
     #[prost(uint64, tag = "11")]
     pub connected_ms: u64,
+    /// Toolchains this builder has received since it joined: from the scheduler's cache or a client.
+    #[prost(uint64, tag = "12")]
+    pub toolchains_received: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -1,0 +1,593 @@
+//! `--dist`: a cache miss compiled by a builder of the farm.
+//!
+//! The same command runs on the builder, in the same working directory, on the same files at
+//! the same absolute paths: the source and its include closure ([`crate::closure`]) travel as
+//! content-addressed files, the compiler as a toolchain archive ([`crate::toolchain`]). So the
+//! object is the one the local compiler would have written, debug information included.
+//!
+//! Anything that goes wrong on the way is a [`Fallback`]: the caller compiles locally and counts
+//! the cause. A compiler error on the builder is the compile's real result, except when the
+//! compiler could not find a file, which may be a gap in the shipped closure: then the compile
+//! runs locally too, so the diagnostics are always the local compiler's.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use kiln_proto::content::{chunk_digest, chunks, Assembly};
+use kiln_proto::v1::scheduler_client::SchedulerClient;
+use kiln_proto::v1::{
+    from_client, refused, to_client, EnvVar, FromClient, InputFile, JobSpec, StatusReply,
+    StatusRequest, ToClient,
+};
+use kiln_proto::{digest_of, wire_digest, Digest, MAX_MESSAGE, PROTOCOL_VERSION};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::env::{Env, COMPILER_VARS};
+
+/// How long to wait for the scheduler to answer a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest a remote compile may take, transfers included.
+const JOB_TIMEOUT: Duration = Duration::from_secs(900);
+/// The largest output accepted from a builder.
+const MAX_OUTPUT: u64 = 1 << 30;
+
+/// Why a compile did not come back from the farm. Each is counted as `dist_fallback.<name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fallback {
+    /// `--dist` without a scheduler address.
+    NoScheduler,
+    /// The scheduler did not answer.
+    Unreachable(String),
+    NoBuilders(String),
+    NoCapacity(String),
+    /// Builders were tried and failed.
+    BuildersFailed(String),
+    /// The scheduler or builder refused the job or spoke another protocol version.
+    Refused(String),
+    /// The toolchain could not be packaged.
+    Toolchain(String),
+    /// The inputs could not be listed or read, or a file was missing on the builder.
+    Inputs(String),
+    /// The job was killed on the builder (a limit), or the stream broke.
+    Failed(String),
+    /// This compile cannot run elsewhere (it depends on this machine).
+    Unsupported(String),
+}
+
+impl Fallback {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Fallback::NoScheduler => "no_scheduler",
+            Fallback::Unreachable(_) => "unreachable",
+            Fallback::NoBuilders(_) => "no_builders",
+            Fallback::NoCapacity(_) => "no_capacity",
+            Fallback::BuildersFailed(_) => "builders_failed",
+            Fallback::Refused(_) => "refused",
+            Fallback::Toolchain(_) => "toolchain",
+            Fallback::Inputs(_) => "inputs",
+            Fallback::Failed(_) => "failed",
+            Fallback::Unsupported(_) => "unsupported",
+        }
+    }
+
+    /// Every cause, for the stats.
+    pub const NAMES: &'static [&'static str] = &[
+        "no_scheduler",
+        "unreachable",
+        "no_builders",
+        "no_capacity",
+        "builders_failed",
+        "refused",
+        "toolchain",
+        "inputs",
+        "failed",
+        "unsupported",
+    ];
+}
+
+impl std::fmt::Display for Fallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fallback::NoScheduler => f.write_str("no scheduler is configured (KILN_SCHEDULER)"),
+            Fallback::Unreachable(m)
+            | Fallback::NoBuilders(m)
+            | Fallback::NoCapacity(m)
+            | Fallback::BuildersFailed(m)
+            | Fallback::Refused(m)
+            | Fallback::Toolchain(m)
+            | Fallback::Inputs(m)
+            | Fallback::Failed(m)
+            | Fallback::Unsupported(m) => write!(f, "{}: {m}", self.name().replace('_', " ")),
+        }
+    }
+}
+
+/// One remote compile, described.
+#[derive(Debug)]
+pub struct Request<'a> {
+    pub scheduler: &'a str,
+    /// The toolchain archive and its digest.
+    pub toolchain: &'a Path,
+    pub toolchain_digest: Digest,
+    /// The compiler, absolute, then its arguments.
+    pub argv: Vec<String>,
+    pub cwd: &'a Path,
+    pub env: &'a Env,
+    /// Files to ship (absolute) and directories that must exist.
+    pub files: &'a [PathBuf],
+    pub dirs: &'a [PathBuf],
+    /// Files the command writes (absolute).
+    pub outputs: &'a [PathBuf],
+    /// The source file, sent ahead of any request and shown in status.
+    pub source: &'a Path,
+}
+
+/// What the builder's compile produced; the outputs are already written.
+#[derive(Debug)]
+pub struct Done {
+    pub output: std::process::Output,
+    pub builder: String,
+}
+
+struct Input {
+    path: PathBuf,
+    size: u64,
+}
+
+/// Runs `req` on the farm and writes its outputs.
+/// Where a file or directory the compiler names by `path` must be placed in the jail, and the
+/// directories that must exist there for the compiler's own spelling of it to resolve: a path
+/// with `..` (`/usr/lib/gcc/x86_64-linux-gnu/12/../../../../include/c++/12/map`) is resolved
+/// by the kernel through the directories it names, so those must exist too.
+fn placement(path: &Path, dirs: &mut Vec<PathBuf>) -> PathBuf {
+    use std::path::Component;
+    if !path.components().any(|c| c == Component::ParentDir) {
+        return path.to_path_buf();
+    }
+    let mut prefix = PathBuf::new();
+    for c in path.components() {
+        if c == Component::ParentDir {
+            dirs.push(std::fs::canonicalize(&prefix).unwrap_or_else(|_| lexical(&prefix)));
+        }
+        prefix.push(c);
+    }
+    std::fs::canonicalize(path).unwrap_or_else(|_| lexical(path))
+}
+
+/// `path` with `.` and `..` folded away by text alone.
+fn lexical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+pub fn compile(req: &Request<'_>) -> Result<Done, Fallback> {
+    let mut inputs: HashMap<Digest, Input> = HashMap::new();
+    let mut files = Vec::with_capacity(req.files.len());
+    let mut dirs = Vec::new();
+    for dir in req.dirs {
+        let placed = placement(dir, &mut dirs);
+        dirs.push(placed);
+    }
+    for path in req.files {
+        let placed = placement(path, &mut dirs);
+        let data = std::fs::read(path)
+            .map_err(|e| Fallback::Inputs(format!("reading {}: {e}", path.display())))?;
+        let digest = Digest::of(&data);
+        let executable = false;
+        files.push(InputFile {
+            path: placed.to_string_lossy().into_owned(),
+            digest: Some(wire_digest(&digest, data.len() as u64)),
+            executable,
+        });
+        inputs.insert(
+            digest,
+            Input {
+                path: path.clone(),
+                size: data.len() as u64,
+            },
+        );
+    }
+    let toolchain_size = std::fs::metadata(req.toolchain)
+        .map_err(|e| Fallback::Toolchain(format!("{}: {e}", req.toolchain.display())))?
+        .len();
+    let mut env: Vec<EnvVar> = COMPILER_VARS
+        .iter()
+        .chain(&["PATH"])
+        .filter_map(|name| {
+            req.env.get(name).map(|v| EnvVar {
+                name: name.to_string(),
+                value: v.to_string(),
+            })
+        })
+        .collect();
+    env.sort_by(|a, b| a.name.cmp(&b.name));
+    let spec = JobSpec {
+        protocol_version: PROTOCOL_VERSION,
+        toolchain: Some(wire_digest(&req.toolchain_digest, toolchain_size)),
+        os: std::env::consts::OS.into(),
+        arch: std::env::consts::ARCH.into(),
+        argv: req.argv.clone(),
+        env,
+        cwd: req.cwd.to_string_lossy().into_owned(),
+        inputs: files,
+        dirs: {
+            dirs.sort();
+            dirs.dedup();
+            dirs.iter()
+                .filter(|d| d.components().count() > 1)
+                .map(|d| d.to_string_lossy().into_owned())
+                .collect()
+        },
+        outputs: req
+            .outputs
+            .iter()
+            .map(|o| o.to_string_lossy().into_owned())
+            .collect(),
+        timeout_ms: 0,
+        label: req.source.to_string_lossy().into_owned(),
+    };
+    let source = std::fs::read(req.source).ok().map(Bytes::from);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Fallback::Failed(format!("starting the network runtime: {e}")))?;
+    let done = runtime.block_on(async {
+        tokio::time::timeout(JOB_TIMEOUT, exchange(req, spec, source, &inputs))
+            .await
+            .unwrap_or_else(|_| Err(Fallback::Failed("the remote compile took too long".into())))
+    })?;
+    Ok(done)
+}
+
+async fn connect(url: &str) -> Result<SchedulerClient<tonic::transport::Channel>, Fallback> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| Fallback::Unreachable(format!("{url}: {e}")))?
+        .connect_timeout(CONNECT_TIMEOUT);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Fallback::Unreachable(format!("{url}: {}", source_text(&e))))?;
+    Ok(SchedulerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE))
+}
+
+fn source_text(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        text = format!("{text}: {s}");
+        cur = s.source();
+    }
+    text
+}
+
+fn status_fallback(s: &tonic::Status) -> Fallback {
+    match s.code() {
+        tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
+            Fallback::Refused(s.message().to_string())
+        }
+        tonic::Code::Unavailable => Fallback::Unreachable(s.message().to_string()),
+        _ => Fallback::Failed(format!("{:?}: {}", s.code(), s.message())),
+    }
+}
+
+async fn exchange(
+    req: &Request<'_>,
+    spec: JobSpec,
+    source: Option<Bytes>,
+    inputs: &HashMap<Digest, Input>,
+) -> Result<Done, Fallback> {
+    let mut client = connect(req.scheduler).await?;
+    let (tx, rx) = mpsc::channel::<FromClient>(16);
+    let send = |msg: from_client::Msg| FromClient { msg: Some(msg) };
+    let _ = tx.send(send(from_client::Msg::Spec(spec))).await;
+    // The source is almost never on the builder yet: send it without waiting to be asked.
+    let mut pushed = None;
+    if let Some(data) = source {
+        let digest = Digest::of(&data);
+        if inputs.contains_key(&digest) {
+            pushed = Some(digest);
+            for chunk in chunks(&digest, &data) {
+                let _ = tx.send(send(from_client::Msg::Chunk(chunk))).await;
+            }
+        }
+    }
+    let mut incoming = client
+        .compile(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| status_fallback(&s))?
+        .into_inner();
+
+    let mut finished = None;
+    let mut builder = String::new();
+    // Uploads answering the current placement's needs; a new placement cancels them.
+    let mut senders: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let mut pending: HashMap<Digest, Assembly> = HashMap::new();
+    let mut received: HashMap<Digest, Bytes> = HashMap::new();
+    loop {
+        let msg = match incoming.message().await {
+            Ok(Some(ToClient { msg: Some(m) })) => m,
+            Ok(Some(_)) => continue,
+            Ok(None) => return Err(Fallback::Failed("the scheduler ended the job early".into())),
+            Err(s) => return Err(status_fallback(&s)),
+        };
+        match msg {
+            to_client::Msg::Placed(p) => {
+                tracing::debug!(builder = %p.builder, attempt = p.attempt, "placed");
+                builder = p.builder;
+                // A job placed again starts over: what an earlier builder sent is void.
+                finished = None;
+                pending.clear();
+                received.clear();
+                if p.attempt > 1 {
+                    pushed = None;
+                    for task in senders.drain(..) {
+                        task.abort();
+                    }
+                }
+            }
+            to_client::Msg::Need(need) => {
+                let tx = tx.clone();
+                let toolchain = need.toolchain.then(|| req.toolchain.to_path_buf());
+                let mut wanted = Vec::new();
+                for wire in &need.files {
+                    let digest = digest_of(wire).map_err(|e| Fallback::Failed(e.to_string()))?;
+                    if Some(digest) == pushed {
+                        continue;
+                    }
+                    let input = inputs.get(&digest).ok_or_else(|| {
+                        Fallback::Failed(
+                            "the builder asked for a file this job does not have".into(),
+                        )
+                    })?;
+                    wanted.push((digest, input.path.clone(), input.size));
+                }
+                let tc_digest = req.toolchain_digest;
+                // Sending on its own task: the builder's answer may start before we finish.
+                senders.retain(|t| !t.is_finished());
+                senders.push(tokio::spawn(async move {
+                    if let Some(path) = toolchain {
+                        if let Ok(data) = std::fs::read(&path) {
+                            for chunk in chunks(&tc_digest, &Bytes::from(data)) {
+                                if tx.send(send(from_client::Msg::Chunk(chunk))).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    for (digest, path, _) in wanted {
+                        let Ok(data) = std::fs::read(&path) else {
+                            return;
+                        };
+                        // A file edited since it was hashed would fail the builder's check;
+                        // sending it anyway lets the builder say so.
+                        for chunk in chunks(&digest, &Bytes::from(data)) {
+                            if tx.send(send(from_client::Msg::Chunk(chunk))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }));
+            }
+            to_client::Msg::Finished(f) => {
+                for out in &f.outputs {
+                    let wire = out
+                        .digest
+                        .as_ref()
+                        .ok_or_else(|| Fallback::Failed("an output without a digest".into()))?;
+                    let digest = digest_of(wire).map_err(|e| Fallback::Failed(e.to_string()))?;
+                    let asm = Assembly::new(digest, wire.size, MAX_OUTPUT)
+                        .map_err(|e| Fallback::Failed(e.to_string()))?;
+                    pending.insert(digest, asm);
+                }
+                if !f.builder.is_empty() {
+                    builder = f.builder.clone();
+                }
+                finished = Some(f);
+            }
+            to_client::Msg::Chunk(chunk) => {
+                let (digest, _) =
+                    chunk_digest(&chunk).map_err(|e| Fallback::Failed(e.to_string()))?;
+                if let Some(asm) = pending.get_mut(&digest) {
+                    match asm.add(&chunk) {
+                        Ok(Some(data)) => {
+                            pending.remove(&digest);
+                            received.insert(digest, data);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            return Err(Fallback::Failed(format!("an output arrived damaged: {e}")))
+                        }
+                    }
+                }
+            }
+            to_client::Msg::Refused(r) => {
+                let reason =
+                    refused::Reason::try_from(r.reason).unwrap_or(refused::Reason::Unspecified);
+                return Err(match reason {
+                    refused::Reason::NoBuilders => Fallback::NoBuilders(r.message),
+                    refused::Reason::NoCapacity => Fallback::NoCapacity(r.message),
+                    refused::Reason::BuildersFailed => Fallback::BuildersFailed(r.message),
+                    _ => Fallback::Refused(r.message),
+                });
+            }
+        }
+        if finished.is_some() && pending.is_empty() {
+            break;
+        }
+    }
+    drop(tx);
+    let f = finished.unwrap_or_default();
+    if !f.killed.is_empty() {
+        return Err(Fallback::Failed(format!(
+            "killed on {builder}: {}",
+            f.killed
+        )));
+    }
+    if f.exit_code != 0 && looks_like_missing_file(&f.stderr) {
+        return Err(Fallback::Inputs(format!(
+            "the compile on {builder} could not find a file: {}",
+            String::from_utf8_lossy(&f.stderr)
+                .lines()
+                .next()
+                .unwrap_or("")
+        )));
+    }
+    for out in &f.outputs {
+        let digest = out.digest.as_ref().and_then(|d| digest_of(d).ok());
+        let data = digest
+            .and_then(|d| received.get(&d))
+            .ok_or_else(|| Fallback::Failed(format!("output {} did not arrive", out.path)))?;
+        write_output(Path::new(&out.path), data)
+            .map_err(|e| Fallback::Failed(format!("writing {}: {e}", out.path)))?;
+    }
+    use std::os::unix::process::ExitStatusExt;
+    Ok(Done {
+        output: std::process::Output {
+            status: std::process::ExitStatus::from_raw((f.exit_code & 0xff) << 8),
+            stdout: f.stdout.to_vec(),
+            stderr: f.stderr.to_vec(),
+        },
+        builder,
+    })
+}
+
+/// gcc's and clang's words for an `#include` that found nothing.
+fn looks_like_missing_file(stderr: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(stderr);
+    text.contains("No such file or directory") || text.contains("file not found")
+}
+
+fn write_output(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.kiln-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// The farm as the scheduler sees it.
+pub fn status(url: &str) -> anyhow::Result<StatusReply> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut client = connect(url).await.map_err(|f| anyhow::anyhow!("{f}"))?;
+        let reply = client
+            .status(StatusRequest {})
+            .await
+            .map_err(|s| anyhow::anyhow!("{url}: {}", s.message()))?;
+        Ok(reply.into_inner())
+    })
+}
+
+/// The status as a JSON document: `builders`, `jobs` and the totals.
+pub fn status_json(s: &StatusReply) -> serde_json::Value {
+    serde_json::json!({
+        "protocol_version": s.protocol_version,
+        "uptime_ms": s.uptime_ms,
+        "jobs_done": s.jobs_done,
+        "jobs_failed": s.jobs_failed,
+        "builders": s.builders.iter().map(|b| serde_json::json!({
+            "id": b.id,
+            "name": b.name,
+            "os": b.os,
+            "arch": b.arch,
+            "jail": b.jail,
+            "slots": b.slots,
+            "running": b.running,
+            "jobs_done": b.jobs_done,
+            "jobs_failed": b.jobs_failed,
+            "connected_ms": b.connected_ms,
+            "toolchains_received": b.toolchains_received,
+            "toolchains": b.toolchains.iter().filter_map(|d| digest_of(d).ok()).map(|d| d.to_hex()).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "jobs": s.jobs.iter().map(|j| serde_json::json!({
+            "id": j.id,
+            "builder": j.builder,
+            "label": j.label,
+            "running_ms": j.running_ms,
+            "attempt": j.attempt,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The status as a table for people.
+pub fn status_text(s: &StatusReply) -> String {
+    let mut out = format!(
+        "{} builder(s), {} job(s) in flight, {} done, {} failed\n",
+        s.builders.len(),
+        s.jobs.len(),
+        s.jobs_done,
+        s.jobs_failed
+    );
+    if !s.builders.is_empty() {
+        out.push_str(&format!(
+            "\n{:<24} {:<14} {:<6} {:>5} {:>8} {:>10} {:>7}\n",
+            "BUILDER", "PLATFORM", "JAIL", "SLOTS", "RUNNING", "TOOLCHAINS", "DONE"
+        ));
+    }
+    for b in &s.builders {
+        out.push_str(&format!(
+            "{:<24} {:<14} {:<6} {:>5} {:>8} {:>10} {:>7}\n",
+            b.name,
+            format!("{}/{}", b.os, b.arch),
+            b.jail,
+            b.slots,
+            b.running,
+            b.toolchains.len(),
+            b.jobs_done
+        ));
+    }
+    if !s.jobs.is_empty() {
+        out.push_str(&format!(
+            "\n{:<8} {:<24} {:>8}  SOURCE\n",
+            "JOB", "BUILDER", "MS"
+        ));
+        for j in &s.jobs {
+            out.push_str(&format!(
+                "{:<8} {:<24} {:>8}  {}\n",
+                j.id, j.builder, j.running_ms, j.label
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_with_dotdot_are_placed_where_they_lead_and_their_prefixes_exist() {
+        let mut dirs = Vec::new();
+        let p = placement(Path::new("/nonexistent/a/b/../c/./d.h"), &mut dirs);
+        assert_eq!(p, PathBuf::from("/nonexistent/a/c/d.h"));
+        assert_eq!(dirs, vec![PathBuf::from("/nonexistent/a/b")]);
+        let mut dirs = Vec::new();
+        assert_eq!(
+            placement(Path::new("/x/y.h"), &mut dirs),
+            PathBuf::from("/x/y.h")
+        );
+        assert!(dirs.is_empty());
+    }
+}

@@ -1,0 +1,330 @@
+//! The farm end to end: a scheduler and two builders in this process, real Linux jails, real
+//! gcc and clang. Remote objects must be byte-identical to local ones, `-g` included.
+
+use kiln_tests::{ok, Farm, Project};
+
+const HEADER: &str = "#pragma once\n#define SCALE 3\nint helper(int);\n";
+
+const C_SOURCE: &str = r#"#include <stdio.h>
+#include <string.h>
+#include "util.h"
+static int table[64];
+int helper(int x) { return x * SCALE; }
+int main(int argc, char **argv) {
+    for (int i = 0; i < 64; i++) table[i] = helper(i) ^ (int)strlen(argv[0]);
+    printf("%d %d\n", argc, table[argc]);
+    return 0;
+}
+"#;
+
+const CXX_SOURCE: &str = r#"#include <map>
+#include <string>
+#include <vector>
+#include "util.h"
+std::map<std::string, std::vector<int>> build(int n) {
+    std::map<std::string, std::vector<int>> m;
+    for (int i = 0; i < n; i++) m[std::to_string(i)].push_back(i * SCALE);
+    return m;
+}
+"#;
+
+fn project(farm: &Farm) -> Project {
+    let p = farm.project();
+    p.write("inc/util.h", HEADER);
+    p.write("src/main.c", C_SOURCE);
+    p.write("src/map.cc", CXX_SOURCE);
+    // Files younger than the timestamp slack are not trusted to be unchanged: let them age.
+    kiln_tests::settle();
+    p
+}
+
+/// Compiles through the farm, then locally with the bare compiler, and compares.
+fn remote_matches_local(p: &Project, args: &[&str], output: &str) {
+    let out = p.kiln(args);
+    ok(&out);
+    let remote = p.read(output);
+    ok(&p.bare(args));
+    assert_eq!(
+        remote,
+        p.read(output),
+        "{output} from the farm differs ({args:?})"
+    );
+}
+
+fn dist_stat(p: &Project, name: &str) -> i64 {
+    let s = p.stats();
+    s[name]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no {name} in {s}"))
+}
+
+#[test]
+fn dist_objects_are_byte_identical_with_debug_info_and_toolchains_travel_once() {
+    let farm = Farm::start(2, 2);
+    let p = project(&farm);
+    let mut n = 0;
+    for compiler in ["gcc", "clang"] {
+        for flags in [
+            &["-g", "-O2"][..],
+            &["-O0"][..],
+            &["-g", "-gsplit-dwarf", "-O1"][..],
+        ] {
+            let mut args = vec![compiler, "-c", "src/main.c", "-o", "main.o", "-Iinc"];
+            args.extend(flags);
+            remote_matches_local(&p, &args, "main.o");
+            n += 1;
+            // Forget the result so the next round goes to the farm again.
+            p.kiln(&["clear"]);
+        }
+    }
+    for compiler in ["g++", "clang++"] {
+        let args = [
+            compiler,
+            "-c",
+            "src/map.cc",
+            "-o",
+            "map.o",
+            "-Iinc",
+            "-g",
+            "-O2",
+            "-MD",
+            "-MF",
+            "map.d",
+        ];
+        remote_matches_local(&p, &args, "map.o");
+        n += 1;
+    }
+    assert_eq!(dist_stat(&p, "dist_compiles"), n, "{}", p.stats());
+    assert_eq!(dist_stat(&p, "dist_fallbacks"), 0, "{}", p.stats());
+
+    // Every toolchain reached each builder at most once.
+    let status = farm.status();
+    for b in status["builders"].as_array().unwrap() {
+        let received = b["toolchains_received"].as_u64().unwrap();
+        let held = b["toolchains"].as_array().unwrap().len() as u64;
+        assert_eq!(received, held, "a toolchain was sent twice to {b}");
+        assert!(held <= 4, "{b}");
+    }
+    assert_eq!(status["jobs_done"].as_u64().unwrap(), n as u64);
+}
+
+#[test]
+fn a_dist_result_is_cached_like_a_local_one() {
+    let farm = Farm::start(1, 2);
+    let p = project(&farm);
+    let args = ["gcc", "-c", "src/main.c", "-o", "main.o", "-Iinc", "-g"];
+    ok(&p.kiln(&args));
+    ok(&p.kiln(&args));
+    assert_eq!(dist_stat(&p, "dist_compiles"), 1);
+    assert_eq!(dist_stat(&p, "hits"), 1);
+    // The manifest knows the header the builder read: editing it is a miss.
+    p.write("inc/util.h", &HEADER.replace("3", "4"));
+    kiln_tests::settle();
+    remote_matches_local(&p, &args, "main.o");
+    assert_eq!(dist_stat(&p, "dist_compiles"), 2);
+}
+
+#[test]
+fn compile_errors_from_the_farm_are_the_compilers_own() {
+    let farm = Farm::start(1, 1);
+    let p = project(&farm);
+    p.write("src/bad.c", "int f(void) { return undeclared_thing; }\n");
+    let remote = p.kiln(&["gcc", "-c", "src/bad.c", "-o", "bad.o"]);
+    let local = p.bare(&["gcc", "-c", "src/bad.c", "-o", "bad.o"]);
+    assert_eq!(remote.status.code(), local.status.code());
+    assert_eq!(
+        String::from_utf8_lossy(&remote.stderr),
+        String::from_utf8_lossy(&local.stderr)
+    );
+    assert_eq!(dist_stat(&p, "dist_compiles"), 1);
+    assert_eq!(dist_stat(&p, "compile_failed"), 1);
+}
+
+#[test]
+fn the_build_goes_on_when_the_farm_cannot_help() {
+    // A scheduler address where nothing listens.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let mut p = Project::new();
+    p.env.push(("KILN_SCHEDULER".into(), url));
+    p.write("inc/util.h", HEADER);
+    p.write("src/main.c", C_SOURCE);
+    ok(&p.kiln(&["--dist", "gcc", "-c", "src/main.c", "-o", "main.o", "-Iinc"]));
+    assert!(p.path("main.o").exists());
+    assert_eq!(p.stats()["dist_fallbacks_by_cause"]["unreachable"], 1);
+
+    // A scheduler with no builders says so at once.
+    let farm = Farm::start(0, 1);
+    let p = project(&farm);
+    ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "main.o", "-Iinc"]));
+    assert_eq!(p.stats()["dist_fallbacks_by_cause"]["no_builders"], 1);
+
+    // -march=native depends on this machine and stays here.
+    ok(&p.kiln(&[
+        "gcc",
+        "-march=native",
+        "-c",
+        "src/main.c",
+        "-o",
+        "n.o",
+        "-Iinc",
+    ]));
+    assert_eq!(p.stats()["dist_fallbacks_by_cause"]["unsupported"], 1);
+}
+
+/// A source that takes the compiler a while, so a builder can be killed in the middle.
+fn slow_source(p: &Project) {
+    let mut text = String::from("#include \"util.h\"\n");
+    for i in 0..3000 {
+        text.push_str(&format!(
+            "int f{i}(int x) {{ int s = 0; for (int j = 0; j < x; j++) s += (j * {i}) % 7 + helper(j); return s; }}\n"
+        ));
+    }
+    p.write("src/slow.c", &text);
+    kiln_tests::settle();
+}
+
+#[test]
+fn a_builder_killed_mid_job_does_not_fail_the_build() {
+    let mut farm = Farm::start(2, 1);
+    let p = project(&farm);
+    slow_source(&p);
+    let args = ["gcc", "-c", "src/slow.c", "-o", "slow.o", "-O2", "-Iinc"];
+    let child = p
+        .command(kiln_tests::kiln_bin())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the job runs on a builder, then kill that builder.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let victim = loop {
+        let status = farm.status();
+        let running = status["jobs"]
+            .as_array()
+            .and_then(|jobs| jobs.first())
+            .and_then(|j| j["builder"].as_str())
+            .filter(|b| !b.is_empty())
+            .map(str::to_owned);
+        let busy = status["builders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["running"].as_u64() == Some(1));
+        if let (Some(name), true) = (running, busy) {
+            break name;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never started: {status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let index: usize = victim.trim_start_matches("builder").parse().unwrap();
+    farm.kill_builder(index);
+    let out = child.wait_with_output().unwrap();
+    ok(&out);
+    let remote = p.read("slow.o");
+    ok(&p.bare(&args));
+    assert_eq!(remote, p.read("slow.o"));
+    // The scheduler placed it again on the other builder.
+    assert_eq!(dist_stat(&p, "dist_compiles"), 1, "{}", p.stats());
+    let status = farm.status();
+    assert_eq!(status["builders"].as_array().unwrap().len(), 1);
+    assert!(status["jobs_failed"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn builders_rejoin_a_restarted_scheduler_and_jobs_flow_again() {
+    let mut farm = Farm::start(2, 1);
+    let p = project(&farm);
+    ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "a.o", "-Iinc"]));
+    farm.restart_scheduler();
+    farm.wait_for_builders(2);
+    ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "b.o", "-Iinc", "-DAGAIN"]));
+    assert_eq!(dist_stat(&p, "dist_compiles"), 2, "{}", p.stats());
+    // The new scheduler learned which toolchains the builders already hold.
+    let held: usize = farm.status()["builders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["toolchains"].as_array().unwrap().len())
+        .sum();
+    assert!(held >= 1);
+}
+
+#[test]
+fn dist_status_lists_builders() {
+    let farm = Farm::start(2, 3);
+    let p = farm.project();
+    let out = p.kiln(&["dist-status", "--json"]);
+    ok(&out);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let builders = doc["builders"].as_array().unwrap();
+    assert_eq!(builders.len(), 2);
+    assert!(builders
+        .iter()
+        .all(|b| b["slots"] == 3 && b["jail"] == "linux"));
+    let text = p.kiln(&["dist-status"]);
+    ok(&text);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("builder0") && text.contains("builder1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn peers_of_another_protocol_version_are_refused_with_both_versions_named() {
+    use kiln_proto::v1::scheduler_client::SchedulerClient;
+    use kiln_proto::v1::{from_builder, from_client, FromBuilder, FromClient, JobSpec, Register};
+    let farm = Farm::start(0, 1);
+    let url = farm.url();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = SchedulerClient::connect(url).await.unwrap();
+        let spec = FromClient {
+            msg: Some(from_client::Msg::Spec(JobSpec {
+                protocol_version: 99,
+                ..JobSpec::default()
+            })),
+        };
+        let err = client
+            .compile(tokio_stream::iter(vec![spec]))
+            .await
+            .expect_err("a v99 client was accepted");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            err.message().contains("v99") && err.message().contains("v1"),
+            "{}",
+            err.message()
+        );
+
+        let register = FromBuilder {
+            msg: Some(from_builder::Msg::Register(Register {
+                protocol_version: 99,
+                name: "old".into(),
+                os: "linux".into(),
+                arch: "x86_64".into(),
+                slots: 1,
+                ..Register::default()
+            })),
+        };
+        let err = client
+            .join(tokio_stream::iter(vec![register]))
+            .await
+            .expect_err("a v99 builder was accepted");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            err.message().contains("builder speaks kiln protocol v99"),
+            "{}",
+            err.message()
+        );
+    });
+    assert_eq!(farm.status()["builders"].as_array().unwrap().len(), 0);
+}
