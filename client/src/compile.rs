@@ -811,7 +811,10 @@ fn run_compiler(
         if cfg.stats {
             stats::record_dist(
                 &cfg.dir,
-                outcome.as_ref().map(|_| ()).map_err(dist::Fallback::name),
+                outcome
+                    .as_ref()
+                    .map(|done| done.sent_toolchain)
+                    .map_err(dist::Fallback::name),
             );
         }
         match outcome {

@@ -130,6 +130,8 @@ pub struct Request<'a> {
 pub struct Done {
     pub output: std::process::Output,
     pub builder: String,
+    /// The builder lacked the toolchain and the scheduler did not have it: this client sent it.
+    pub sent_toolchain: bool,
 }
 
 struct Input {
@@ -316,6 +318,7 @@ async fn exchange(
     let mut builder = String::new();
     // Uploads answering the current placement's needs; a new placement cancels them.
     let mut senders: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let mut sent_toolchain = false;
     let mut pending: HashMap<Digest, Assembly> = HashMap::new();
     let mut received: HashMap<Digest, Bytes> = HashMap::new();
     loop {
@@ -343,6 +346,7 @@ async fn exchange(
             to_client::Msg::Need(need) => {
                 let tx = tx.clone();
                 let toolchain = need.toolchain.then(|| req.toolchain.to_path_buf());
+                sent_toolchain |= need.toolchain;
                 let mut wanted = Vec::new();
                 for wire in &need.files {
                     let digest = digest_of(wire).map_err(|e| Fallback::Failed(e.to_string()))?;
@@ -463,6 +467,7 @@ async fn exchange(
             stderr: f.stderr.to_vec(),
         },
         builder,
+        sent_toolchain,
     })
 }
 

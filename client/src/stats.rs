@@ -74,9 +74,13 @@ pub fn record_remote(cache_dir: &Path, counts: crate::remote::Counts) {
 }
 
 /// Counts a compile sent to the farm: done there, or the cause it came back to this machine.
-pub fn record_dist(cache_dir: &Path, outcome: Result<(), &'static str>) {
+/// `Ok(true)` when this client had to upload the compiler's toolchain.
+pub fn record_dist(cache_dir: &Path, outcome: Result<bool, &'static str>) {
     bump(cache_dir, |c| match outcome {
-        Ok(()) => c.add("dist_compiles", 1),
+        Ok(sent_toolchain) => {
+            c.add("dist_compiles", 1);
+            c.add("dist_toolchain_uploads", i64::from(sent_toolchain));
+        }
         Err(cause) => c.add(&format!("dist_fallback.{cause}"), 1),
     });
 }
@@ -141,6 +145,7 @@ pub fn to_json(c: &Counters, store: &Store, limits: Limits) -> serde_json::Value
         "remote_errors": c.get("remote_errors"),
         "remote_uploads": c.get("remote_uploads"),
         "dist_compiles": c.get("dist_compiles"),
+        "dist_toolchain_uploads": c.get("dist_toolchain_uploads"),
         "dist_fallbacks": dist_fallbacks.values().map(|v| v.as_i64().unwrap_or(0)).sum::<i64>(),
         "dist_fallbacks_by_cause": dist_fallbacks,
         "go_gets": c.get("go_gets"),

@@ -321,3 +321,34 @@ async fn containers_are_reset_and_reused_and_leftovers_cleaned() {
         "mounts left under the work dir"
     );
 }
+
+#[tokio::test]
+async fn a_job_over_its_memory_limit_is_killed_and_reported() {
+    const UID: u32 = 64_107;
+    if !Path::new("/sys/fs/cgroup/memory").is_dir()
+        && !Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+    {
+        eprintln!("no memory cgroup on this machine: nothing to test");
+        return;
+    }
+    let f = fixture(1);
+    f.pool.prepare("probe", f.archive.clone()).await.unwrap();
+    let lease = f.pool.checkout("probe").await.unwrap();
+    let root = Root::open(lease.root()).unwrap();
+    root.chown_dir(Path::new("/job"), UID, UID).unwrap();
+    let mut small = spec(UID, &["alloc", "256"], Duration::from_secs(20));
+    small.limits.memory = 64 << 20;
+    let outcome = f.pool.run(&lease, small).await.unwrap();
+    assert_eq!(outcome.signal, Some(9), "{outcome:?}");
+    assert_eq!(
+        outcome.killed.as_deref(),
+        Some("memory limit"),
+        "{outcome:?}"
+    );
+    // Within the limit, the same job runs.
+    let mut fits = spec(UID, &["alloc", "16"], Duration::from_secs(20));
+    fits.limits.memory = 64 << 20;
+    let outcome = f.pool.run(&lease, fits).await.unwrap();
+    assert_eq!(outcome.exit_code, Some(0), "{outcome:?}");
+    f.pool.checkin(lease);
+}

@@ -67,6 +67,16 @@ int main(int argc, char **argv) {
         if (fork() == 0) { setsid(); for (;;) {} }
         for (;;) {}
     }
+    if (!strcmp(mode, "alloc")) {
+        size_t mb = (size_t)atoi(argv[2]);
+        for (size_t i = 0; i < mb; i++) {
+            char *p = malloc(1 << 20);
+            if (!p) { printf("malloc failed at %zu MiB\n", i); return 1; }
+            memset(p, 1, 1 << 20);
+        }
+        printf("allocated %zu MiB\n", mb);
+        return 0;
+    }
     if (!strcmp(mode, "symlink")) {
         return symlink(argv[2], argv[3]) == 0 ? 0 : 1;
     }

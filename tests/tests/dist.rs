@@ -2,6 +2,7 @@
 //! gcc and clang. Remote objects must be byte-identical to local ones, `-g` included.
 
 use kiln_tests::{ok, Farm, Project};
+use prost::bytes as prost_bytes;
 
 const HEADER: &str = "#pragma once\n#define SCALE 3\nint helper(int);\n";
 
@@ -327,4 +328,124 @@ fn peers_of_another_protocol_version_are_refused_with_both_versions_named() {
         );
     });
     assert_eq!(farm.status()["builders"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn a_new_builder_gets_the_toolchain_from_the_scheduler_not_the_client() {
+    let mut farm = Farm::start(1, 1);
+    let p = project(&farm);
+    ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "a.o", "-Iinc"]));
+    assert_eq!(dist_stat(&p, "dist_toolchain_uploads"), 1);
+    // The only builder that holds it goes away; a fresh one takes its place.
+    farm.start_builder(1);
+    farm.wait_for_builders(2);
+    farm.kill_builder(0);
+    farm.wait_for_builders(1);
+    remote_matches_local(
+        &p,
+        &["gcc", "-c", "src/main.c", "-o", "b.o", "-Iinc", "-DB"],
+        "b.o",
+    );
+    assert_eq!(dist_stat(&p, "dist_compiles"), 2);
+    assert_eq!(
+        dist_stat(&p, "dist_toolchain_uploads"),
+        1,
+        "the client sent the toolchain again"
+    );
+    let status = farm.status();
+    assert_eq!(status["builders"][0]["name"], "builder1");
+    assert_eq!(status["builders"][0]["toolchains_received"], 1);
+}
+
+#[test]
+fn a_corrupt_transfer_is_retried_elsewhere_then_refused_and_the_farm_stays_healthy() {
+    use kiln_proto::v1::scheduler_client::SchedulerClient;
+    use kiln_proto::v1::{from_client, refused, to_client, FromClient, InputFile, JobSpec};
+    let farm = Farm::start(2, 1);
+    let p = project(&farm);
+    // A real compile first, so both builders could hold the toolchain.
+    ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "a.o", "-Iinc"]));
+    let toolchain = farm.status()["builders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|b| b["toolchains"][0].as_str().map(str::to_owned))
+        .expect("a builder holds the toolchain");
+    let toolchain: kiln_proto::Digest = toolchain.parse().unwrap();
+
+    // A client that names a file by one digest and sends other bytes for it.
+    let claimed = b"int x = 1;\n";
+    let digest = kiln_proto::Digest::of(claimed);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let refusal = runtime.block_on(async {
+        let mut client = SchedulerClient::connect(farm.url()).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(FromClient {
+            msg: Some(from_client::Msg::Spec(JobSpec {
+                protocol_version: kiln_proto::PROTOCOL_VERSION,
+                toolchain: Some(kiln_proto::wire_digest(&toolchain, 1)),
+                os: std::env::consts::OS.into(),
+                arch: std::env::consts::ARCH.into(),
+                argv: vec!["/usr/bin/gcc".into(), "-c".into(), "/w/x.c".into()],
+                cwd: "/w".into(),
+                inputs: vec![InputFile {
+                    path: "/w/x.c".into(),
+                    digest: Some(kiln_proto::wire_digest(&digest, claimed.len() as u64)),
+                    executable: false,
+                }],
+                outputs: vec!["/w/x.o".into()],
+                ..JobSpec::default()
+            })),
+        })
+        .await
+        .unwrap();
+        let mut stream = client
+            .compile(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        loop {
+            match stream.message().await.unwrap().and_then(|m| m.msg) {
+                Some(to_client::Msg::Need(need)) => {
+                    for wire in need.files {
+                        let chunk = kiln_proto::v1::Chunk {
+                            digest: Some(wire),
+                            offset: 0,
+                            data: bytes_of(b"int x = 666;"),
+                        };
+                        let _ = tx
+                            .send(FromClient {
+                                msg: Some(from_client::Msg::Chunk(chunk)),
+                            })
+                            .await;
+                    }
+                }
+                Some(to_client::Msg::Refused(r)) => break r,
+                Some(_) => {}
+                None => panic!("the stream ended without an answer"),
+            }
+        }
+    });
+    assert_eq!(
+        refusal.reason,
+        refused::Reason::BuildersFailed as i32,
+        "{refusal:?}"
+    );
+    assert_eq!(
+        farm.status()["jobs_failed"],
+        2,
+        "it was not tried on both builders"
+    );
+    // Nothing corrupt was kept, and both builders still work.
+    ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "b.o", "-Iinc", "-DB"]));
+    ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "c.o", "-Iinc", "-DC"]));
+    assert_eq!(dist_stat(&p, "dist_compiles"), 3);
+    assert_eq!(farm.status()["builders"].as_array().unwrap().len(), 2);
+}
+
+fn bytes_of(data: &[u8]) -> prost_bytes::Bytes {
+    prost_bytes::Bytes::copy_from_slice(data)
 }
