@@ -359,13 +359,6 @@ impl Backend for LinuxJail {
                 )))
             }
         }
-        helper::remove_cgroups(
-            container
-                .dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or(""),
-        );
         Ok(outcome)
     }
 
@@ -384,6 +377,9 @@ impl Backend for LinuxJail {
 
     fn destroy_container(&self, container: &Container) -> Result<(), JailError> {
         self.unmount_container(container)?;
+        if let Some(name) = container.dir.file_name().and_then(|n| n.to_str()) {
+            helper::remove_cgroups(name);
+        }
         let _ = fs::remove_file(container.dir.join("status"));
         fs::remove_dir_all(&container.dir)
             .or_else(|e| match e.kind() {

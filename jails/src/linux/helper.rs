@@ -179,6 +179,9 @@ pub fn main() -> ExitCode {
 
 fn stage1(p: &Params) -> Result<Report, String> {
     let cgroups = join_cgroups(&p.cgroup, p.memory, p.processes);
+    // A container's cgroups outlive its jobs (creating memory cgroups is slow): count this
+    // job's OOM kills from here.
+    let oom_before = cgroups.oom_kills();
     // The clock runs on its own thread, started before the pid namespace exists: after
     // unshare(CLONE_NEWPID) this process may not create threads any more.
     let (pid_tx, pid_rx) = std::sync::mpsc::channel::<nix::unistd::Pid>();
@@ -197,23 +200,14 @@ fn stage1(p: &Params) -> Result<Report, String> {
             _ => false,
         }
     });
+    // The mount namespace is stage 2's alone: one copy of the mount table per job.
     unshare(
-        CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWPID
+        CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWIPC
             | CloneFlags::CLONE_NEWUTS,
     )
     .map_err(|e| format!("creating namespaces: {e}"))?;
-    // Nothing mounted for the job may appear in the builder's namespace.
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| format!("making mounts private: {e}"))?;
     let exe = std::env::current_exe().map_err(|e| format!("finding kiln-jail: {e}"))?;
     let mut child = Command::new(exe)
         .arg("init")
@@ -237,7 +231,7 @@ fn stage1(p: &Params) -> Result<Report, String> {
     let sig = status.signal().unwrap_or(0);
     let why = if timed_out {
         Some(format!("time limit ({} ms)", p.timeout_ms))
-    } else if cgroups.oom_killed() {
+    } else if cgroups.oom_kills() > oom_before {
         Some("memory limit".to_string())
     } else if sig == Signal::SIGXCPU as i32 {
         Some("cpu time limit".to_string())
@@ -264,6 +258,15 @@ fn enter(p: &Params) -> Result<Never, String> {
     // A mount namespace of its own: pivot_root moves the root of every process in the
     // namespace, and stage 1 must keep the builder's view to write its report.
     unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("creating a mount namespace: {e}"))?;
+    // Nothing mounted for the job may appear in the builder's namespace.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making mounts private: {e}"))?;
     let root = &p.root;
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount(
@@ -401,21 +404,24 @@ fn join_cgroups(name: &str, memory: u64, processes: u64) -> Cgroups {
 }
 
 impl Cgroups {
-    fn oom_killed(&self) -> bool {
-        self.dirs.iter().any(|dir| {
-            let events = fs::read_to_string(dir.join("memory.events"))
-                .or_else(|_| fs::read_to_string(dir.join("memory.oom_control")))
-                .unwrap_or_default();
-            events.lines().any(|l| {
-                l.strip_prefix("oom_kill ")
-                    .and_then(|n| n.trim().parse::<u64>().ok())
-                    .is_some_and(|n| n > 0)
+    fn oom_kills(&self) -> u64 {
+        self.dirs
+            .iter()
+            .map(|dir| {
+                let events = fs::read_to_string(dir.join("memory.events"))
+                    .or_else(|_| fs::read_to_string(dir.join("memory.oom_control")))
+                    .unwrap_or_default();
+                events
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("oom_kill "))
+                    .filter_map(|n| n.trim().parse::<u64>().ok())
+                    .sum::<u64>()
             })
-        })
+            .sum()
     }
 }
 
-/// Removes a finished job's cgroups (they are empty once stage 1 has exited).
+/// Removes a container's cgroups (they are empty once its last job's stage 1 has exited).
 pub fn remove_cgroups(name: &str) {
     for dir in cgroup_dirs(name) {
         let _ = fs::remove_dir(dir);
