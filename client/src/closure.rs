@@ -33,10 +33,12 @@
 //!   Each `..` is therefore checked (see [`resolve_dots`]); where the two differ the compile is
 //!   [`Unresolvable::SymlinkDotDot`], and the directory before the `..` is listed to be created.
 //! - **What a scan cannot follow is said, not guessed.** `#include MACRO` is expanded from the
-//!   macro's definitions, all of them (in any file read, or `-D`), when each is a plain header
-//!   name or another macro; anything else is [`Unresolvable::Computed`], and the caller can ask
-//!   the compiler instead with [`from_preprocessor`] (`-M`), which lists the includes but not
-//!   the probes, so probes are still scanned there.
+//!   macro's definitions, all of them (in any file read, `-D`), when each is a plain header name
+//!   or another macro. A macro defined nowhere names nothing: that `#include` is in a dead
+//!   branch or fails here and on the builder alike (only the compiler's own `__FILE__` and kin
+//!   are defined without a `#define`). Anything else is [`Unresolvable::Computed`], and the
+//!   caller can ask the compiler instead with [`from_preprocessor`] (`-M`), which lists the
+//!   includes but not the probes, so probes are still scanned there.
 //!
 //! The scan also lists the directories the jail must have: the working directory, every search
 //! directory that exists here outside the toolchain, and the directories before a `..`.
@@ -73,7 +75,8 @@ pub struct Closure {
 /// computed include, a local compile for the rest.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Unresolvable {
-    /// `#include MACRO` whose definitions are not plain header names (or that has none).
+    /// `#include MACRO` with a definition that is not a plain header name, or a macro the
+    /// compiler defines itself (`__FILE__`).
     #[error(
         "{}:{line}: `#include {name}` is computed by a macro the scan cannot expand; \
          the preprocessor (-M) can list the headers",
@@ -87,8 +90,8 @@ pub enum Unresolvable {
     /// `__has_include(MACRO)` (or `#embed MACRO`) that cannot be expanded. `-M` does not list
     /// probes, so only a local compile is safe.
     #[error(
-        "{}:{line}: `__has_include({name})` tests a file named by a macro the scan cannot \
-         expand; compile locally",
+        "{}:{line}: `{name}` names a file for `__has_include` or `#embed` through a macro the \
+         scan cannot expand; compile locally",
         file.display()
     )]
     ComputedProbe {
@@ -630,41 +633,10 @@ struct Scanner<'s> {
     pending_seen: FxSet<(u32, How, Vec<u8>)>,
     /// Directories before a `..` in shipped paths.
     dirs: BTreeSet<PathBuf>,
-    /// Directory listings, read once each: most candidates do not exist, and a hash lookup
-    /// costs a fraction of a failed `open` (a C++ compile makes some 1,700 of those).
-    listings: FxMap<Vec<u8>, Listing>,
-}
-
-/// What a directory holds, as far as lookups care.
-#[derive(Debug)]
-enum Listing {
-    /// Missing or not a directory: nothing below it exists.
-    Missing,
-    /// It cannot be read (search permission without read permission): ask `open`.
-    Unknown,
-    /// Its names in ASCII lower case, so that on a case-insensitive file system a name that
-    /// matches but for case is still tried with `open` rather than taken as absent.
-    Names(FxSet<Vec<u8>>),
-}
-
-impl Listing {
-    fn of(dir: &Path) -> Listing {
-        let entries = match std::fs::read_dir(dir) {
-            Ok(entries) => entries,
-            Err(e) if absent(&e) => return Listing::Missing,
-            Err(_) => return Listing::Unknown,
-        };
-        let mut names = FxSet::default();
-        for entry in entries {
-            match entry {
-                Ok(e) => {
-                    names.insert(e.file_name().into_vec().to_ascii_lowercase());
-                }
-                Err(_) => return Listing::Unknown,
-            }
-        }
-        Listing::Names(names)
-    }
+    /// Whether a candidate's directory exists: `<bits/x.h>` is tried in every search
+    /// directory, most of which have no `bits/`; one `stat` of the directory answers for all
+    /// its names (by the file system's own lookup, so case folding and all).
+    parents: FxMap<Vec<u8>, bool>,
 }
 
 impl<'s> Scanner<'s> {
@@ -687,7 +659,7 @@ impl<'s> Scanner<'s> {
             pending: Vec::new(),
             pending_seen: FxSet::default(),
             dirs: BTreeSet::new(),
-            listings: FxMap::default(),
+            parents: FxMap::default(),
         }
     }
 
@@ -770,7 +742,7 @@ impl<'s> Scanner<'s> {
                 }
             }
             let fatal = p.how == How::Probe || !self.listed;
-            if (ex.complex || (last && (ex.undefined || ex.ops.is_empty()))) && fatal {
+            if (ex.complex || (last && ex.builtin)) && fatal {
                 result = Err(self.computed_error(p));
                 break;
             }
@@ -819,7 +791,8 @@ impl<'s> Scanner<'s> {
         seen.push(name.to_vec());
         out.visited.push(name.to_vec());
         match self.defines.get(name) {
-            None => out.undefined = true,
+            // Only once every file is read does "no definition" mean none (see `run`).
+            None => out.builtin |= name.starts_with(b"__"),
             Some(bodies) => {
                 for body in bodies {
                     match body {
@@ -942,10 +915,10 @@ impl<'s> Scanner<'s> {
             }
             return Ok(known);
         }
-        let found = if !self.may_exist(&path) {
-            None
-        } else {
+        let found = if self.parent_exists(&path) {
             self.open(&path, how)?
+        } else {
+            None
         };
         let Some(data) = found else {
             self.by_path.insert(path.into_os_string().into_vec(), None);
@@ -972,50 +945,46 @@ impl<'s> Scanner<'s> {
         Ok(Some(index))
     }
 
-    /// Whether `path` may exist, from its directory's listing: `false` is certain.
-    fn may_exist(&mut self, path: &Path) -> bool {
-        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+    /// Whether the directory of `path` exists (remembered per directory).
+    fn parent_exists(&mut self, path: &Path) -> bool {
+        let Some(dir) = path.parent() else {
             return true;
         };
-        // Case folding beyond ASCII is the file system's secret: ask `open`.
-        if !name.is_ascii() {
-            return true;
-        }
         let key = dir.as_os_str().as_bytes();
-        if !self.listings.contains_key(key) {
-            self.listings.insert(key.to_vec(), Listing::of(dir));
+        if let Some(&known) = self.parents.get(key) {
+            return known;
         }
-        match &self.listings[key] {
-            Listing::Missing => false,
-            Listing::Unknown => true,
-            Listing::Names(names) => names.contains(&name.as_bytes().to_ascii_lowercase()),
-        }
+        // Anything but a clear "not there" is left to `open`.
+        let exists = match std::fs::metadata(dir) {
+            Ok(m) => m.is_dir(),
+            Err(e) => !absent(&e),
+        };
+        self.parents.insert(key.to_vec(), exists);
+        exists
     }
 
     /// The file at `path`, read when it is to be scanned; `None` when the compiler would not
     /// find it there.
     fn open(&self, path: &Path, how: How) -> Result<Option<Vec<u8>>, Unresolvable> {
-        Ok(
-            match File::open(path).and_then(|f| {
-                let meta = f.metadata()?;
-                Ok((f, meta))
-            }) {
-                // libcpp skips a directory as if it were absent.
-                Ok((_, meta)) if !meta.is_file() => None,
-                Ok((mut f, meta)) => {
-                    let mut data = Vec::new();
-                    if how == How::Include {
-                        // One read of the size just seen (`read_to_end` would stat again and read
-                        // once more to meet the end).
-                        data.resize(meta.len() as usize, 0);
-                        f.read_exact(&mut data).map_err(|e| unreadable(path, &e))?;
-                    }
-                    Some(data)
-                }
-                Err(e) if absent(&e) => None,
-                Err(e) => return Err(unreadable(path, &e)),
-            },
-        )
+        let opened = File::open(path).and_then(|f| f.metadata().map(|meta| (f, meta)));
+        let (mut file, meta) = match opened {
+            Ok(found) => found,
+            Err(e) if absent(&e) => return Ok(None),
+            Err(e) => return Err(unreadable(path, &e)),
+        };
+        // libcpp skips a directory as if it were absent.
+        if !meta.is_file() {
+            return Ok(None);
+        }
+        let mut data = Vec::new();
+        if how == How::Include {
+            // One read of the size just seen (`read_to_end` would stat again and read once
+            // more to meet the end).
+            data.resize(meta.len() as usize, 0);
+            file.read_exact(&mut data)
+                .map_err(|e| unreadable(path, &e))?;
+        }
+        Ok(Some(data))
     }
 
     fn closure(self, cwd: &Path) -> Closure {
@@ -1082,8 +1051,9 @@ struct Expansion {
     ops: Vec<Operand>,
     /// A definition that is not a header name or a macro name.
     complex: bool,
-    /// A name on the way has no definition (yet).
-    undefined: bool,
+    /// A name on the way has no definition (yet) and is reserved for the compiler, which may
+    /// define it itself (`__FILE__`, `__BASE_FILE__`).
+    builtin: bool,
     visited: Vec<Vec<u8>>,
 }
 
@@ -1849,13 +1819,14 @@ mod tests {
     #[test]
     fn computed_includes_that_cannot_be_expanded_are_unresolvable() {
         let t = Tree::new();
-        t.file("main.c", "int a;\n\n#include CONFIG_HEADER\n");
+        // The compiler defines __FILE__ itself: a file that includes itself.
+        t.file("main.c", "int a;\n\n#include __FILE__\n");
         assert_eq!(
             t.scan(&["-c", "main.c"]),
             Err(Unresolvable::Computed {
                 file: t.path("main.c"),
                 line: 3,
-                name: "CONFIG_HEADER".into()
+                name: "__FILE__".into()
             })
         );
         t.file(
@@ -1876,15 +1847,23 @@ mod tests {
             t.scan(&["-c", "mixed.c"]),
             Err(Unresolvable::Computed { line: 4, .. })
         ));
-        t.file("probe.c", "#if __has_include(WHICH)\n#endif\n");
+        t.file(
+            "probe.c",
+            "#define WHICH PICK(<a.h>)\n#if __has_include(WHICH)\n#endif\n",
+        );
         assert_eq!(
             t.scan(&["-c", "probe.c"]),
             Err(Unresolvable::ComputedProbe {
                 file: t.path("probe.c"),
-                line: 1,
+                line: 2,
                 name: "WHICH".into()
             })
         );
+        t.file("embed.c", "#embed DATA\n#define DATA __DATE__\n");
+        assert!(matches!(
+            t.scan(&["-c", "embed.c"]),
+            Err(Unresolvable::ComputedProbe { line: 1, .. })
+        ));
     }
 
     #[test]
@@ -1892,9 +1871,11 @@ mod tests {
         let t = Tree::new();
         // CFG is defined in a header read before the include, ALIAS's target only in a header
         // found later, OTHER on the command line.
+        // USER_CONFIG is defined nowhere: that include is dead or fails everywhere alike.
         t.file(
             "main.c",
-            "#include \"def.h\"\n#include CFG\n#include OTHER\n#include ALIAS\n#include \"late.h\"\n",
+            "#include \"def.h\"\n#include CFG\n#include OTHER\n#include ALIAS\n#include \"late.h\"\n\
+             #ifdef USER_CONFIG\n#include USER_CONFIG\n#endif\n",
         );
         t.file(
             "def.h",
@@ -2225,6 +2206,8 @@ int n = 1'000'000; /* x */ #include "not_at_line_start.h"
     // ---- Against the real compilers ------------------------------------------------------
 
     const SOURCES: &[(&str, &str)] = &[
+        // No includes: gcc still reads stdc-predef.h, which it pre-includes itself.
+        ("bare.c", "int x;\n"),
         (
             "io.c",
             "#include <stdio.h>\n#include <stdlib.h>\n#include <string.h>\n\
@@ -2409,36 +2392,52 @@ int n = 1'000'000; /* x */ #include "not_at_line_start.h"
         assert!(!listed.files.iter().any(|f| is_toolchain_file(&id, f)));
         assert!(listed.dirs.contains(&PathBuf::from("/usr/include")));
     }
-}
 
-#[cfg(test)]
-mod bench {
-    use super::*;
-
+    /// `cargo test --release -p kiln-client closure::tests::scan_speed -- --ignored --nocapture`
     #[test]
-    #[ignore]
-    fn bench_scan() {
-        let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("x.cpp");
-        std::fs::write(
-            &src,
-            "#include <vector>\n#include <string>\n#include <map>\n#include <iostream>\n",
-        )
-        .unwrap();
-        let gpp =
-            crate::compiler::find("g++", &crate::env::Env::capture(), Path::new("/x")).unwrap();
-        let id = crate::compiler::identify(&gpp, dir.path()).unwrap();
-        let c = crate::args::classify(vec!["-c".into(), src.to_str().unwrap().into()]).unwrap();
-        let cwd = std::env::current_dir().unwrap();
-        let start = std::time::Instant::now();
-        for _ in 0..200 {
-            scan(&c, &id, &cwd, &EnvIncludePaths::default()).unwrap();
-        }
-        eprintln!("per scan: {:?}", start.elapsed() / 200);
-        if let Some(out) = std::env::var_os("CLOSURE_LIST") {
-            let c = scan(&c, &id, &cwd, &EnvIncludePaths::default()).unwrap();
-            let text: Vec<String> = c.files.iter().map(|f| f.display().to_string()).collect();
-            std::fs::write(out, text.join("\n") + "\n").unwrap();
+    #[ignore = "a measurement, for release builds"]
+    fn scan_speed() {
+        let t = Tree::new();
+        let cases = [
+            (
+                "g++",
+                t.file(
+                    "x.cpp",
+                    "#include <vector>\n#include <string>\n#include <map>\n#include <iostream>\n",
+                ),
+            ),
+            (
+                "gcc",
+                t.file(
+                    "x.c",
+                    "#include <stdio.h>\n#include <stdlib.h>\n#include <string.h>\n",
+                ),
+            ),
+        ];
+        let records = t.dir("records");
+        for (compiler, src) in cases {
+            let Ok(path) =
+                crate::compiler::find(compiler, &crate::env::Env::capture(), Path::new("/x"))
+            else {
+                continue;
+            };
+            let id = crate::compiler::identify(&path, &records).unwrap();
+            let c = compile(&["-c", src.to_str().unwrap()]);
+            let env = EnvIncludePaths::default();
+            let times: Vec<Duration> = (0..300)
+                .map(|_| {
+                    let start = Instant::now();
+                    scan(&c, &id, &t.root, &env).unwrap();
+                    start.elapsed()
+                })
+                .collect();
+            let files = scan(&c, &id, &t.root, &env).unwrap().files.len();
+            let min = *times.iter().min().unwrap();
+            eprintln!(
+                "{compiler} {}: {files} files, min {min:?}, median {:?}",
+                src.display(),
+                median(times)
+            );
         }
     }
 }

@@ -852,11 +852,14 @@ fn distribute(
     let env_paths = closure::EnvIncludePaths::from_env(inv.env, c.lang);
     let closure = match closure::scan(c, &p.identity, &inv.cwd, &env_paths) {
         Ok(found) => found,
-        Err(why) => {
+        // The preprocessor lists what a computed include or a moved search path reads.
+        Err(why @ (closure::Unresolvable::Computed { .. } | closure::Unresolvable::Option(_))) => {
             tracing::debug!("{why}; asking the preprocessor for the headers");
             closure::from_preprocessor(&inv.compiler, c, &p.identity, &inv.cwd)
                 .map_err(|e| Fallback::Inputs(format!("{e:#}")))?
         }
+        // Probes it does not list, and paths it cannot place: this compile stays here.
+        Err(why) => return Err(Fallback::Inputs(why.to_string())),
     };
     let cwd = &inv.cwd;
     let mut outputs = vec![cwd.join(&c.output)];

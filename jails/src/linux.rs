@@ -50,6 +50,22 @@ pub struct Image {
 pub struct Container {
     dir: PathBuf,
     root: PathBuf,
+    /// The helper of the job running in it, so a reset can stop a job its builder gave up on.
+    running: std::sync::Mutex<Option<u32>>,
+}
+
+impl Container {
+    /// Kills the job still running here, if any: its helper's death takes the jail's init, and
+    /// so every process of the job, with it.
+    fn stop_job(&self) {
+        let pid = *self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pid) = pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 impl LinuxJail {
@@ -276,6 +292,7 @@ impl Backend for LinuxJail {
         let container = Container {
             root: dir.join("root"),
             dir,
+            running: std::sync::Mutex::new(None),
         };
         if let Err(e) = self.mount_container(image, &container) {
             let _ = self.destroy_container(&container);
@@ -324,6 +341,7 @@ impl Backend for LinuxJail {
         let mut child = cmd
             .spawn()
             .map_err(JailError::io(format!("starting {}", self.helper.display())))?;
+        *container.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(child.id());
         let out = child
             .stdout
             .take()
@@ -332,9 +350,9 @@ impl Backend for LinuxJail {
             .stderr
             .take()
             .map(|s| std::thread::spawn(move || drain(s)));
-        let status = child
-            .wait()
-            .map_err(JailError::io("waiting for the jail helper"))?;
+        let status = child.wait();
+        *container.running.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let status = status.map_err(JailError::io("waiting for the jail helper"))?;
         let elapsed = started.elapsed();
         let stdout = out.and_then(|t| t.join().ok()).unwrap_or_default();
         let stderr = err.and_then(|t| t.join().ok()).unwrap_or_default();
@@ -363,6 +381,7 @@ impl Backend for LinuxJail {
     }
 
     fn reset(&self, container: &Container, image: &Image) -> Result<(), JailError> {
+        container.stop_job();
         self.unmount_container(container)?;
         for sub in ["upper", "work", "root", "status"] {
             let path = container.dir.join(sub);
@@ -376,6 +395,7 @@ impl Backend for LinuxJail {
     }
 
     fn destroy_container(&self, container: &Container) -> Result<(), JailError> {
+        container.stop_job();
         self.unmount_container(container)?;
         if let Some(name) = container.dir.file_name().and_then(|n| n.to_str()) {
             helper::remove_cgroups(name);

@@ -352,3 +352,30 @@ async fn a_job_over_its_memory_limit_is_killed_and_reported() {
     assert_eq!(outcome.exit_code, Some(0), "{outcome:?}");
     f.pool.checkin(lease);
 }
+
+#[tokio::test]
+async fn a_job_given_up_on_is_killed_when_its_container_is_reset() {
+    const UID: u32 = 64_108;
+    let f = fixture(1);
+    f.pool.prepare("probe", f.archive.clone()).await.unwrap();
+    let lease = f.pool.checkout("probe").await.unwrap();
+    let root = Root::open(lease.root()).unwrap();
+    root.chown_dir(Path::new("/job"), UID, UID).unwrap();
+    // The builder stops waiting (its client went away): the run is dropped mid-way.
+    tokio::select! {
+        _ = f.pool.run(&lease, spec(UID, &["spin"], Duration::from_secs(60))) => {
+            panic!("a spinning job finished")
+        }
+        _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+    }
+    assert!(processes_of(UID) > 0, "the job never started");
+    f.pool.checkin(lease);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while processes_of(UID) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned job kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

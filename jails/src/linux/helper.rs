@@ -253,8 +253,6 @@ fn stage2(p: &Params) -> String {
 enum Never {}
 
 fn enter(p: &Params) -> Result<Never, String> {
-    // If stage 1 dies (the builder killed it), so does the whole namespace.
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| format!("pdeathsig: {e}"))?;
     // A mount namespace of its own: pivot_root moves the root of every process in the
     // namespace, and stage 1 must keep the builder's view to write its report.
     unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("creating a mount namespace: {e}"))?;
@@ -332,6 +330,9 @@ fn enter(p: &Params) -> Result<Never, String> {
     // Leaving uid 0 clears the permitted, effective and ambient capability sets.
     nix::unistd::setresuid(uid, uid, uid).map_err(|e| format!("setresuid: {e}"))?;
     nix::sys::prctl::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
+    // If stage 1 dies (the builder killed it), so does the whole namespace. Set after the
+    // change of user, which clears it.
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| format!("pdeathsig: {e}"))?;
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
     nix::unistd::chdir(&p.cwd).map_err(|e| format!("entering {}: {e}", p.cwd.display()))?;
 
