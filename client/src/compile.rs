@@ -847,8 +847,11 @@ fn distribute(
     if !c.profile_inputs.is_empty() || c.profile_use_default {
         return Err(Fallback::Unsupported("profile data is not shipped".into()));
     }
-    let toolchain = toolchain::ensure(&cfg.dir, &inv.compiler, &p.identity.digest())
-        .map_err(|e| Fallback::Toolchain(format!("{e:#}")))?;
+    let toolchain = match cfg.dist_toolchains.get(&inv.compiler) {
+        Some(archive) => toolchain::supplied(&cfg.dir, archive),
+        None => toolchain::ensure(&cfg.dir, &inv.compiler, &p.identity.digest()),
+    }
+    .map_err(|e| Fallback::Toolchain(format!("{e:#}")))?;
     let env_paths = closure::EnvIncludePaths::from_env(inv.env, c.lang);
     let closure = match closure::scan(c, &p.identity, &inv.cwd, &env_paths) {
         Ok(found) => found,

@@ -47,6 +47,9 @@ pub struct Config {
     pub dist: bool,
     /// The farm's scheduler (`scheduler`, `KILN_SCHEDULER`, `http://HOST:PORT`).
     pub scheduler: Option<String>,
+    /// Toolchain archives that stand in for compilers on the farm, by the compiler's absolute
+    /// path (`[dist_toolchains]` in the file: `"/usr/bin/arm-linux-gnueabihf-gcc" = "/opt/arm.tar.gz"`).
+    pub dist_toolchains: std::collections::BTreeMap<PathBuf, PathBuf>,
     /// Where the file came from, for `kiln config`.
     pub source: Option<PathBuf>,
 }
@@ -69,6 +72,7 @@ struct FileConfig {
     remote_async: Option<bool>,
     dist: Option<bool>,
     scheduler: Option<String>,
+    dist_toolchains: Option<std::collections::BTreeMap<PathBuf, PathBuf>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -201,6 +205,7 @@ impl Config {
                 }
                 other => other,
             },
+            dist_toolchains: file.dist_toolchains.unwrap_or_default(),
             source,
         })
     }

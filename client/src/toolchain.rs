@@ -186,6 +186,38 @@ pub fn ensure(cache_dir: &Path, compiler: &Path, identity: &Digest) -> anyhow::R
 /// describes. Cheap (a small read and a stat) because it runs on every remote compile; a
 /// damaged archive that kept its size and times is caught by the builder, which checks the
 /// digest.
+/// A toolchain archive the user supplies for a compiler (a cross compiler, say, packed with
+/// `kiln toolchain package` on another machine). Its digest is remembered beside the cache's own
+/// archives and recomputed when the file changes.
+pub fn supplied(cache_dir: &Path, archive: &Path) -> anyhow::Result<Toolchain> {
+    let archive = std::path::absolute(archive)
+        .with_context(|| format!("cannot make {} absolute", archive.display()))?;
+    let key = Hasher::new("kiln supplied toolchain")
+        .field(&FORMAT.to_le_bytes())
+        .field(archive.as_os_str().as_encoded_bytes())
+        .finish()
+        .to_hex();
+    let dir = cache_dir.join("toolchains");
+    let record = dir.join(format!("{key}.json"));
+    if let Some(t) = cached(&archive, &record) {
+        return Ok(t);
+    }
+    let bytes = fs::read(&archive)
+        .with_context(|| format!("cannot read the toolchain archive {}", archive.display()))?;
+    let meta = fs::metadata(&archive)?;
+    let rec = Record {
+        version: FORMAT,
+        digest: Digest::of(&bytes).to_hex(),
+        size: bytes.len() as u64,
+        mtime_ns: mtime_ns(&meta),
+        ino: meta.ino(),
+    };
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    kiln_cache::write_atomically(&record, &serde_json::to_vec(&rec)?)
+        .with_context(|| format!("cannot write {}", record.display()))?;
+    cached(&archive, &record).context("the toolchain archive changed while it was read")
+}
+
 fn cached(archive: &Path, record: &Path) -> Option<Toolchain> {
     let rec: Record = serde_json::from_slice(&fs::read(record).ok()?).ok()?;
     let meta = fs::metadata(archive).ok()?;

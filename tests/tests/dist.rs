@@ -449,3 +449,40 @@ fn a_corrupt_transfer_is_retried_elsewhere_then_refused_and_the_farm_stays_healt
 fn bytes_of(data: &[u8]) -> prost_bytes::Bytes {
     prost_bytes::Bytes::copy_from_slice(data)
 }
+
+#[test]
+fn a_supplied_toolchain_archive_stands_in_for_the_compiler() {
+    let farm = Farm::start(1, 1);
+    let mut p = project(&farm);
+    let archive = p.path("gcc-toolchain.tar.gz");
+    let out = p.kiln(&["toolchain", "package", "gcc", archive.to_str().unwrap()]);
+    ok(&out);
+    let gcc = String::from_utf8(p.bare(&["sh", "-c", "command -v gcc"]).stdout).unwrap();
+    let config = p.path("kiln.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dist_toolchains]\n{:?} = {:?}\n",
+            gcc.trim(),
+            archive.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    p.env
+        .push(("KILN_CONFIG".into(), config.to_str().unwrap().into()));
+    remote_matches_local(
+        &p,
+        &["gcc", "-c", "src/main.c", "-o", "main.o", "-Iinc", "-g"],
+        "main.o",
+    );
+    assert_eq!(dist_stat(&p, "dist_compiles"), 1, "{}", p.stats());
+    let held = farm.status()["builders"][0]["toolchains"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let expected = kiln_proto::Digest::of(&std::fs::read(&archive).unwrap()).to_hex();
+    assert_eq!(
+        held, expected,
+        "the builder got another toolchain than the supplied one"
+    );
+}
