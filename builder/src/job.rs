@@ -219,6 +219,7 @@ async fn execute(
     mut chunks_rx: mpsc::Receiver<Chunk>,
     slot: u32,
 ) -> Result<(), JobError> {
+    let started = Instant::now();
     let checked = check(&spec)?;
     let tc = checked.toolchain;
 
@@ -260,7 +261,7 @@ async fn execute(
     drop(fetch_guard);
 
     shared.toolchains().pin(tc);
-    let result = run_in_jail(shared, out, id, &spec, &checked, slot).await;
+    let result = run_in_jail(shared, out, id, &spec, &checked, slot, started).await;
     shared.toolchains().unpin(&tc);
     result
 }
@@ -369,7 +370,9 @@ async fn run_in_jail(
     spec: &JobSpec,
     c: &Checked,
     slot: u32,
+    started: Instant,
 ) -> Result<(), JobError> {
+    let fetched = started.elapsed();
     let key = c.toolchain.to_hex();
     let archive = shared.toolchains().path(&c.toolchain);
     if let Err(e) = shared.pool.prepare(&key, archive.clone()).await {
@@ -434,6 +437,7 @@ async fn run_in_jail(
         .map_err(|e| JobError::Retry(e.to_string()))?
     };
     placed?;
+    let placed_at = started.elapsed();
 
     let mut limits = shared.config.limits;
     if spec.timeout_ms > 0 {
@@ -453,6 +457,7 @@ async fn run_in_jail(
     };
     let lease = guard.lease.as_ref().ok_or(JobError::Gone)?;
     let outcome = shared.pool.run(lease, run).await?;
+    let outcome_elapsed = outcome.elapsed;
 
     let read = {
         let outputs = c.outputs.clone();
@@ -471,6 +476,7 @@ async fn run_in_jail(
     };
     drop(guard);
     let outputs = read?;
+    let read_at = started.elapsed();
     let digests: Vec<Digest> = outputs.iter().map(|(_, d)| Digest::of(d)).collect();
     let finished = Finished {
         exit_code: outcome.exit_code.unwrap_or(-1),
@@ -488,7 +494,20 @@ async fn run_in_jail(
         killed: outcome.killed.unwrap_or_default(),
         run_ms: outcome.elapsed.as_millis() as u64,
     };
-    tracing::info!(job = id, source = %spec.label, exit = finished.exit_code, run_ms = finished.run_ms, "compiled");
+    // Where the job's time went: receiving what was missing, placing the inputs, the jail
+    // (compiler included), reading the outputs.
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    tracing::info!(
+        job = id,
+        source = %spec.label,
+        exit = finished.exit_code,
+        run_ms = finished.run_ms,
+        fetch_ms = format!("{:.1}", ms(fetched)),
+        place_ms = format!("{:.1}", ms(placed_at.saturating_sub(fetched))),
+        read_ms = format!("{:.1}", ms(read_at.saturating_sub(placed_at + outcome_elapsed))),
+        inputs = c.inputs.len(),
+        "compiled"
+    );
     send(
         out,
         from_builder::Msg::Finished(JobFinished {

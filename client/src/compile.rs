@@ -847,6 +847,7 @@ fn distribute(
     if !c.profile_inputs.is_empty() || c.profile_use_default {
         return Err(Fallback::Unsupported("profile data is not shipped".into()));
     }
+    let t0 = std::time::Instant::now();
     let toolchain = match cfg.dist_toolchains.get(&inv.compiler) {
         Some(archive) => toolchain::supplied(&cfg.dir, archive),
         None => toolchain::ensure(&cfg.dir, &inv.compiler, &p.identity.digest()),
@@ -864,6 +865,11 @@ fn distribute(
         // Probes it does not list, and paths it cannot place: this compile stays here.
         Err(why) => return Err(Fallback::Inputs(why.to_string())),
     };
+    tracing::debug!(
+        toolchain_ms = format!("{:.1}", t0.elapsed().as_secs_f64() * 1e3),
+        files = closure.files.len(),
+        "toolchain and closure ready"
+    );
     let cwd = &inv.cwd;
     let mut outputs = vec![cwd.join(&c.output)];
     if let Some(d) = &c.dep_file {

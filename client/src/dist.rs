@@ -242,15 +242,23 @@ pub fn compile(req: &Request<'_>) -> Result<Done, Fallback> {
         label: req.source.to_string_lossy().into_owned(),
     };
     let source = std::fs::read(req.source).ok().map(Bytes::from);
+    let hashed = std::time::Instant::now();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Fallback::Failed(format!("starting the network runtime: {e}")))?;
+    let runtime_ready = hashed.elapsed();
     let done = runtime.block_on(async {
         tokio::time::timeout(JOB_TIMEOUT, exchange(req, spec, source, &inputs))
             .await
             .unwrap_or_else(|_| Err(Fallback::Failed("the remote compile took too long".into())))
     })?;
+    tracing::debug!(
+        runtime_ms = format!("{:.1}", runtime_ready.as_secs_f64() * 1e3),
+        remote_ms = format!("{:.1}", hashed.elapsed().as_secs_f64() * 1e3),
+        builder = %done.builder,
+        "remote compile done"
+    );
     Ok(done)
 }
 
