@@ -177,6 +177,7 @@ pub async fn serve(
 async fn session(shared: Arc<Shared>) -> anyhow::Result<()> {
     let endpoint = tonic::transport::Endpoint::from_shared(shared.config.scheduler.clone())?
         .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
     let channel = endpoint.connect().await?;

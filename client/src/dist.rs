@@ -265,7 +265,8 @@ pub fn compile(req: &Request<'_>) -> Result<Done, Fallback> {
 async fn connect(url: &str) -> Result<SchedulerClient<tonic::transport::Channel>, Fallback> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| Fallback::Unreachable(format!("{url}: {e}")))?
-        .connect_timeout(CONNECT_TIMEOUT);
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
     let channel = endpoint
         .connect()
         .await
