@@ -8,6 +8,8 @@
 //!   drops to an unprivileged uid with no capabilities and `no_new_privs` before it runs the
 //!   compiler.
 //!
+//! - [`pot`]: FreeBSD jails driven through the pot CLI and `jexec` (tested against a simulator).
+//!
 //! Files going into a container and outputs coming out are handled by [`inroot`], which never
 //! follows a link out of the container's root.
 //!
@@ -17,6 +19,7 @@ pub mod inroot;
 #[cfg(target_os = "linux")]
 pub mod linux;
 mod pool;
+pub mod pot;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
