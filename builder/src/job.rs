@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kiln_cache::{Kind, Lookup};
 use kiln_jails::inroot::{Root, MAX_OUTPUT};
-use kiln_jails::linux::LinuxJail;
 use kiln_jails::{JailError, Lease, RunSpec};
 use kiln_proto::content::{chunk_digest, chunks, Assembly};
 use kiln_proto::v1::{
@@ -18,7 +17,7 @@ use kiln_proto::v1::{
 use kiln_proto::{digest_of, wire_digest, Digest};
 use tokio::sync::mpsc;
 
-use crate::Shared;
+use crate::{Jail, Shared};
 
 /// How long a job waits for the next chunk it asked for.
 const CHUNK_WAIT: Duration = Duration::from_secs(60);
@@ -351,8 +350,8 @@ async fn keep_toolchain(
 
 /// Gives a container back to the pool however the job ends.
 struct LeaseGuard {
-    pool: kiln_jails::Pool<LinuxJail>,
-    lease: Option<Lease<LinuxJail>>,
+    pool: kiln_jails::Pool<Jail>,
+    lease: Option<Lease<Jail>>,
 }
 
 impl Drop for LeaseGuard {
@@ -400,7 +399,7 @@ async fn run_in_jail(
         "container ready"
     );
 
-    let uid = shared.config.uid_base + slot;
+    let uid = shared.job_uid(slot);
     let placed = {
         let inputs = shared.inputs.clone();
         let files = c.inputs.clone();

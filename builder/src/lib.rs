@@ -9,6 +9,7 @@
 //! paths are checked, archives are unpacked by the hardened unpacker, files go in and come out
 //! without following links out of the container.
 
+mod jail;
 mod job;
 mod toolchains;
 
@@ -16,7 +17,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use kiln_jails::linux::LinuxJail;
 use kiln_jails::{Backend, Limits, Pool};
 use kiln_proto::v1::scheduler_client::SchedulerClient;
 use kiln_proto::v1::{from_builder, to_builder, FromBuilder, Heartbeat, Register};
@@ -24,6 +24,7 @@ use kiln_proto::{version_mismatch, wire_digest, Digest, MAX_MESSAGE, PROTOCOL_VE
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+pub use jail::{Jail, JailKind};
 pub use toolchains::ToolchainCache;
 
 /// The builder's settings.
@@ -37,7 +38,9 @@ pub struct Config {
     pub slots: u32,
     /// Toolchains, input files, images and containers live here.
     pub work_dir: PathBuf,
-    /// The `kiln-jail` helper program.
+    /// The jail backend.
+    pub jail: JailKind,
+    /// The `kiln-jail` helper program (Linux jails).
     pub jail_helper: PathBuf,
     /// Disk for toolchain archives.
     pub toolchain_cache: u64,
@@ -58,6 +61,7 @@ impl Config {
             name: hostname(),
             slots: std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
             work_dir,
+            jail: JailKind::Linux,
             jail_helper,
             toolchain_cache: 10 << 30,
             input_cache: 10 << 30,
@@ -77,7 +81,7 @@ fn hostname() -> String {
 /// The state every job of this builder shares.
 pub(crate) struct Shared {
     config: Config,
-    pool: Pool<LinuxJail>,
+    pool: Pool<Jail>,
     toolchains: Mutex<ToolchainCache>,
     /// One lock per toolchain being fetched, so concurrent jobs ask for it once.
     fetching: Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
@@ -104,6 +108,11 @@ impl Shared {
             .push(slot);
     }
 
+    /// The uid (and gid) the job in `slot` runs as.
+    fn job_uid(&self, slot: u32) -> u32 {
+        self.pool.backend().job_uid(self.config.uid_base, slot)
+    }
+
     fn running(&self) -> u32 {
         let free = self
             .free_slots
@@ -120,11 +129,7 @@ pub async fn serve(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let jail = LinuxJail::new(
-        &config.work_dir.join("jail"),
-        &config.jail_helper,
-        config.limits,
-    )?;
+    let jail = Jail::open(&config)?;
     let removed = jail.cleanup_leftovers()?;
     if removed > 0 {
         tracing::info!(
@@ -194,7 +199,7 @@ async fn session(shared: Arc<Shared>) -> anyhow::Result<()> {
             arch: std::env::consts::ARCH.to_string(),
             slots: shared.config.slots,
             toolchains: held.iter().map(|(d, s)| wire_digest(d, *s)).collect(),
-            jail: "linux".into(),
+            jail: shared.pool.backend().kind().into(),
         })),
     })
     .await?;

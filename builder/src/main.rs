@@ -13,8 +13,9 @@ struct Args {
     /// The scheduler to join, as http://HOST:PORT. The builder dials out; it needs no open port.
     #[arg(long, env = "KILN_SCHEDULER")]
     scheduler: String,
-    /// The jail backend: `linux` (namespaces over overlayfs). `pot` (FreeBSD) is not built yet.
-    #[arg(long, default_value = "linux")]
+    /// The jail backend: `linux` (namespaces over overlayfs) or `pot` (FreeBSD jails managed by
+    /// pot, see docs/freebsd.md).
+    #[arg(long, default_value = "linux", value_parser = ["linux", "pot"])]
     jail: String,
     /// Jobs at once (default: the number of CPUs).
     #[arg(long)]
@@ -40,9 +41,62 @@ struct Args {
     /// Memory per job, like 4G.
     #[arg(long, default_value = "4G", value_parser = size)]
     memory: u64,
-    /// Slot N runs jobs as uid and gid UID_BASE + N.
+    /// Slot N runs jobs as uid and gid UID_BASE + N (Linux jails).
     #[arg(long, default_value_t = 61_000)]
     uid_base: u32,
+    #[command(flatten)]
+    pot: PotArgs,
+}
+
+/// Settings of `--jail pot`; the defaults match a stock pot installation.
+#[derive(Debug, clap::Args)]
+struct PotArgs {
+    /// pot: the `pot` program.
+    #[arg(long = "pot")]
+    pot_program: Option<PathBuf>,
+    /// pot: the `jexec` program.
+    #[arg(long)]
+    jexec: Option<PathBuf>,
+    /// pot: the `rctl` program that limits each jail's memory, processes and open files, or
+    /// `none` to leave limits to the template (rctl needs kern.racct.enable=1).
+    #[arg(long)]
+    rctl: Option<String>,
+    /// pot: the template pot images are cloned from (default kiln-template).
+    #[arg(long)]
+    pot_template: Option<String>,
+    /// pot: pot's POT_FS_ROOT, where `jails/NAME/m` lives (default /opt/pot).
+    #[arg(long)]
+    pot_fs_root: Option<PathBuf>,
+    /// pot: an extra argument for every `pot clone`; repeat for each, as in
+    /// `--pot-clone-arg=-d --pot-clone-arg=off`.
+    #[arg(long = "pot-clone-arg", allow_hyphen_values = true)]
+    pot_clone_args: Vec<String>,
+    /// pot: the prefix of this builder's pot names (default kiln-); pots with it are destroyed
+    /// at start-up, so give each builder on a host its own.
+    #[arg(long)]
+    pot_prefix: Option<String>,
+    /// pot: the user, in the template, that runs every job (default kiln).
+    #[arg(long)]
+    pot_user: Option<String>,
+}
+
+impl PotArgs {
+    fn config(self) -> kiln_jails::pot::PotConfig {
+        let mut c = kiln_jails::pot::PotConfig::default();
+        c.pot = self.pot_program.unwrap_or(c.pot);
+        c.jexec = self.jexec.unwrap_or(c.jexec);
+        match self.rctl.as_deref() {
+            Some("none") => c.rctl = None,
+            Some(path) => c.rctl = Some(path.into()),
+            None => {}
+        }
+        c.template = self.pot_template.unwrap_or(c.template);
+        c.fs_root = self.pot_fs_root.unwrap_or(c.fs_root);
+        c.clone_args = self.pot_clone_args;
+        c.prefix = self.pot_prefix.unwrap_or(c.prefix);
+        c.user = self.pot_user.unwrap_or(c.user);
+        c
+    }
 }
 
 /// `KILN_LOG=debug` and the like; info by default.
@@ -65,16 +119,13 @@ fn main() -> anyhow::Result<()> {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if args.jail != "linux" {
-        anyhow::bail!(
-            "--jail {}: only the `linux` backend is available in this build",
-            args.jail
-        );
-    }
-    // Mounts made from here on are this process's alone and vanish with it, even if it is killed.
-    // Done before the runtime starts threads: a threaded process cannot unshare its mounts.
-    if let Err(e) = kiln_jails::linux::private_mounts() {
-        tracing::warn!("{e}; containers are mounted in the host's namespace");
+    if args.jail == "linux" {
+        // Mounts made from here on are this process's alone and vanish with it, even if it is
+        // killed. Done before the runtime starts threads: a threaded process cannot unshare its
+        // mounts.
+        if let Err(e) = kiln_jails::linux::private_mounts() {
+            tracing::warn!("{e}; containers are mounted in the host's namespace");
+        }
     }
     let helper = match args.jail_helper {
         Some(p) => p,
@@ -84,6 +135,9 @@ fn main() -> anyhow::Result<()> {
     };
     let work_dir = std::path::absolute(&args.work_dir).context("the work directory")?;
     let mut config = kiln_builder::Config::new(&args.scheduler, work_dir, helper);
+    if args.jail == "pot" {
+        config.jail = kiln_builder::JailKind::Pot(args.pot.config());
+    }
     if let Some(slots) = args.slots {
         anyhow::ensure!(slots > 0, "--slots must be at least 1");
         config.slots = slots;

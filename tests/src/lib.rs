@@ -357,8 +357,53 @@ pub fn jail_helper() -> &'static Path {
 
 type Task = tokio::task::JoinHandle<anyhow::Result<()>>;
 
-/// A compile farm in this process: a scheduler and builders with real Linux jails, on
-/// 127.0.0.1. Builders and the scheduler can be killed and restarted.
+/// The jails a [`Farm`]'s builders run jobs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FarmJail {
+    /// Real Linux jails.
+    Linux,
+    /// `--jail pot`, driving potsim (jails/tests/potsim/potsim.py), a simulator of FreeBSD's
+    /// pot, jexec and rctl: one simulated FreeBSD host per builder, with a template pot holding
+    /// /bin/sh and /usr/bin/env.
+    PotSim,
+}
+
+/// The uid of builder `i`'s jobs (pot jails: its template's user). Distinct per builder:
+/// process limits count per user.
+fn uid_base(i: usize) -> u32 {
+    62_000 + 100 * i as u32
+}
+
+/// Makes builder `i`'s simulated FreeBSD host under `dir` (once) and its pot settings.
+fn potsim_host(dir: &Path, i: usize) -> kiln_jails::pot::PotConfig {
+    let sim = Path::new(env!("CARGO_MANIFEST_DIR")).join("../jails/tests/potsim/potsim.py");
+    if !dir.join("fs").exists() {
+        let out = Command::new("python3")
+            .arg(&sim)
+            .arg("setup")
+            .arg(dir)
+            .args(["--template", "kiln-template", "--user", "kiln"])
+            .args(["--uid", &uid_base(i).to_string()])
+            .args(["--copy", "/bin/sh", "--copy", "/usr/bin/env"])
+            .output()
+            .expect("python3 runs the pot simulator");
+        assert!(
+            out.status.success(),
+            "potsim setup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    kiln_jails::pot::PotConfig {
+        pot: dir.join("bin/pot"),
+        jexec: dir.join("bin/jexec"),
+        rctl: Some(dir.join("bin/rctl")),
+        fs_root: dir.join("fs"),
+        ..kiln_jails::pot::PotConfig::default()
+    }
+}
+
+/// A compile farm in this process: a scheduler and builders with real Linux jails (or pots on
+/// potsim), on 127.0.0.1. Builders and the scheduler can be killed and restarted.
 pub struct Farm {
     runtime: tokio::runtime::Runtime,
     pub addr: std::net::SocketAddr,
@@ -366,6 +411,7 @@ pub struct Farm {
     builders: Vec<Option<(tokio::sync::oneshot::Sender<()>, Task)>>,
     dir: tempfile::TempDir,
     slots: u32,
+    jail: FarmJail,
 }
 
 impl std::fmt::Debug for Farm {
@@ -377,6 +423,11 @@ impl std::fmt::Debug for Farm {
 impl Farm {
     /// A scheduler and `builders` builders of `slots` slots each, all joined.
     pub fn start(builders: usize, slots: u32) -> Farm {
+        Farm::start_with(builders, slots, FarmJail::Linux)
+    }
+
+    /// [`Farm::start`] with builders whose jails are `jail`.
+    pub fn start_with(builders: usize, slots: u32, jail: FarmJail) -> Farm {
         // KILN_TEST_LOG=debug shows what the scheduler and builders do.
         let level = std::env::var("KILN_TEST_LOG").ok();
         if let Some(level) = level.and_then(|l| l.parse::<tracing::Level>().ok()) {
@@ -401,6 +452,7 @@ impl Farm {
             builders: Vec::new(),
             dir: tempfile::tempdir().unwrap(),
             slots,
+            jail,
         };
         farm.serve_scheduler(listener);
         for i in 0..builders {
@@ -448,8 +500,11 @@ impl Farm {
         let mut config = kiln_builder::Config::new(&self.url(), work, jail_helper().to_path_buf());
         config.name = format!("builder{i}");
         config.slots = self.slots;
-        // Distinct users per builder: process limits count per user.
-        config.uid_base = 62_000 + 100 * i as u32;
+        config.uid_base = uid_base(i);
+        if self.jail == FarmJail::PotSim {
+            let host = self.dir.path().join(format!("builder{i}-freebsd"));
+            config.jail = kiln_builder::JailKind::Pot(potsim_host(&host, i));
+        }
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = self.runtime.spawn(kiln_builder::serve(config, async {
             let _ = rx.await;
@@ -515,7 +570,7 @@ impl Drop for Farm {
         }
         // Builders killed mid-job leave their containers mounted.
         use kiln_jails::Backend;
-        for i in 0..self.builders.len() {
+        for i in (0..self.builders.len()).filter(|_| self.jail == FarmJail::Linux) {
             let jail = self.dir.path().join(format!("builder{i}/jail"));
             if let Ok(j) =
                 kiln_jails::linux::LinuxJail::new(&jail, jail_helper(), Default::default())
