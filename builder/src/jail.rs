@@ -120,6 +120,21 @@ impl Backend for Jail {
         }
     }
 
+    fn outputs(&self, container: &Container) -> PathBuf {
+        match (self, container) {
+            (Jail::Linux(j), Container::Linux(c)) => j.outputs(c),
+            (Jail::Pot(j), Container::Pot(c)) => j.outputs(c),
+            _ => PathBuf::from("/nonexistent"),
+        }
+    }
+
+    fn links_inputs(&self) -> bool {
+        match self {
+            Jail::Linux(j) => j.links_inputs(),
+            Jail::Pot(j) => j.links_inputs(),
+        }
+    }
+
     fn run(&self, container: &Container, spec: &RunSpec) -> Result<Outcome, JailError> {
         match (self, container) {
             (Jail::Linux(j), Container::Linux(c)) => j.run(c, spec),

@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kiln_cache::{Kind, Lookup};
-use kiln_jails::inroot::{Root, MAX_OUTPUT};
-use kiln_jails::{JailError, Lease, RunSpec};
+use kiln_jails::inroot::{Placer, Root, MAX_OUTPUT};
+use kiln_jails::{Backend, JailError, Lease, RunSpec};
 use kiln_proto::content::{chunk_digest, chunks, Assembly};
 use kiln_proto::v1::{
     from_builder, Chunk, Finished, FromBuilder, JobChunk, JobFinished, JobNeed, JobRejected,
@@ -234,13 +233,26 @@ async fn execute(
             fetch_guard = Some(guard);
         }
     }
-    let mut wanted: HashMap<Digest, u64> = HashMap::new();
-    let mut seen = HashSet::new();
-    for (f, wire) in checked.inputs.iter().zip(&spec.inputs) {
-        if seen.insert(f.1) && !shared.inputs.path_of(Kind::Blob, &f.1).exists() {
-            wanted.insert(f.1, wire.digest.as_ref().map_or(0, |d| d.size));
-        }
-    }
+    let mut wanted: HashMap<Digest, u64> = {
+        let worker = shared.clone();
+        let mut seen = HashSet::new();
+        let files: Vec<(Digest, u64)> = checked
+            .inputs
+            .iter()
+            .zip(&spec.inputs)
+            .filter(|(f, _)| seen.insert(f.1))
+            .map(|(f, wire)| (f.1, wire.digest.as_ref().map_or(0, |d| d.size)))
+            .collect();
+        // Checking a file this process has not used yet reads it: off the async threads.
+        tokio::task::spawn_blocking(move || {
+            files
+                .into_iter()
+                .filter(|(d, _)| !worker.inputs.have(d))
+                .collect()
+        })
+        .await
+        .map_err(|e| JobError::Retry(e.to_string()))?
+    };
     let need_toolchain = fetch_guard.is_some();
     if need_toolchain || !wanted.is_empty() {
         let need = Need {
@@ -312,8 +324,8 @@ async fn receive(
             keep_toolchain(shared, out, digest, data).await?;
         } else {
             wanted.remove(&digest);
-            let inputs = shared.inputs.clone();
-            tokio::task::spawn_blocking(move || inputs.put(Kind::Blob, &digest, &data))
+            let worker = shared.clone();
+            tokio::task::spawn_blocking(move || worker.inputs.keep(&digest, &data))
                 .await
                 .map_err(|e| JobError::Retry(e.to_string()))?
                 .map_err(|e| JobError::Retry(format!("keeping an input: {e}")))?;
@@ -388,10 +400,10 @@ async fn run_in_jail(
         pool: shared.pool.clone(),
         lease: Some(lease),
     };
-    let root_path = guard
+    let (root_path, outputs_path) = guard
         .lease
         .as_ref()
-        .map(|l| l.root().to_path_buf())
+        .map(|l| (l.root().to_path_buf(), l.outputs().to_path_buf()))
         .unwrap_or_default();
     tracing::debug!(
         job = id,
@@ -401,7 +413,7 @@ async fn run_in_jail(
 
     let uid = shared.job_uid(slot);
     let placed = {
-        let inputs = shared.inputs.clone();
+        let worker = shared.clone();
         let files = c.inputs.clone();
         let dirs = c.dirs.clone();
         let cwd = c.cwd.clone();
@@ -412,17 +424,19 @@ async fn run_in_jail(
             for dir in &dirs {
                 root.make_dirs(dir, None)?;
             }
+            let mut placer = Placer::new(&root, worker.pool.backend().links_inputs());
             for (path, digest, executable) in &files {
-                let data = match inputs.get(Kind::Blob, digest) {
-                    Ok(Lookup::Hit(data)) => data,
-                    _ => {
+                let source = worker.inputs.path(digest);
+                if let Err(e) = placer.link_or_copy(path, &source, *executable) {
+                    // Evicted since it was checked: not the job's fault.
+                    if !source.exists() {
                         return Err(JobError::Retry(format!(
                             "input {} went missing",
                             path.display()
-                        )))
+                        )));
                     }
-                };
-                root.write_file(path, &data, *executable)?;
+                    return Err(e.into());
+                }
             }
             root.chown_dir(&cwd, uid, uid)?;
             for output in &outputs {
@@ -461,7 +475,7 @@ async fn run_in_jail(
     let read = {
         let outputs = c.outputs.clone();
         tokio::task::spawn_blocking(move || -> Result<Vec<(PathBuf, Bytes)>, JobError> {
-            let root = Root::open(&root_path)?;
+            let root = Root::open(&outputs_path)?;
             let mut found = Vec::new();
             for path in outputs {
                 if let Some(data) = root.read_file(&path, MAX_OUTPUT)? {

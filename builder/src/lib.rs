@@ -9,6 +9,7 @@
 //! paths are checked, archives are unpacked by the hardened unpacker, files go in and come out
 //! without following links out of the container.
 
+mod inputs;
 mod jail;
 mod job;
 mod toolchains;
@@ -85,7 +86,7 @@ pub(crate) struct Shared {
     toolchains: Mutex<ToolchainCache>,
     /// One lock per toolchain being fetched, so concurrent jobs ask for it once.
     fetching: Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
-    inputs: kiln_cache::Store,
+    inputs: inputs::Inputs,
     free_slots: Mutex<Vec<u32>>,
 }
 
@@ -139,13 +140,7 @@ pub async fn serve(
     }
     let toolchains =
         ToolchainCache::open(&config.work_dir.join("toolchains"), config.toolchain_cache)?;
-    let inputs = kiln_cache::Store::open(
-        config.work_dir.join("inputs"),
-        kiln_cache::Limits {
-            max_size: config.input_cache,
-            max_files: 0,
-        },
-    );
+    let inputs = inputs::Inputs::open(config.work_dir.join("inputs"), config.input_cache);
     let shared = Arc::new(Shared {
         pool: Pool::new(jail, config.pool_size, config.slots.max(1)),
         toolchains: Mutex::new(toolchains),

@@ -139,27 +139,7 @@ impl Root {
     /// replaced, a symlink at that name is refused.
     pub fn write_file(&self, path: &Path, data: &[u8], executable: bool) -> Result<(), JailError> {
         let (dir, name) = self.parent_of(path)?;
-        let mode = if executable { 0o755 } else { 0o644 };
-        let fd = nix::fcntl::openat(
-            dir.as_fd(),
-            name,
-            OFlag::O_WRONLY
-                | OFlag::O_CREAT
-                | OFlag::O_TRUNC
-                | OFlag::O_NOFOLLOW
-                | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(mode),
-        )
-        .map_err(|e| match e {
-            Errno::ELOOP => path_error(path, "is a symlink"),
-            e => path_error(path, format!("cannot create: {e}")),
-        })?;
-        let mut file = File::from(fd);
-        file.write_all(data)
-            .map_err(JailError::io(format!("writing {}", path.display())))?;
-        // O_TRUNC on an existing file keeps its old mode.
-        nix::sys::stat::fchmod(file.as_fd(), Mode::from_bits_truncate(mode))
-            .map_err(JailError::sys(format!("chmod {}", path.display())))
+        write_at(&dir, name, path, data, executable)
     }
 
     /// Reads the regular file at `path` inside the root. `Ok(None)` when it does not exist; an
@@ -230,6 +210,133 @@ impl Root {
             Err(e) => Err(path_error(path, format!("cannot open its directory: {e}"))),
         }
     }
+}
+
+/// Places many files in one root before any job has run in it, opening each directory once
+/// (a job's inputs share a few dozen directories) and linking files instead of copying them
+/// where it can.
+///
+/// Only for a root nothing untrusted has touched yet: the directories it keeps open are not
+/// looked up again, which is safe only while no job can swap them for links.
+#[derive(Debug)]
+pub struct Placer<'r> {
+    root: &'r Root,
+    dirs: std::collections::HashMap<PathBuf, OwnedFd>,
+    links: bool,
+}
+
+impl<'r> Placer<'r> {
+    /// A placer for `root`; `links` allows hard links (see [`crate::Backend::links_inputs`]).
+    pub fn new(root: &'r Root, links: bool) -> Placer<'r> {
+        Placer {
+            root,
+            dirs: std::collections::HashMap::new(),
+            links,
+        }
+    }
+
+    fn dir_of<'p>(&mut self, path: &'p Path) -> Result<(&OwnedFd, &'p std::ffi::OsStr), JailError> {
+        let name = *parts(path)?
+            .last()
+            .ok_or_else(|| path_error(path, "names the root itself"))?;
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        if !self.dirs.contains_key(parent) {
+            let fd = self.root.make_dirs(parent, None)?;
+            self.dirs.insert(parent.to_path_buf(), fd);
+        }
+        Ok((&self.dirs[parent], name))
+    }
+
+    /// Puts the builder's file `source` at `path` in the root: a hard link when links are
+    /// allowed, it is on the same filesystem and not executable (a link shares its mode), a
+    /// copy otherwise. An existing file at `path` is replaced, a symlink refused.
+    pub fn link_or_copy(
+        &mut self,
+        path: &Path,
+        source: &Path,
+        executable: bool,
+    ) -> Result<(), JailError> {
+        if self.links && !executable {
+            let (dir, name) = self.dir_of(path)?;
+            let link = || {
+                nix::unistd::linkat(
+                    nix::fcntl::AT_FDCWD,
+                    source,
+                    dir.as_fd(),
+                    name,
+                    nix::fcntl::AtFlags::empty(),
+                )
+            };
+            let mut linked = link();
+            if linked == Err(Errno::EEXIST) {
+                refuse_symlink(dir, name, path)?;
+                let _ = nix::unistd::unlinkat(
+                    dir.as_fd(),
+                    name,
+                    nix::unistd::UnlinkatFlags::NoRemoveDir,
+                );
+                linked = link();
+            }
+            match linked {
+                Ok(()) => return Ok(()),
+                // Another filesystem, or links refused: copy.
+                Err(Errno::EXDEV | Errno::EPERM | Errno::EMLINK) => {}
+                Err(e) => return Err(path_error(path, format!("cannot link: {e}"))),
+            }
+        }
+        let data = std::fs::read(source)
+            .map_err(JailError::io(format!("reading {}", source.display())))?;
+        self.write_file(path, &data, executable)
+    }
+
+    /// [`Root::write_file`] through the open directories.
+    pub fn write_file(
+        &mut self,
+        path: &Path,
+        data: &[u8],
+        executable: bool,
+    ) -> Result<(), JailError> {
+        let (dir, name) = self.dir_of(path)?;
+        write_at(dir, name, path, data, executable)
+    }
+}
+
+fn refuse_symlink(dir: &OwnedFd, name: &std::ffi::OsStr, path: &Path) -> Result<(), JailError> {
+    match nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK => {
+            Err(path_error(path, "is a symlink"))
+        }
+        Ok(st) if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR => {
+            Err(path_error(path, "is a directory"))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn write_at(
+    dir: &OwnedFd,
+    name: &std::ffi::OsStr,
+    path: &Path,
+    data: &[u8],
+    executable: bool,
+) -> Result<(), JailError> {
+    let mode = if executable { 0o755 } else { 0o644 };
+    let fd = nix::fcntl::openat(
+        dir.as_fd(),
+        name,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(mode),
+    )
+    .map_err(|e| match e {
+        Errno::ELOOP => path_error(path, "is a symlink"),
+        e => path_error(path, format!("cannot create: {e}")),
+    })?;
+    let mut file = File::from(fd);
+    file.write_all(data)
+        .map_err(JailError::io(format!("writing {}", path.display())))?;
+    // O_TRUNC on an existing file keeps its old mode.
+    nix::sys::stat::fchmod(file.as_fd(), Mode::from_bits_truncate(mode))
+        .map_err(JailError::sys(format!("chmod {}", path.display())))
 }
 
 #[cfg(test)]

@@ -141,9 +141,19 @@ pub trait Backend: Send + Sync + 'static {
     fn make_image(&self, key: &str, archive: &Path) -> Result<Self::Image, JailError>;
     fn destroy_image(&self, image: &Self::Image) -> Result<(), JailError>;
     fn make_container(&self, image: &Self::Image) -> Result<Self::Container, JailError>;
-    /// Where the container's `/` is, seen from the builder: inputs go in and outputs come out
-    /// through [`inroot`] below this path.
+    /// Where a job's inputs go before it runs, seen from the builder: the container's `/`,
+    /// written through [`inroot`] below this path.
     fn root(&self, container: &Self::Container) -> PathBuf;
+    /// Where the job's outputs are read after it ran, through [`inroot`]: the container's `/`
+    /// unless the backend keeps what the job wrote apart.
+    fn outputs(&self, container: &Self::Container) -> PathBuf {
+        self.root(container)
+    }
+    /// Whether inputs may be hard links to the builder's own files. Only where the job cannot
+    /// write through them (an overlay's lower layer); elsewhere they are copied.
+    fn links_inputs(&self) -> bool {
+        false
+    }
     fn run(&self, container: &Self::Container, spec: &RunSpec) -> Result<Outcome, JailError>;
     /// Brings a used container back to the image's state, or fails (and the pool destroys it).
     fn reset(&self, container: &Self::Container, image: &Self::Image) -> Result<(), JailError>;

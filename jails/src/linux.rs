@@ -1,15 +1,21 @@
 //! The Linux backend: overlayfs containers entered through namespaces.
 //!
 //! Layout under the work directory:
-//! - `images/<key>`: an unpacked toolchain, never written after it is made (the overlay's lower
-//!   layer; overlayfs forbids changing a mounted lower layer);
-//! - `containers/<id>`: a size-capped tmpfs holding `upper/` and `work/`, with the overlay
-//!   mounted on `root/`. Resetting a container is unmounting both and mounting them again, which
-//!   costs a few milliseconds and happens on a background task.
+//! - `images/<key>`: an unpacked toolchain, never written after it is made (the overlay's
+//!   lowest layer; overlayfs forbids changing a mounted lower layer);
+//! - `inputs/<id>`: a container's next job's inputs, placed by the builder (as hard links to
+//!   its store where it can), the overlay's upper lower layer;
+//! - `containers/<id>`: a size-capped tmpfs holding `upper/` and `work/`, what the job
+//!   writes, and `root/`, where the overlay is mounted inside the jail.
 //!
-//! A job runs through the `kiln-jail` helper program (see [`helper`]), which enters new mount,
-//! pid, net, ipc and uts namespaces, pivots into `root/`, and drops to the job's uid. The builder
-//! itself only mounts and unmounts; nothing untrusted ever runs in its process.
+//! A container is *primed* when it is made and after every reset: the `kiln-jail` helper (see
+//! [`helper`]) is started, joins the container's cgroups, enters new pid, net, ipc, uts and
+//! mount namespaces, and waits for a job on its stdin. A job then costs only what cannot be
+//! done ahead: the overlay mount, `/proc` and `/dev`, `pivot_root`, dropping to the job's uid,
+//! and `exec`. The overlay lives in the jail's mount namespace only, so it is gone when the job
+//! is; the builder reads the outputs from `upper/`. Resetting a container is emptying its
+//! inputs and remounting its tmpfs, then priming it again, on a background task. The builder
+//! itself only mounts and unmounts tmpfs; nothing untrusted ever runs in its process.
 
 pub mod helper;
 
@@ -45,18 +51,21 @@ pub struct Image {
     dir: PathBuf,
 }
 
-/// One container: a tmpfs with the overlay on `root/`.
+/// One container: a tmpfs with the job's layer, an inputs directory, and a primed helper.
 #[derive(Debug)]
 pub struct Container {
     dir: PathBuf,
-    root: PathBuf,
+    inputs: PathBuf,
+    image: PathBuf,
+    /// The helper waiting for this container's next job.
+    primed: std::sync::Mutex<Option<std::process::Child>>,
     /// The helper of the job running in it, so a reset can stop a job its builder gave up on.
     running: std::sync::Mutex<Option<u32>>,
 }
 
 impl Container {
     /// Kills the job still running here, if any: its helper's death takes the jail's init, and
-    /// so every process of the job, with it.
+    /// so every process of the job, with it. A primed helper is stopped and reaped.
     fn stop_job(&self) {
         let pid = *self.running.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(pid) = pid {
@@ -65,6 +74,17 @@ impl Container {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        let primed = self.primed.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut child) = primed {
+            // Closing its stdin ends it quietly; the kill makes sure.
+            drop(child.stdin.take());
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn upper(&self) -> PathBuf {
+        self.dir.join("upper")
     }
 }
 
@@ -89,7 +109,7 @@ impl LinuxJail {
                     .into(),
             });
         }
-        for sub in ["images", "containers"] {
+        for sub in ["images", "containers", "inputs"] {
             fs::create_dir_all(work.join(sub)).map_err(JailError::io(format!(
                 "creating {}",
                 work.join(sub).display()
@@ -102,7 +122,7 @@ impl LinuxJail {
         })
     }
 
-    fn mount_container(&self, image: &Image, c: &Container) -> Result<(), JailError> {
+    fn mount_container(&self, c: &Container) -> Result<(), JailError> {
         let size = format!("size={},mode=0755", self.limits.disk);
         mount(
             Some("kiln"),
@@ -119,27 +139,39 @@ impl LinuxJail {
             fs::create_dir(c.dir.join(sub))
                 .map_err(JailError::io(format!("creating {}/{sub}", c.dir.display())))?;
         }
-        let options = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            image.dir.display(),
-            c.dir.join("upper").display(),
-            c.dir.join("work").display()
-        );
-        mount(
-            Some("overlay"),
-            &c.root,
-            Some("overlay"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some(options.as_str()),
-        )
-        .map_err(JailError::sys(format!(
-            "mounting the overlay on {}",
-            c.root.display()
-        )))
+        Ok(())
+    }
+
+    /// Starts the helper that waits for `c`'s next job (see [`helper`]).
+    fn prime(&self, c: &Container) -> Result<(), JailError> {
+        let setup = helper::Setup {
+            root: c.dir.join("root"),
+            lower: vec![c.inputs.clone(), c.image.clone()],
+            upper: c.upper(),
+            work: c.dir.join("work"),
+            status: c.dir.join("status"),
+            cgroup: c
+                .dir
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+        };
+        let child = Command::new(&self.helper)
+            .arg("run")
+            .args(setup.to_args())
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(JailError::io(format!("starting {}", self.helper.display())))?;
+        *c.primed.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
+        Ok(())
     }
 
     fn unmount_container(&self, c: &Container) -> Result<(), JailError> {
-        for target in [&c.root, &c.dir] {
+        for target in [&c.dir] {
             match umount2(target, MntFlags::MNT_DETACH) {
                 Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
                 Err(e) => {
@@ -217,7 +249,7 @@ impl Backend for LinuxJail {
                 removed += 1;
             }
         }
-        for sub in ["images", "containers"] {
+        for sub in ["images", "containers", "inputs"] {
             let dir = self.work.join(sub);
             let entries =
                 fs::read_dir(&dir).map_err(JailError::io(format!("listing {}", dir.display())))?;
@@ -287,14 +319,22 @@ impl Backend for LinuxJail {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let dir = self.work.join("containers").join(id);
-        fs::create_dir(&dir).map_err(JailError::io(format!("creating {}", dir.display())))?;
+        let dir = self.work.join("containers").join(&id);
+        let inputs = self.work.join("inputs").join(&id);
+        for d in [&dir, &inputs] {
+            fs::create_dir(d).map_err(JailError::io(format!("creating {}", d.display())))?;
+        }
         let container = Container {
-            root: dir.join("root"),
             dir,
+            inputs,
+            image: image.dir.clone(),
+            primed: std::sync::Mutex::new(None),
             running: std::sync::Mutex::new(None),
         };
-        if let Err(e) = self.mount_container(image, &container) {
+        if let Err(e) = self
+            .mount_container(&container)
+            .and_then(|()| self.prime(&container))
+        {
             let _ = self.destroy_container(&container);
             return Err(e);
         }
@@ -302,46 +342,62 @@ impl Backend for LinuxJail {
     }
 
     fn root(&self, container: &Container) -> PathBuf {
-        container.root.clone()
+        container.inputs.clone()
+    }
+
+    fn outputs(&self, container: &Container) -> PathBuf {
+        container.upper()
+    }
+
+    fn links_inputs(&self) -> bool {
+        true
     }
 
     fn run(&self, container: &Container, spec: &RunSpec) -> Result<Outcome, JailError> {
         let status_file = container.dir.join("status");
         let _ = fs::remove_file(&status_file);
+        let primed = container
+            .primed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        // A second job in one container (no reset between) primes it again here.
+        let mut child = match primed {
+            Some(child) => child,
+            None => {
+                self.prime(container)?;
+                container
+                    .primed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .ok_or_else(|| JailError::Setup("the container was not primed".into()))?
+            }
+        };
         let limits = spec.limits;
-        let mut cmd = Command::new(&self.helper);
-        cmd.arg("run")
-            .arg("--root")
-            .arg(&container.root)
-            .arg("--status")
-            .arg(&status_file)
-            .arg("--cgroup")
-            .arg(container.dir.file_name().unwrap_or_default())
-            .args([
-                "--uid",
-                &spec.uid.to_string(),
-                "--gid",
-                &spec.gid.to_string(),
-            ])
-            .arg("--cwd")
-            .arg(&spec.cwd)
-            .args(["--timeout-ms", &limits.timeout.as_millis().to_string()])
-            .args(["--memory", &limits.memory.to_string()])
-            .args(["--processes", &limits.processes.to_string()])
-            .args(["--file-size", &limits.file_size.to_string()])
-            .args(["--open-files", &limits.open_files.to_string()])
-            .arg("--")
-            .args(&spec.argv)
-            .env_clear()
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let job = helper::Job {
+            uid: spec.uid,
+            gid: spec.gid,
+            cwd: spec.cwd.clone(),
+            timeout_ms: limits.timeout.as_millis() as u64,
+            memory: limits.memory,
+            processes: u64::from(limits.processes),
+            file_size: limits.file_size,
+            open_files: limits.open_files,
+            env: spec
+                .env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}").into())
+                .collect(),
+            argv: spec.argv.iter().map(Into::into).collect(),
+        };
         let started = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .map_err(JailError::io(format!("starting {}", self.helper.display())))?;
         *container.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(child.id());
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            // A helper that died while primed has closed its end; its report says why.
+            let _ = stdin.write_all(&job.to_words());
+        }
         let out = child
             .stdout
             .take()
@@ -380,7 +436,7 @@ impl Backend for LinuxJail {
         Ok(outcome)
     }
 
-    fn reset(&self, container: &Container, image: &Image) -> Result<(), JailError> {
+    fn reset(&self, container: &Container, _image: &Image) -> Result<(), JailError> {
         container.stop_job();
         self.unmount_container(container)?;
         for sub in ["upper", "work", "root", "status"] {
@@ -391,7 +447,9 @@ impl Backend for LinuxJail {
                 let _ = fs::remove_file(&path);
             }
         }
-        self.mount_container(image, container)
+        empty_dir(&container.inputs)?;
+        self.mount_container(container)?;
+        self.prime(container)
     }
 
     fn destroy_container(&self, container: &Container) -> Result<(), JailError> {
@@ -401,6 +459,7 @@ impl Backend for LinuxJail {
             helper::remove_cgroups(name);
         }
         let _ = fs::remove_file(container.dir.join("status"));
+        let _ = fs::remove_dir_all(&container.inputs);
         fs::remove_dir_all(&container.dir)
             .or_else(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => Ok(()),
@@ -411,6 +470,21 @@ impl Backend for LinuxJail {
                 container.dir.display()
             )))
     }
+}
+
+/// Removes everything in `dir`, which a job's inputs filled (links and copies, no mounts).
+fn empty_dir(dir: &Path) -> Result<(), JailError> {
+    let entries = fs::read_dir(dir).map_err(JailError::io(format!("listing {}", dir.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(JailError::io(format!("listing {}", dir.display())))?;
+        let path = entry.path();
+        let removed = match entry.file_type() {
+            Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+            _ => fs::remove_file(&path),
+        };
+        removed.map_err(JailError::io(format!("removing {}", path.display())))?;
+    }
+    Ok(())
 }
 
 /// Reads a stream to its end, keeping at most [`MAX_STREAM`] bytes.

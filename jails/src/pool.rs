@@ -59,6 +59,7 @@ pub struct Lease<B: Backend> {
     key: String,
     container: Arc<B::Container>,
     root: PathBuf,
+    outputs: PathBuf,
 }
 
 impl<B: Backend> std::fmt::Debug for Lease<B> {
@@ -71,9 +72,14 @@ impl<B: Backend> std::fmt::Debug for Lease<B> {
 }
 
 impl<B: Backend> Lease<B> {
-    /// The container's `/`, seen from the builder.
+    /// Where the job's inputs go, seen from the builder ([`Backend::root`]).
     pub fn root(&self) -> &std::path::Path {
         &self.root
+    }
+
+    /// Where the job's outputs are read after it ran ([`Backend::outputs`]).
+    pub fn outputs(&self) -> &std::path::Path {
+        &self.outputs
     }
 }
 
@@ -166,12 +172,7 @@ impl<B: Backend> Pool<B> {
                 .ok_or_else(|| JailError::Setup(format!("no image for toolchain {key}")))?;
             entry.out += 1;
             if let Some(container) = entry.ready.pop() {
-                let root = self.shared.backend.root(&container);
-                return Ok(Lease {
-                    key: key.to_string(),
-                    container,
-                    root,
-                });
+                return Ok(self.lease(key, container));
             }
             entry.image.clone()
         };
@@ -181,18 +182,20 @@ impl<B: Backend> Pool<B> {
             .map_err(join_error)
             .and_then(|r| r);
         match made {
-            Ok(container) => {
-                let root = self.shared.backend.root(&container);
-                Ok(Lease {
-                    key: key.to_string(),
-                    container: Arc::new(container),
-                    root,
-                })
-            }
+            Ok(container) => Ok(self.lease(key, Arc::new(container))),
             Err(e) => {
                 self.finish_one(key);
                 Err(e)
             }
+        }
+    }
+
+    fn lease(&self, key: &str, container: Arc<B::Container>) -> Lease<B> {
+        Lease {
+            key: key.to_string(),
+            root: self.shared.backend.root(&container),
+            outputs: self.shared.backend.outputs(&container),
+            container,
         }
     }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_jails::inroot::Root;
+use kiln_jails::inroot::{Placer, Root};
 use kiln_jails::linux::LinuxJail;
 use kiln_jails::{Backend, Limits, Outcome, Pool, RunSpec};
 use kiln_proto::archive::{Manifest, Source};
@@ -91,7 +91,10 @@ async fn run_once(
     let root = Root::open(lease.root()).unwrap();
     root.chown_dir(Path::new("/job"), uid, uid).unwrap();
     let outcome = f.pool.run(&lease, spec(uid, args, timeout)).await.unwrap();
-    let out = root.read_file(Path::new("/job/out.txt"), 1 << 20).unwrap();
+    let out = Root::open(lease.outputs())
+        .unwrap()
+        .read_file(Path::new("/job/out.txt"), 1 << 20)
+        .unwrap();
     f.pool.checkin(lease);
     (outcome, out)
 }
@@ -277,7 +280,8 @@ async fn an_output_link_out_of_the_jail_is_refused() {
         .await
         .unwrap();
     assert_eq!(outcome.exit_code, Some(0));
-    let err = root
+    let err = Root::open(lease.outputs())
+        .unwrap()
         .read_file(Path::new("/job/out.o"), 1 << 20)
         .unwrap_err();
     assert!(err.to_string().contains("symlink"), "{err}");
@@ -299,7 +303,7 @@ async fn containers_are_reset_and_reused_and_leftovers_cleaned() {
     }
     assert_eq!(f.pool.ready_counts().get("probe"), Some(&1));
     let lease = f.pool.checkout("probe").await.unwrap();
-    let root = Root::open(lease.root()).unwrap();
+    let root = Root::open(lease.outputs()).unwrap();
     assert_eq!(
         root.read_file(Path::new("/job/out.txt"), 100).unwrap(),
         None,
@@ -378,4 +382,45 @@ async fn a_job_given_up_on_is_killed_when_its_container_is_reset() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn inputs_linked_from_the_builder_are_never_written_through() {
+    const UID: u32 = 64_109;
+    let f = fixture(1);
+    // The builder's own copy, as its input store keeps it; writable by anyone, the worst case
+    // a careless umask could leave.
+    let kept = f.work.parent().unwrap().join("kept.h");
+    std::fs::write(&kept, b"#define KEPT 1\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o666)).unwrap();
+    f.pool.prepare("probe", f.archive.clone()).await.unwrap();
+    let lease = f.pool.checkout("probe").await.unwrap();
+    let root = Root::open(lease.root()).unwrap();
+    let mut placer = Placer::new(&root, f.pool.backend().links_inputs());
+    placer
+        .link_or_copy(Path::new("/job/kept.h"), &kept, false)
+        .unwrap();
+    drop(placer);
+    root.chown_dir(Path::new("/job"), UID, UID).unwrap();
+    let outcome = f
+        .pool
+        .run(
+            &lease,
+            spec(UID, &["write", "/job/kept.h"], Duration::from_secs(20)),
+        )
+        .await
+        .unwrap();
+    assert!(
+        text(&outcome.stdout).contains("/job/kept.h ok"),
+        "{outcome:?}"
+    );
+    // The job truncated its own copy in its layer; the builder's file is as it was.
+    assert_eq!(std::fs::read(&kept).unwrap(), b"#define KEPT 1\n");
+    let written = Root::open(lease.outputs())
+        .unwrap()
+        .read_file(Path::new("/job/kept.h"), 100)
+        .unwrap();
+    assert_eq!(written.as_deref(), Some(&b""[..]));
+    f.pool.checkin(lease);
 }

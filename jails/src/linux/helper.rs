@@ -1,20 +1,33 @@
-//! `kiln-jail`, the program that enters a Linux jail. It runs as two processes:
+//! `kiln-jail`, the program that enters a Linux jail. It runs as two processes, started when
+//! a container is pooled, so that everything slow about entering a jail is done before a job
+//! arrives:
 //!
-//! 1. `kiln-jail run …`, started by the builder: joins the job's cgroups, unshares the mount,
-//!    pid, net, ipc and uts namespaces, makes every mount private, and starts stage 2. It
-//!    enforces the wall-clock limit (killing stage 2, the namespace's init, kills every process
-//!    in it) and writes a one-line report for the builder.
-//! 2. `kiln-jail init …`, pid 1 of the new pid namespace: mounts `/proc` and a minimal `/dev`
-//!    in the container root, pivots into it, sets the hostname and rlimits, drops to
-//!    the job's uid and gid (which clears every capability), sets `no_new_privs`, starts a new
-//!    session and execs the command.
+//! 1. `kiln-jail run …`, started by the builder: joins the container's cgroups (moving a
+//!    process into a cgroup v1 memory controller waits for an RCU grace period, about 10 ms),
+//!    unshares the pid, net, ipc and uts namespaces and starts stage 2 in them. It then waits
+//!    for the job on its stdin, sets the job's memory and process limits on the cgroups, hands
+//!    the job to stage 2, enforces the wall-clock limit (killing stage 2, the namespace's init,
+//!    kills every process in it) and writes a one-line report for the builder.
+//! 2. `kiln-jail init …`, pid 1 of the new pid namespace: makes a mount namespace of its own
+//!    and waits for the job. Then it mounts the container's overlay (the job's inputs and the
+//!    toolchain image below, the container's tmpfs above), `/proc` and a minimal `/dev`, pivots
+//!    into it, sets the hostname and rlimits, drops to the job's uid and gid (which clears every
+//!    capability), sets `no_new_privs`, starts a new session and execs the command with
+//!    exactly the job's environment.
+//!
+//! The overlay is mounted by stage 2, after the builder has placed the inputs, because
+//! overlayfs forbids changing a lower layer while it is mounted; it lives in stage 2's mount
+//! namespace and vanishes with it. A job is the NUL-separated words of [`Job::to_words`] on
+//! stdin, ended by closing it; a closed stdin with no job ends both stages quietly.
 //!
 //! Two small processes instead of `fork` in the builder keep untrusted setup out of a
 //! multi-threaded process and need no `unsafe`. The new network namespace has only a loopback
 //! interface, and it is down.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -28,6 +41,8 @@ use nix::unistd::{Gid, Uid};
 
 /// The exit status stage 2 uses for its own failures; compilers do not use it.
 const SETUP_FAILED: i32 = 125;
+/// The largest job message accepted on stdin.
+const MAX_JOB: u64 = 16 << 20;
 
 /// What stage 1 tells the builder, one line in the status file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,71 +79,89 @@ impl Report {
     }
 }
 
-/// The helper's parameters, passed on its command line by the builder.
-#[derive(Debug, Clone, Default)]
-struct Params {
-    root: PathBuf,
-    status: PathBuf,
-    cgroup: String,
-    uid: u32,
-    gid: u32,
-    cwd: PathBuf,
-    timeout_ms: u64,
-    memory: u64,
-    processes: u64,
-    file_size: u64,
-    open_files: u64,
-    argv: Vec<OsString>,
+/// The container a primed helper serves, on its command line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Setup {
+    /// Where the overlay is mounted (stage 2's mount namespace only).
+    pub root: PathBuf,
+    /// The overlay's lower layers, top first: the job's inputs, then the toolchain image.
+    pub lower: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    /// Where stage 1 writes its report.
+    pub status: PathBuf,
+    /// The container's cgroup name (empty: none).
+    pub cgroup: String,
 }
 
-impl Params {
-    fn parse(mut args: impl Iterator<Item = OsString>) -> Result<Params, String> {
-        let mut p = Params::default();
+impl Setup {
+    fn parse(mut args: impl Iterator<Item = OsString>) -> Result<Setup, String> {
+        let mut s = Setup::default();
         while let Some(flag) = args.next() {
             let flag = flag.to_string_lossy().into_owned();
-            if flag == "--" {
-                p.argv = args.collect();
-                break;
-            }
             let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
-            let text = value.to_string_lossy().into_owned();
-            let num = || {
-                text.parse::<u64>()
-                    .map_err(|_| format!("{flag}: not a number: {text}"))
-            };
             match flag.as_str() {
-                "--root" => p.root = value.into(),
-                "--status" => p.status = value.into(),
-                "--cgroup" => p.cgroup = text.clone(),
-                "--uid" => p.uid = num()? as u32,
-                "--gid" => p.gid = num()? as u32,
-                "--cwd" => p.cwd = value.into(),
-                "--timeout-ms" => p.timeout_ms = num()?,
-                "--memory" => p.memory = num()?,
-                "--processes" => p.processes = num()?,
-                "--file-size" => p.file_size = num()?,
-                "--open-files" => p.open_files = num()?,
+                "--root" => s.root = value.into(),
+                "--lower" => s.lower.push(value.into()),
+                "--upper" => s.upper = value.into(),
+                "--work" => s.work = value.into(),
+                "--status" => s.status = value.into(),
+                "--cgroup" => s.cgroup = value.to_string_lossy().into_owned(),
                 _ => return Err(format!("unknown option {flag}")),
             }
         }
-        if p.argv.is_empty() || p.root.as_os_str().is_empty() {
-            return Err("usage: kiln-jail run|init --root DIR … -- PROGRAM ARGS…".into());
+        if s.root.as_os_str().is_empty() || s.lower.is_empty() || s.upper.as_os_str().is_empty() {
+            return Err(
+                "usage: kiln-jail run|init --root DIR --lower DIR… --upper DIR --work DIR \
+                        --status FILE [--cgroup NAME], then the job on stdin"
+                    .into(),
+            );
         }
-        if p.uid == 0 || p.gid == 0 {
-            return Err("refusing to run a job as root".into());
-        }
-        Ok(p)
+        Ok(s)
     }
 
-    fn to_args(&self) -> Vec<OsString> {
+    pub fn to_args(&self) -> Vec<OsString> {
         let mut out: Vec<OsString> = Vec::new();
         let mut push = |k: &str, v: OsString| {
             out.push(k.into());
             out.push(v);
         };
         push("--root", self.root.clone().into());
+        for l in &self.lower {
+            push("--lower", l.clone().into());
+        }
+        push("--upper", self.upper.clone().into());
+        push("--work", self.work.clone().into());
         push("--status", self.status.clone().into());
         push("--cgroup", self.cgroup.clone().into());
+        out
+    }
+}
+
+/// One job, sent to a primed helper on its stdin.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Job {
+    pub uid: u32,
+    pub gid: u32,
+    pub cwd: PathBuf,
+    pub timeout_ms: u64,
+    pub memory: u64,
+    pub processes: u64,
+    pub file_size: u64,
+    pub open_files: u64,
+    /// `NAME=VALUE`, the command's whole environment.
+    pub env: Vec<OsString>,
+    pub argv: Vec<OsString>,
+}
+
+impl Job {
+    /// The job as NUL-separated words: flags, `--env NAME=VALUE`s, `--`, the command.
+    pub fn to_words(&self) -> Vec<u8> {
+        let mut words: Vec<OsString> = Vec::new();
+        let mut push = |k: &str, v: OsString| {
+            words.push(k.into());
+            words.push(v);
+        };
         push("--uid", self.uid.to_string().into());
         push("--gid", self.gid.to_string().into());
         push("--cwd", self.cwd.clone().into());
@@ -137,18 +170,84 @@ impl Params {
         push("--processes", self.processes.to_string().into());
         push("--file-size", self.file_size.to_string().into());
         push("--open-files", self.open_files.to_string().into());
-        out.push("--".into());
-        out.extend(self.argv.iter().cloned());
+        for e in &self.env {
+            push("--env", e.clone());
+        }
+        words.push("--".into());
+        words.extend(self.argv.iter().cloned());
+        let mut out = Vec::new();
+        for w in words {
+            out.extend_from_slice(w.as_bytes());
+            out.push(0);
+        }
         out
     }
+
+    pub fn parse(bytes: &[u8]) -> Result<Job, String> {
+        let mut words = bytes
+            .strip_suffix(&[0])
+            .ok_or("the job does not end with a NUL")?
+            .split(|b| *b == 0)
+            .map(|w| OsString::from_vec(w.to_vec()));
+        let mut j = Job::default();
+        while let Some(flag) = words.next() {
+            let flag = flag.to_string_lossy().into_owned();
+            if flag == "--" {
+                j.argv = words.collect();
+                break;
+            }
+            let value = words
+                .next()
+                .ok_or_else(|| format!("{flag} needs a value"))?;
+            let text = value.to_string_lossy().into_owned();
+            let num = || {
+                text.parse::<u64>()
+                    .map_err(|_| format!("{flag}: not a number: {text}"))
+            };
+            match flag.as_str() {
+                "--uid" => j.uid = u32::try_from(num()?).map_err(|_| "--uid: out of range")?,
+                "--gid" => j.gid = u32::try_from(num()?).map_err(|_| "--gid: out of range")?,
+                "--cwd" => j.cwd = value.into(),
+                "--timeout-ms" => j.timeout_ms = num()?,
+                "--memory" => j.memory = num()?,
+                "--processes" => j.processes = num()?,
+                "--file-size" => j.file_size = num()?,
+                "--open-files" => j.open_files = num()?,
+                "--env" if value.as_bytes().contains(&b'=') => j.env.push(value),
+                "--env" => return Err(format!("--env {text}: not NAME=VALUE")),
+                _ => return Err(format!("unknown job option {flag}")),
+            }
+        }
+        if j.argv.is_empty() || j.argv[0].is_empty() {
+            return Err("the job has no command".into());
+        }
+        if j.uid == 0 || j.gid == 0 {
+            return Err("refusing to run a job as root".into());
+        }
+        Ok(j)
+    }
+}
+
+/// Reads a job from stdin: `None` when it was closed with nothing sent.
+fn read_job() -> Result<Option<Vec<u8>>, String> {
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(MAX_JOB + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading the job: {e}"))?;
+    if bytes.len() as u64 > MAX_JOB {
+        return Err(format!("the job is over {MAX_JOB} bytes"));
+    }
+    Ok((!bytes.is_empty()).then_some(bytes))
 }
 
 /// The `kiln-jail` program.
 pub fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
     let stage = args.next().unwrap_or_default();
-    let params = match Params::parse(args) {
-        Ok(p) => p,
+    let setup = match Setup::parse(args) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("kiln-jail: {e}");
             return ExitCode::from(2);
@@ -156,20 +255,27 @@ pub fn main() -> ExitCode {
     };
     match stage.to_str() {
         Some("run") => {
-            let report = stage1(&params).unwrap_or_else(Report::Error);
-            match fs::write(&params.status, report.line() + "\n") {
+            let report = match stage1(&setup) {
+                Ok(Some(report)) => report,
+                // No job came: the container was destroyed while pooled.
+                Ok(None) => return ExitCode::SUCCESS,
+                Err(e) => Report::Error(e),
+            };
+            match fs::write(&setup.status, report.line() + "\n") {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("kiln-jail: writing {}: {e}", params.status.display());
+                    eprintln!("kiln-jail: writing {}: {e}", setup.status.display());
                     ExitCode::from(1)
                 }
             }
         }
-        Some("init") => {
-            let e = stage2(&params);
-            eprintln!("kiln-jail: {e}");
-            ExitCode::from(SETUP_FAILED as u8)
-        }
+        Some("init") => match stage2(&setup) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kiln-jail: {e}");
+                ExitCode::from(SETUP_FAILED as u8)
+            }
+        },
         _ => {
             eprintln!("kiln-jail: the first argument is `run` (the builder starts jobs with it)");
             ExitCode::from(2)
@@ -177,18 +283,14 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn stage1(p: &Params) -> Result<Report, String> {
-    let cgroups = join_cgroups(&p.cgroup, p.memory, p.processes);
-    // A container's cgroups outlive its jobs (creating memory cgroups is slow): count this
-    // job's OOM kills from here.
-    let oom_before = cgroups.oom_kills();
+fn stage1(setup: &Setup) -> Result<Option<Report>, String> {
+    let cgroups = join_cgroups(&setup.cgroup);
     // The clock runs on its own thread, started before the pid namespace exists: after
     // unshare(CLONE_NEWPID) this process may not create threads any more.
-    let (pid_tx, pid_rx) = std::sync::mpsc::channel::<nix::unistd::Pid>();
+    let (start_tx, start_rx) = std::sync::mpsc::channel::<(nix::unistd::Pid, Duration)>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    let limit = Duration::from_millis(p.timeout_ms.max(1));
     let timer = std::thread::spawn(move || {
-        let Ok(pid) = pid_rx.recv() else {
+        let Ok((pid, limit)) = start_rx.recv() else {
             return false;
         };
         match done_rx.recv_timeout(limit) {
@@ -211,26 +313,55 @@ fn stage1(p: &Params) -> Result<Report, String> {
     let exe = std::env::current_exe().map_err(|e| format!("finding kiln-jail: {e}"))?;
     let mut child = Command::new(exe)
         .arg("init")
-        .args(p.to_args())
-        .stdin(Stdio::null())
+        .args(setup.to_args())
+        .stdin(Stdio::piped())
         .spawn()
         .map_err(|e| format!("starting the jail's init: {e}"))?;
-    let _ = pid_tx.send(nix::unistd::Pid::from_raw(child.id() as i32));
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let mut to_init = child.stdin.take();
+
+    // Primed: everything above happened before the job existed.
+    let job = match read_job() {
+        Ok(Some(bytes)) => Job::parse(&bytes).map(|job| (job, bytes)),
+        Ok(None) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        Err(e) => Err(e),
+    };
+    let (job, bytes) = match job {
+        Ok(found) => found,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
+    cgroups.limit(job.memory, job.processes);
+    // A container's cgroups outlive its jobs (creating memory cgroups is slow): count this
+    // job's OOM kills from here.
+    let oom_before = cgroups.oom_kills();
+    let _ = start_tx.send((pid, Duration::from_millis(job.timeout_ms.max(1))));
+    if let Some(mut pipe) = to_init.take() {
+        // A failed write means init died setting up; its status says how.
+        let _ = pipe.write_all(&bytes);
+    }
     let status = child.wait();
     let _ = done_tx.send(());
     let timed_out = timer.join().unwrap_or(false);
     let status = status.map_err(|e| format!("waiting for the job: {e}"))?;
     if let Some(code) = status.code() {
         if code == SETUP_FAILED {
-            return Ok(Report::Error(
+            return Ok(Some(Report::Error(
                 "the jail could not start the command (its message is on stderr)".into(),
-            ));
+            )));
         }
-        return Ok(Report::Exit(code));
+        return Ok(Some(Report::Exit(code)));
     }
     let sig = status.signal().unwrap_or(0);
     let why = if timed_out {
-        Some(format!("time limit ({} ms)", p.timeout_ms))
+        Some(format!("time limit ({} ms)", job.timeout_ms))
     } else if cgroups.oom_kills() > oom_before {
         Some("memory limit".to_string())
     } else if sig == Signal::SIGXCPU as i32 {
@@ -240,19 +371,10 @@ fn stage1(p: &Params) -> Result<Report, String> {
     } else {
         None
     };
-    Ok(Report::Signal(sig, why))
+    Ok(Some(Report::Signal(sig, why)))
 }
 
-fn stage2(p: &Params) -> String {
-    match enter(p) {
-        Ok(never) => match never {},
-        Err(e) => e,
-    }
-}
-
-enum Never {}
-
-fn enter(p: &Params) -> Result<Never, String> {
+fn stage2(setup: &Setup) -> Result<(), String> {
     // A mount namespace of its own: pivot_root moves the root of every process in the
     // namespace, and stage 1 must keep the builder's view to write its report.
     unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("creating a mount namespace: {e}"))?;
@@ -265,7 +387,43 @@ fn enter(p: &Params) -> Result<Never, String> {
         None::<&str>,
     )
     .map_err(|e| format!("making mounts private: {e}"))?;
-    let root = &p.root;
+    // If stage 1 dies (the builder killed it), so does the whole namespace.
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| format!("pdeathsig: {e}"))?;
+    let Some(bytes) = read_job()? else {
+        return Ok(());
+    };
+    let job = Job::parse(&bytes)?;
+    match enter(setup, &job)? {}
+}
+
+enum Never {}
+
+fn enter(setup: &Setup, job: &Job) -> Result<Never, String> {
+    let root = &setup.root;
+    let lower = setup
+        .lower
+        .iter()
+        .map(|l| l.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(":");
+    let options = format!(
+        "lowerdir={lower},upperdir={},workdir={}",
+        setup.upper.display(),
+        setup.work.display()
+    );
+    mount(
+        Some("overlay"),
+        root,
+        Some("overlay"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(options.as_str()),
+    )
+    .map_err(|e| {
+        format!(
+            "mounting the container's overlay on {}: {e}",
+            root.display()
+        )
+    })?;
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount(
         Some("proc"),
@@ -315,35 +473,46 @@ fn enter(p: &Params) -> Result<Never, String> {
 
     let limits = [
         (Resource::RLIMIT_CORE, 0),
-        (Resource::RLIMIT_FSIZE, p.file_size),
-        (Resource::RLIMIT_NOFILE, p.open_files),
-        (Resource::RLIMIT_NPROC, p.processes),
-        (Resource::RLIMIT_CPU, p.timeout_ms.div_ceil(1000) + 1),
+        (Resource::RLIMIT_FSIZE, job.file_size),
+        (Resource::RLIMIT_NOFILE, job.open_files),
+        (Resource::RLIMIT_NPROC, job.processes),
+        (Resource::RLIMIT_CPU, job.timeout_ms.div_ceil(1000) + 1),
     ];
     for (resource, value) in limits {
         setrlimit(resource, value, value).map_err(|e| format!("setrlimit {resource:?}: {e}"))?;
     }
 
-    let (uid, gid) = (Uid::from_raw(p.uid), Gid::from_raw(p.gid));
+    let (uid, gid) = (Uid::from_raw(job.uid), Gid::from_raw(job.gid));
     nix::unistd::setgroups(&[gid]).map_err(|e| format!("setgroups: {e}"))?;
     nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("setresgid: {e}"))?;
     // Leaving uid 0 clears the permitted, effective and ambient capability sets.
     nix::unistd::setresuid(uid, uid, uid).map_err(|e| format!("setresuid: {e}"))?;
     nix::sys::prctl::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
-    // If stage 1 dies (the builder killed it), so does the whole namespace. Set after the
-    // change of user, which clears it.
+    // The change of user cleared the parent-death signal set before the job came.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| format!("pdeathsig: {e}"))?;
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
-    nix::unistd::chdir(&p.cwd).map_err(|e| format!("entering {}: {e}", p.cwd.display()))?;
+    nix::unistd::chdir(&job.cwd).map_err(|e| format!("entering {}: {e}", job.cwd.display()))?;
 
-    let err = Command::new(&p.argv[0]).args(&p.argv[1..]).exec();
-    Err(format!("running {}: {err}", p.argv[0].to_string_lossy()))
+    let env = job.env.iter().filter_map(|e| {
+        let (k, v) = e
+            .as_bytes()
+            .split_at(e.as_bytes().iter().position(|b| *b == b'=')?);
+        Some((OsStr::from_bytes(k), OsStr::from_bytes(&v[1..])))
+    });
+    let err = Command::new(&job.argv[0])
+        .args(&job.argv[1..])
+        .env_clear()
+        .envs(env)
+        .stdin(Stdio::null())
+        .exec();
+    Err(format!("running {}: {err}", job.argv[0].to_string_lossy()))
 }
 
 /// The job's cgroups: memory and process limits where the kernel offers them. Best effort:
 /// without cgroups the rlimits still bound processes, file sizes and CPU time.
 struct Cgroups {
     dirs: Vec<PathBuf>,
+    v2: bool,
 }
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -364,7 +533,7 @@ fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
     }
 }
 
-fn join_cgroups(name: &str, memory: u64, processes: u64) -> Cgroups {
+fn join_cgroups(name: &str) -> Cgroups {
     let dirs = cgroup_dirs(name);
     let v2 = Path::new(CGROUP_ROOT).join("cgroup.controllers").exists();
     let me = std::process::id().to_string();
@@ -383,28 +552,34 @@ fn join_cgroups(name: &str, memory: u64, processes: u64) -> Cgroups {
         if fs::create_dir_all(&dir).is_err() {
             continue;
         }
-        let writes: Vec<(&str, String)> = if v2 {
-            vec![
-                ("memory.max", memory.to_string()),
-                ("memory.swap.max", "0".into()),
-                ("pids.max", processes.to_string()),
-            ]
-        } else if dir.starts_with(Path::new(CGROUP_ROOT).join("memory")) {
-            vec![("memory.limit_in_bytes", memory.to_string())]
-        } else {
-            vec![("pids.max", processes.to_string())]
-        };
-        for (file, value) in writes {
-            let _ = fs::write(dir.join(file), value);
-        }
         if fs::write(dir.join("cgroup.procs"), &me).is_ok() {
             joined.push(dir);
         }
     }
-    Cgroups { dirs: joined }
+    Cgroups { dirs: joined, v2 }
 }
 
 impl Cgroups {
+    /// Sets the job's limits; cheap, unlike joining.
+    fn limit(&self, memory: u64, processes: u64) {
+        for dir in &self.dirs {
+            let writes: Vec<(&str, String)> = if self.v2 {
+                vec![
+                    ("memory.max", memory.to_string()),
+                    ("memory.swap.max", "0".into()),
+                    ("pids.max", processes.to_string()),
+                ]
+            } else if dir.starts_with(Path::new(CGROUP_ROOT).join("memory")) {
+                vec![("memory.limit_in_bytes", memory.to_string())]
+            } else {
+                vec![("pids.max", processes.to_string())]
+            };
+            for (file, value) in writes {
+                let _ = fs::write(dir.join(file), value);
+            }
+        }
+    }
+
     fn oom_kills(&self) -> u64 {
         self.dirs
             .iter()
@@ -449,22 +624,47 @@ mod tests {
     }
 
     #[test]
-    fn params_refuse_root_and_round_trip() {
-        let args = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>().into_iter();
-        let p = Params::parse(args(&[
-            "--root", "/r", "--uid", "1000", "--gid", "1000", "--cwd", "/w", "--", "/bin/cc", "-c",
-        ]))
-        .unwrap();
-        assert_eq!(
-            p.argv,
-            vec![OsString::from("/bin/cc"), OsString::from("-c")]
-        );
-        let again = Params::parse(p.to_args().into_iter()).unwrap();
-        assert_eq!(again.to_args(), p.to_args());
-        assert!(Params::parse(args(&[
-            "--root", "/r", "--uid", "0", "--gid", "1", "--", "x"
-        ]))
-        .is_err());
-        assert!(Params::parse(args(&["--root", "/r", "--uid", "5"])).is_err());
+    fn jobs_refuse_root_and_round_trip() {
+        let job = Job {
+            uid: 1000,
+            gid: 1000,
+            cwd: "/w".into(),
+            timeout_ms: 5,
+            env: vec!["A=b=c".into(), "EMPTY=".into()],
+            argv: vec![
+                "/bin/cc".into(),
+                "-c".into(),
+                "with space\nand newline".into(),
+            ],
+            ..Job::default()
+        };
+        assert_eq!(Job::parse(&job.to_words()).unwrap(), job);
+        let root = Job {
+            uid: 0,
+            ..job.clone()
+        };
+        assert!(Job::parse(&root.to_words()).is_err());
+        let no_command = Job {
+            argv: vec![],
+            ..job.clone()
+        };
+        assert!(Job::parse(&no_command.to_words()).is_err());
+        assert!(Job::parse(b"--uid\x005").is_err(), "unterminated");
+        assert!(Job::parse(b"--env\0NOEQUALS\0--\0/x\0").is_err());
+        assert!(Job::parse(b"--uid\0x\0--\0/x\0").is_err());
+    }
+
+    #[test]
+    fn setups_round_trip() {
+        let s = Setup {
+            root: "/c/root".into(),
+            lower: vec!["/in".into(), "/img".into()],
+            upper: "/c/upper".into(),
+            work: "/c/work".into(),
+            status: "/c/status".into(),
+            cgroup: "1-2".into(),
+        };
+        assert_eq!(Setup::parse(s.to_args().into_iter()).unwrap(), s);
+        assert!(Setup::parse(vec![OsString::from("--root")].into_iter()).is_err());
     }
 }

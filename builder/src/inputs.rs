@@ -1,0 +1,159 @@
+//! Input files (sources and headers) kept by digest, so a header crosses the network once per
+//! builder.
+//!
+//! They are plain files ([`Kind::Raw`]) rather than framed store entries, so that a job's inputs
+//! can be hard links to them instead of copies: placing 400 headers is then 400 `link` calls.
+//! Links are safe to hand to a job because they are its overlay's lower layer: a job that
+//! writes one gets a copy in its own layer, and the file here is owned by root and never
+//! written again.
+//!
+//! A file is verified against its digest when it arrives, and again the first time this
+//! process uses it after that (it may have been damaged on disk since an earlier run); after
+//! that it is trusted while it is the same file (device, inode, length). A file that fails is
+//! removed, and the job asks for it again.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use kiln_cache::{Kind, Store, StoreError};
+use kiln_proto::Digest;
+
+/// How many verified files are remembered.
+const REMEMBERED: usize = 1 << 18;
+/// A file used more recently than this is not touched again (eviction is by modification time).
+const TOUCH_AFTER: Duration = Duration::from_secs(600);
+
+/// What identifies a file on disk, checked before trusting an earlier verification.
+type Stamp = (u64, u64, u64);
+
+fn stamp(meta: &fs::Metadata) -> Stamp {
+    (meta.dev(), meta.ino(), meta.len())
+}
+
+pub(crate) struct Inputs {
+    store: Store,
+    verified: Mutex<lru::LruCache<Digest, Stamp>>,
+}
+
+impl Inputs {
+    pub fn open(dir: PathBuf, max_size: u64) -> Inputs {
+        let store = Store::open(
+            dir,
+            kiln_cache::Limits {
+                max_size,
+                max_files: 0,
+            },
+        );
+        Inputs {
+            store,
+            verified: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(REMEMBERED).expect("a nonzero constant"),
+            )),
+        }
+    }
+
+    /// Where the file for `digest` is (whether or not it is there).
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.store.path_of(Kind::Raw, digest)
+    }
+
+    fn remember(&self, digest: Digest, meta: &fs::Metadata) {
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(digest, stamp(meta));
+    }
+
+    /// Whether a good copy of `digest` is here. Blocks: it may read and hash the file.
+    pub fn have(&self, digest: &Digest) -> bool {
+        let path = self.path(digest);
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            return false;
+        };
+        let known = self
+            .verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(digest)
+            .copied();
+        if known == Some(stamp(&meta)) {
+            touch(&path, &meta);
+            return true;
+        }
+        let good = meta.is_file()
+            && fs::File::open(&path)
+                .and_then(|f| {
+                    let mut data = Vec::with_capacity(meta.len() as usize);
+                    f.take(meta.len() + 1).read_to_end(&mut data)?;
+                    Ok(Digest::of(&data) == *digest)
+                })
+                .unwrap_or(false);
+        if good {
+            self.remember(*digest, &meta);
+            touch(&path, &meta);
+        } else {
+            tracing::warn!(path = %path.display(), "removing a damaged input file");
+            let _ = self.store.remove(Kind::Raw, digest);
+        }
+        good
+    }
+
+    /// Keeps `data`, already verified to be `digest`.
+    pub fn keep(&self, digest: &Digest, data: &[u8]) -> Result<(), StoreError> {
+        // A file already there of the same length is kept as it is: another job of this
+        // process wrote it from verified data (`have` removed any damaged one before).
+        let path = self.store.put_raw(digest, data)?;
+        if let Ok(meta) = fs::symlink_metadata(&path) {
+            self.remember(*digest, &meta);
+        }
+        Ok(())
+    }
+}
+
+fn fresh(t: SystemTime) -> bool {
+    t.elapsed().unwrap_or_default() < TOUCH_AFTER
+}
+
+/// Marks a file used, for eviction, at most once per [`TOUCH_AFTER`].
+fn touch(path: &std::path::Path, meta: &fs::Metadata) {
+    if meta.modified().is_ok_and(fresh) {
+        return;
+    }
+    if let Ok(f) = fs::File::open(path) {
+        // Best effort: a failed touch only makes the file look older to eviction.
+        let _ = f.set_modified(SystemTime::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_are_verified_once_and_damage_is_a_miss() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = Inputs::open(dir.path().join("in"), 1 << 30);
+        let data = b"#define X 1\n";
+        let d = Digest::of(data);
+        assert!(!inputs.have(&d));
+        inputs.keep(&d, data).unwrap();
+        assert!(inputs.have(&d));
+        assert_eq!(fs::read(inputs.path(&d)).unwrap(), data);
+
+        // A file replaced on disk (another inode) is checked again, and a wrong one removed.
+        let path = inputs.path(&d);
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, b"#define X 2\n").unwrap();
+        assert!(!inputs.have(&d), "a damaged input was trusted");
+        assert!(!path.exists(), "a damaged input was kept");
+
+        // A new process (an empty memory) verifies what an earlier one left.
+        inputs.keep(&d, data).unwrap();
+        let again = Inputs::open(dir.path().join("in"), 1 << 30);
+        assert!(again.have(&d));
+    }
+}
