@@ -135,6 +135,13 @@ impl Backend for Jail {
         }
     }
 
+    fn keeps_inputs(&self) -> bool {
+        match self {
+            Jail::Linux(j) => j.keeps_inputs(),
+            Jail::Pot(j) => j.keeps_inputs(),
+        }
+    }
+
     fn run(&self, container: &Container, spec: &RunSpec) -> Result<Outcome, JailError> {
         match (self, container) {
             (Jail::Linux(j), Container::Linux(c)) => j.run(c, spec),

@@ -394,7 +394,6 @@ async fn run_in_jail(
         }
         return Err(e.into());
     }
-    let waited = Instant::now();
     let lease = shared.pool.checkout(&key).await?;
     let guard = LeaseGuard {
         pool: shared.pool.clone(),
@@ -405,11 +404,7 @@ async fn run_in_jail(
         .as_ref()
         .map(|l| (l.root().to_path_buf(), l.outputs().to_path_buf()))
         .unwrap_or_default();
-    tracing::debug!(
-        job = id,
-        ready_us = waited.elapsed().as_micros() as u64,
-        "container ready"
-    );
+    let ready_at = started.elapsed();
 
     let uid = shared.job_uid(slot);
     let placed = {
@@ -424,19 +419,28 @@ async fn run_in_jail(
             for dir in &dirs {
                 root.make_dirs(dir, None)?;
             }
-            let mut placer = Placer::new(&root, worker.pool.backend().links_inputs());
-            for (path, digest, executable) in &files {
-                let source = worker.inputs.path(digest);
-                if let Err(e) = placer.link_or_copy(path, &source, *executable) {
-                    // Evicted since it was checked: not the job's fault.
-                    if !source.exists() {
-                        return Err(JobError::Retry(format!(
-                            "input {} went missing",
-                            path.display()
-                        )));
-                    }
-                    return Err(e.into());
+            let backend = worker.pool.backend();
+            let mut placer = Placer::new(&root, backend.links_inputs());
+            let sources: Vec<(PathBuf, PathBuf, bool)> = files
+                .iter()
+                .map(|(path, digest, exec)| (path.clone(), worker.inputs.path(digest), *exec))
+                .collect();
+            let placed = if backend.keeps_inputs() {
+                placer.sync(&sources).map(|_| ())
+            } else {
+                sources
+                    .iter()
+                    .try_for_each(|(path, source, exec)| placer.link_or_copy(path, source, *exec))
+            };
+            if let Err(e) = placed {
+                // An input evicted since it was checked is not the job's fault.
+                if let Some((path, _, _)) = sources.iter().find(|(_, source, _)| !source.exists()) {
+                    return Err(JobError::Retry(format!(
+                        "input {} went missing",
+                        path.display()
+                    )));
                 }
+                return Err(e.into());
             }
             root.chown_dir(&cwd, uid, uid)?;
             for output in &outputs {
@@ -507,8 +511,9 @@ async fn run_in_jail(
         killed: outcome.killed.unwrap_or_default(),
         run_ms: outcome.elapsed.as_millis() as u64,
     };
-    // Where the job's time went: receiving what was missing, placing the inputs, the jail
-    // (compiler included), reading the outputs.
+    // Where the job's time went: receiving what was missing, taking a container (making the
+    // image the first time), placing the inputs, the jail (compiler included), reading the
+    // outputs.
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     tracing::info!(
         job = id,
@@ -516,7 +521,8 @@ async fn run_in_jail(
         exit = finished.exit_code,
         run_ms = finished.run_ms,
         fetch_ms = format!("{:.1}", ms(fetched)),
-        place_ms = format!("{:.1}", ms(placed_at.saturating_sub(fetched))),
+        ready_ms = format!("{:.1}", ms(ready_at.saturating_sub(fetched))),
+        place_ms = format!("{:.1}", ms(placed_at.saturating_sub(ready_at))),
         read_ms = format!("{:.1}", ms(read_at.saturating_sub(placed_at + outcome_elapsed))),
         inputs = c.inputs.len(),
         "compiled"

@@ -26,7 +26,10 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     let jobs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(50);
     let files: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = match std::env::var_os("OVERHEAD_DIR") {
+        Some(d) => tempfile::tempdir_in(d).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
     let src = dir.path().join("noop.c");
     std::fs::write(&src, "int main(void) { return 0; }\n").unwrap();
     let noop = dir.path().join("noop");

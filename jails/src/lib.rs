@@ -154,6 +154,12 @@ pub trait Backend: Send + Sync + 'static {
     fn links_inputs(&self) -> bool {
         false
     }
+    /// Whether a container's root keeps the last job's inputs through a reset, so the next job
+    /// only places what differs ([`inroot::Placer::sync`]). Only where jobs cannot write that
+    /// root (an overlay's lower layer).
+    fn keeps_inputs(&self) -> bool {
+        false
+    }
     fn run(&self, container: &Self::Container, spec: &RunSpec) -> Result<Outcome, JailError>;
     /// Brings a used container back to the image's state, or fails (and the pool destroys it).
     fn reset(&self, container: &Self::Container, image: &Self::Image) -> Result<(), JailError>;

@@ -13,8 +13,9 @@
 //! mount namespaces, and waits for a job on its stdin. A job then costs only what cannot be
 //! done ahead: the overlay mount, `/proc` and `/dev`, `pivot_root`, dropping to the job's uid,
 //! and `exec`. The overlay lives in the jail's mount namespace only, so it is gone when the job
-//! is; the builder reads the outputs from `upper/`. Resetting a container is emptying its
-//! inputs and remounting its tmpfs, then priming it again, on a background task. The builder
+//! is; the builder reads the outputs from `upper/`. Resetting a container is remounting its
+//! tmpfs and priming it again, on a background task. The inputs directory is kept: no job can
+//! write it, and the next job's placement changes only what differs. The builder
 //! itself only mounts and unmounts tmpfs; nothing untrusted ever runs in its process.
 
 pub mod helper;
@@ -353,6 +354,10 @@ impl Backend for LinuxJail {
         true
     }
 
+    fn keeps_inputs(&self) -> bool {
+        true
+    }
+
     fn run(&self, container: &Container, spec: &RunSpec) -> Result<Outcome, JailError> {
         let status_file = container.dir.join("status");
         let _ = fs::remove_file(&status_file);
@@ -447,7 +452,7 @@ impl Backend for LinuxJail {
                 let _ = fs::remove_file(&path);
             }
         }
-        empty_dir(&container.inputs)?;
+        // The inputs stay: the next job's placement keeps what it shares with this one.
         self.mount_container(container)?;
         self.prime(container)
     }
@@ -470,21 +475,6 @@ impl Backend for LinuxJail {
                 container.dir.display()
             )))
     }
-}
-
-/// Removes everything in `dir`, which a job's inputs filled (links and copies, no mounts).
-fn empty_dir(dir: &Path) -> Result<(), JailError> {
-    let entries = fs::read_dir(dir).map_err(JailError::io(format!("listing {}", dir.display())))?;
-    for entry in entries {
-        let entry = entry.map_err(JailError::io(format!("listing {}", dir.display())))?;
-        let path = entry.path();
-        let removed = match entry.file_type() {
-            Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
-            _ => fs::remove_file(&path),
-        };
-        removed.map_err(JailError::io(format!("removing {}", path.display())))?;
-    }
-    Ok(())
 }
 
 /// Reads a stream to its end, keeping at most [`MAX_STREAM`] bytes.
