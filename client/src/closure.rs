@@ -52,12 +52,14 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::Context;
+use kiln_cache::Digest;
 use memchr::{memchr, memchr3, memmem};
 
 use crate::args::{Compile, Lang};
 use crate::compiler::Identity;
 use crate::depfile;
 use crate::env::Env;
+use crate::files;
 use crate::process;
 
 /// What a builder needs beside the toolchain to run one compile.
@@ -66,6 +68,10 @@ pub struct Closure {
     /// Absolute paths, sorted, without duplicates: the source, forced includes, every header
     /// candidate and probed file outside the toolchain.
     pub files: Vec<PathBuf>,
+    /// What the scan read of the listed files, with the stat taken before the read: the job
+    /// need not read and hash them again, nor the cache after the compile while their stat is
+    /// unchanged.
+    pub read: HashMap<PathBuf, files::Hashed>,
     /// Absolute directories to create, sorted: the working directory, the search directories
     /// that exist here outside the toolchain, and those that a `..` steps out of.
     pub dirs: Vec<PathBuf>,
@@ -599,7 +605,15 @@ struct FileInfo {
     /// it must be read again.
     wanted_seen: usize,
     wrappers_seen: usize,
+    stat: Option<StatRead>,
+    /// What was read, for shipping (not for the toolchain's own files).
+    read: Option<files::Hashed>,
 }
+
+/// The stat before a read, and whether the file had been still for the timestamp slack.
+type StatRead = (files::Stat, bool);
+/// A file found: its content (when read) and [`StatRead`].
+type Opened = (Vec<u8>, Option<StatRead>);
 
 /// An `#include MACRO` or `__has_include(MACRO)` waiting for the macro's definitions.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -702,6 +716,15 @@ impl<'s> Scanner<'s> {
             loop {
                 while let Some((file, data)) = self.work.pop() {
                     self.read(file, &data)?;
+                    let f = &mut self.files[file as usize];
+                    if let (None, Some((stat, stable)), false) = (&f.read, f.stat, f.private) {
+                        f.read = Some(files::Hashed {
+                            digest: Digest::of(&data),
+                            stat,
+                            stable,
+                            data,
+                        });
+                    }
                 }
                 // Files read before a wanted macro or a wrapper was known are read again.
                 let stale: Vec<u32> = (0..self.files.len() as u32)
@@ -920,7 +943,7 @@ impl<'s> Scanner<'s> {
         } else {
             None
         };
-        let Some(data) = found else {
+        let Some((data, stat)) = found else {
             self.by_path.insert(path.into_os_string().into_vec(), None);
             return Ok(None);
         };
@@ -935,6 +958,8 @@ impl<'s> Scanner<'s> {
             scanned: false,
             wanted_seen: 0,
             wrappers_seen: 0,
+            stat,
+            read: None,
         });
         self.by_path
             .insert(path.into_os_string().into_vec(), Some(index));
@@ -965,7 +990,7 @@ impl<'s> Scanner<'s> {
 
     /// The file at `path`, read when it is to be scanned; `None` when the compiler would not
     /// find it there.
-    fn open(&self, path: &Path, how: How) -> Result<Option<Vec<u8>>, Unresolvable> {
+    fn open(&self, path: &Path, how: How) -> Result<Option<Opened>, Unresolvable> {
         let opened = File::open(path).and_then(|f| f.metadata().map(|meta| (f, meta)));
         let (mut file, meta) = match opened {
             Ok(found) => found,
@@ -977,28 +1002,38 @@ impl<'s> Scanner<'s> {
             return Ok(None);
         }
         let mut data = Vec::new();
+        let mut stat = None;
         if how == How::Include {
             // One read of the size just seen (`read_to_end` would stat again and read once
             // more to meet the end).
             data.resize(meta.len() as usize, 0);
             file.read_exact(&mut data)
                 .map_err(|e| unreadable(path, &e))?;
+            let before = files::Stat::of(&meta);
+            stat = Some((before, files::still_for_the_slack(&before)));
         }
-        Ok(Some(data))
+        Ok(Some((data, stat)))
     }
 
     fn closure(self, cwd: &Path) -> Closure {
+        let mut read = HashMap::new();
         let files: BTreeSet<PathBuf> = self
             .files
             .into_iter()
             .filter(|f| !f.private)
-            .map(|f| f.path)
+            .map(|f| {
+                if let Some(r) = f.read {
+                    read.insert(f.path.clone(), r);
+                }
+                f.path
+            })
             .collect();
         let mut dirs = self.dirs;
         dirs.extend(self.search.dirs.iter().cloned());
         dirs.insert(normalize(cwd));
         Closure {
             files: files.into_iter().collect(),
+            read,
             dirs: dirs.into_iter().collect(),
         }
     }

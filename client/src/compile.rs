@@ -728,7 +728,15 @@ fn compile_and_store(
         }
     }
     args.extend(terminal_flags(inv, c, p.identity.family));
-    let output = match run_compiler(inv, &p, &args, own_deps.as_ref().map(|t| t.0.as_path())) {
+    // What the farm's include scan read, reused when storing the result.
+    let mut scanned = None;
+    let output = match run_compiler(
+        inv,
+        &p,
+        &args,
+        own_deps.as_ref().map(|t| t.0.as_path()),
+        &mut scanned,
+    ) {
         Ok(o) => o,
         Err(e) => {
             // Too long a command line for kiln's own spawn, say: the compiler as asked.
@@ -777,8 +785,11 @@ fn compile_and_store(
         &p,
         own_deps.as_ref(),
         t0,
-        compile_ms,
-        &output,
+        Ran {
+            output: &output,
+            compile_ms,
+            read: scanned.as_ref().map(|c| &c.read),
+        },
     ) {
         Ok(()) => Outcome::Miss,
         Err(Skip::Uncacheable(r)) => {
@@ -804,10 +815,11 @@ fn run_compiler(
     p: &Prepared,
     args: &[String],
     own_deps: Option<&Path>,
+    scanned: &mut Option<closure::Closure>,
 ) -> std::io::Result<std::process::Output> {
     let cfg = inv.config;
     if cfg.dist {
-        let outcome = distribute(inv, p, args, own_deps);
+        let outcome = distribute(inv, p, args, own_deps, scanned);
         if cfg.stats {
             stats::record_dist(
                 &cfg.dir,
@@ -833,6 +845,7 @@ fn distribute(
     p: &Prepared,
     args: &[String],
     own_deps: Option<&Path>,
+    scanned: &mut Option<closure::Closure>,
 ) -> Result<dist::Done, dist::Fallback> {
     use dist::Fallback;
     let cfg = inv.config;
@@ -883,6 +896,7 @@ fn distribute(
     }
     let mut argv = vec![inv.compiler.to_string_lossy().into_owned()];
     argv.extend(args.iter().cloned());
+    let closure = scanned.insert(closure);
     dist::compile(&dist::Request {
         scheduler,
         toolchain: &toolchain.archive,
@@ -891,6 +905,7 @@ fn distribute(
         cwd,
         env: inv.env,
         files: &closure.files,
+        read: &closure.read,
         dirs: &closure.dirs,
         outputs: &outputs,
         source: &cwd.join(&c.source),
@@ -904,15 +919,27 @@ fn exit_code(status: &std::process::ExitStatus) -> i32 {
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
+/// A compile that ran, as [`store_result`] keeps it.
+struct Ran<'a> {
+    output: &'a std::process::Output,
+    compile_ms: u32,
+    /// What the farm's include scan read before the compile, if it ran.
+    read: Option<&'a std::collections::HashMap<PathBuf, files::Hashed>>,
+}
+
 fn store_result(
     inv: &Invocation,
     tiers: &mut Tiers,
     p: &Prepared,
     own_deps: Option<&TempFile>,
     t0: SystemTime,
-    compile_ms: u32,
-    output: &std::process::Output,
+    ran: Ran<'_>,
 ) -> Result<(), Skip> {
+    let Ran {
+        output,
+        compile_ms,
+        read,
+    } = ran;
     let c = &p.compile;
     let cwd = &inv.cwd;
     // The source must be what was hashed before the compile.
@@ -948,9 +975,22 @@ fn store_result(
     let mut result_key = Hasher::new("kiln result key v1");
     result_key.digest(&p.key);
     for h in &headers {
-        let hashed = match files::hash_file(&cwd.join(h)) {
-            Ok(x) => x,
-            Err(_) => return Err(Reason::ModifiedDuringCompile.into()),
+        let path = cwd.join(h);
+        // Read before the compile by the farm's include scan, and the same file still: what
+        // was read then is what the compile read (the rule manifests use for headers).
+        let earlier = read
+            .and_then(|r| r.get(&path))
+            .filter(|r| r.stable && files::stat(&path).is_ok_and(|now| now == r.stat));
+        let fresh;
+        let hashed = match earlier {
+            Some(r) => r,
+            None => match files::hash_file(&path) {
+                Ok(x) => {
+                    fresh = x;
+                    &fresh
+                }
+                Err(_) => return Err(Reason::ModifiedDuringCompile.into()),
+            },
         };
         if hashed.stat.changed_since(t0) {
             return Err(Reason::ModifiedDuringCompile.into());

@@ -118,6 +118,8 @@ pub struct Request<'a> {
     pub env: &'a Env,
     /// Files to ship (absolute) and directories that must exist.
     pub files: &'a [PathBuf],
+    /// What the closure scan read of some of `files`: their digests need no second read.
+    pub read: &'a HashMap<PathBuf, crate::files::Hashed>,
     pub dirs: &'a [PathBuf],
     /// Files the command writes (absolute).
     pub outputs: &'a [PathBuf],
@@ -185,20 +187,24 @@ pub fn compile(req: &Request<'_>) -> Result<Done, Fallback> {
     }
     for path in req.files {
         let placed = placement(path, &mut dirs);
-        let data = std::fs::read(path)
-            .map_err(|e| Fallback::Inputs(format!("reading {}: {e}", path.display())))?;
-        let digest = Digest::of(&data);
-        let executable = false;
+        let (digest, size) = match req.read.get(path) {
+            Some(known) => (known.digest, known.data.len() as u64),
+            None => {
+                let data = std::fs::read(path)
+                    .map_err(|e| Fallback::Inputs(format!("reading {}: {e}", path.display())))?;
+                (Digest::of(&data), data.len() as u64)
+            }
+        };
         files.push(InputFile {
             path: placed.to_string_lossy().into_owned(),
-            digest: Some(wire_digest(&digest, data.len() as u64)),
-            executable,
+            digest: Some(wire_digest(&digest, size)),
+            executable: false,
         });
         inputs.insert(
             digest,
             Input {
                 path: path.clone(),
-                size: data.len() as u64,
+                size,
             },
         );
     }

@@ -159,7 +159,7 @@ pub fn nanos(t: SystemTime) -> i64 {
 }
 
 /// A hashed file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hashed {
     pub digest: Digest,
     pub stat: Stat,
@@ -190,13 +190,18 @@ pub fn hash_file(path: &Path) -> Result<Hashed, HashError> {
     if before != after || data.len() as u64 != after.size {
         return Err(HashError::Changed);
     }
-    let now = nanos(SystemTime::now());
     Ok(Hashed {
         digest: Digest::of(&data),
-        stable: now - after.changed_ns() >= TIMESTAMP_SLACK.as_nanos() as i64,
+        stable: still_for_the_slack(&after),
         stat: after,
         data,
     })
+}
+
+/// Whether a file with this stat has not changed for [`TIMESTAMP_SLACK`]: then the same stat
+/// later proves the content read now unchanged.
+pub fn still_for_the_slack(stat: &Stat) -> bool {
+    nanos(SystemTime::now()) - stat.changed_ns() >= TIMESTAMP_SLACK.as_nanos() as i64
 }
 
 /// The stat of `path`, following links as the compiler does.

@@ -186,6 +186,59 @@ fn slow_source(p: &Project) {
     kiln_tests::settle();
 }
 
+/// Waits until a compiler proper (`cc1`) runs on `source`: on the farm, once the builder has
+/// every input (the scheduler counts a job as running from its placement).
+fn wait_for_cc1(source: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let running = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            cmd.contains("cc1") && cmd.contains(source)
+        });
+        if running {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the compile never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_header_edited_while_the_farm_compiles_is_not_stored_as_it_was_read() {
+    // The include scan read util.h before the job left; the cache must not record that
+    // content for a compile whose header changed before it was stored.
+    let farm = Farm::start(1, 1);
+    let p = project(&farm);
+    slow_source(&p);
+    let args = ["gcc", "-c", "src/slow.c", "-o", "slow.o", "-O2", "-Iinc"];
+    let child = p
+        .command(kiln_tests::kiln_bin())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_cc1("slow.c");
+    p.write("inc/util.h", &format!("{HEADER}/* edited */\n"));
+    ok(&child.wait_with_output().unwrap());
+    let s = p.stats();
+    assert_eq!(s["dist_compiles"].as_i64(), Some(1), "{s}");
+    assert_eq!(
+        s["uncacheable_by_reason"]["modified_during_compile"].as_i64(),
+        Some(1),
+        "{s}"
+    );
+    // Nothing was stored, so the next compile is not a hit.
+    kiln_tests::settle();
+    ok(&p.kiln(&args));
+    assert_eq!(dist_stat(&p, "hits"), 0, "{}", p.stats());
+    assert_eq!(dist_stat(&p, "dist_compiles"), 2, "{}", p.stats());
+}
+
 #[test]
 fn a_builder_killed_mid_job_does_not_fail_the_build() {
     let mut farm = Farm::start(2, 1);
