@@ -824,7 +824,7 @@ def parse_args(argv=None):
                "showed too few warm hits; 2 setup error; 3 kiln missed a target (--strict only).")
     ap.add_argument("--work", default="/tmp/kiln-bench", type=Path,
                     help="work directory for sources, builds, caches (default: %(default)s)")
-    ap.add_argument("--kiln", default="/work/main/target/release/kiln",
+    ap.add_argument("--kiln", default=str(Path(__file__).resolve().parent.parent / "target/release/kiln"),
                     help="kiln binary; must be named 'kiln' (default: %(default)s)")
     ap.add_argument("--sccache", help="sccache binary (default: from PATH or ~/.cargo/bin)")
     ap.add_argument("--tools", type=csv_list(("plain",) + CACHE_TOOLS),

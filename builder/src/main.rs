@@ -15,7 +15,7 @@ struct Args {
     scheduler: String,
     /// The jail backend: `linux` (namespaces over overlayfs) or `pot` (FreeBSD jails managed by
     /// pot, see docs/freebsd.md).
-    #[arg(long, default_value = "linux", value_parser = ["linux", "pot"])]
+    #[arg(long, default_value = DEFAULT_JAIL, value_parser = ["linux", "pot"])]
     jail: String,
     /// Jobs at once (default: the number of CPUs).
     #[arg(long)]
@@ -47,6 +47,13 @@ struct Args {
     #[command(flatten)]
     pot: PotArgs,
 }
+
+/// The backend the host offers.
+const DEFAULT_JAIL: &str = if cfg!(target_os = "freebsd") {
+    "pot"
+} else {
+    "linux"
+};
 
 /// Settings of `--jail pot`; the defaults match a stock pot installation.
 #[derive(Debug, clap::Args)]

@@ -1,9 +1,12 @@
 //! Files inside a container's root, reached from the builder without ever leaving that root.
 //!
-//! Every path is resolved with `openat2(RESOLVE_IN_ROOT)`: `..` stops at the root and a symlink
-//! is followed as the jail would follow it, inside the root, never into the builder's
-//! filesystem. The last component of a file written or read is never a symlink. This holds even
-//! for a root a job has already written to, so outputs are read here safely after the job.
+//! Every path is resolved below the root by the kernel: on Linux with `openat2(RESOLVE_IN_ROOT)`,
+//! where `..` stops at the root and a symlink is followed as the jail would follow it, inside
+//! the root; on FreeBSD with `openat(O_RESOLVE_BENEATH)`, which refuses a walk that would leave
+//! the root (an absolute symlink, a `..` above it) instead of clamping it there. Either way
+//! nothing is reached in the builder's filesystem. The last component of a file written or read
+//! is never a symlink. This holds even for a root a job has already written to, so outputs are
+//! read here safely after the job.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -11,7 +14,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+use nix::fcntl::OFlag;
 use nix::sys::stat::{fstat, mkdirat, Mode, SFlag};
 
 use crate::JailError;
@@ -19,8 +22,31 @@ use crate::JailError;
 /// The most an output may weigh.
 pub const MAX_OUTPUT: u64 = 1 << 30;
 
-fn resolve() -> ResolveFlag {
-    ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS | ResolveFlag::RESOLVE_NO_XDEV
+/// Opens the directory `rel` below `dir`, never leaving `dir`.
+#[cfg(target_os = "linux")]
+fn open_beneath(dir: std::os::fd::BorrowedFd<'_>, rel: &Path) -> Result<OwnedFd, Errno> {
+    use nix::fcntl::{openat2, OpenHow, ResolveFlag};
+    let how = OpenHow::new()
+        .flags(OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC)
+        .resolve(
+            ResolveFlag::RESOLVE_IN_ROOT
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        );
+    openat2(dir, rel, how)
+}
+
+/// Opens the directory `rel` below `dir`, never leaving `dir` (FreeBSD 13 and later; a walk
+/// that would leave it fails with `ENOTCAPABLE`).
+#[cfg(target_os = "freebsd")]
+fn open_beneath(dir: std::os::fd::BorrowedFd<'_>, rel: &Path) -> Result<OwnedFd, Errno> {
+    let beneath = OFlag::from_bits_retain(nix::libc::O_RESOLVE_BENEATH);
+    nix::fcntl::openat(
+        dir,
+        rel,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC | beneath,
+        Mode::empty(),
+    )
 }
 
 fn path_error(path: &Path, why: impl Into<String>) -> JailError {
@@ -77,10 +103,7 @@ impl Root {
     }
 
     fn open_dir(&self, rel: &Path) -> Result<OwnedFd, Errno> {
-        let how = OpenHow::new()
-            .flags(OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC)
-            .resolve(resolve());
-        openat2(self.fd.as_fd(), rel, how)
+        open_beneath(self.fd.as_fd(), rel)
     }
 
     /// Makes the directory `path` (and its parents) exist inside the root; directories it creates

@@ -18,6 +18,9 @@
 pub mod inroot;
 #[cfg(target_os = "linux")]
 pub mod linux;
+#[cfg(not(target_os = "linux"))]
+#[path = "elsewhere.rs"]
+pub mod linux;
 mod pool;
 pub mod pot;
 

@@ -34,10 +34,9 @@
 //! the command, its status and its stderr (pot prints its own `###>` errors on stdout, so that
 //! is used when stderr is empty).
 //!
-//! Portability: this module is plain `std` and POSIX. What keeps the crate Linux-only is
-//! [`crate::inroot`], which the builder uses on [`PotJail::root`]: it resolves paths with
-//! `openat2(RESOLVE_IN_ROOT)`. A FreeBSD build needs the same walk with `O_RESOLVE_BENEATH`
-//! (FreeBSD 13+), which refuses a path that leaves the root instead of clamping it there.
+//! Portability: this module is plain `std` and POSIX, and [`crate::inroot`], which the builder
+//! uses on [`PotJail::root`], resolves paths with `O_RESOLVE_BENEATH` on FreeBSD (13 and later).
+//! The crate type-checks for FreeBSD; it has not run there.
 
 pub mod command;
 mod toolchain;
