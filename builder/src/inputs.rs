@@ -9,8 +9,9 @@
 //!
 //! A file is verified against its digest when it arrives, and again the first time this
 //! process uses it after that (it may have been damaged on disk since an earlier run); after
-//! that it is trusted while it is the same file (device, inode, length). A file that fails is
-//! removed, and the job asks for it again.
+//! that it is trusted while it is the same file (device, inode, length, modification time; not
+//! the change time, which every hard link to the file moves). A file that fails is removed,
+//! and the job asks for it again.
 
 use std::fs;
 use std::io::Read;
@@ -27,11 +28,18 @@ const REMEMBERED: usize = 1 << 18;
 /// A file used more recently than this is not touched again (eviction is by modification time).
 const TOUCH_AFTER: Duration = Duration::from_secs(600);
 
-/// What identifies a file on disk, checked before trusting an earlier verification.
-type Stamp = (u64, u64, u64);
+/// What identifies a file on disk, checked before trusting an earlier verification: a file
+/// written again, or replaced by another that reuses the inode, has a new modification time.
+type Stamp = (u64, u64, u64, i64, i64);
 
 fn stamp(meta: &fs::Metadata) -> Stamp {
-    (meta.dev(), meta.ino(), meta.len())
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+    )
 }
 
 pub(crate) struct Inputs {
@@ -81,7 +89,7 @@ impl Inputs {
             .get(digest)
             .copied();
         if known == Some(stamp(&meta)) {
-            touch(&path, &meta);
+            self.touch(digest, &path, &meta);
             return true;
         }
         let good = meta.is_file()
@@ -94,7 +102,7 @@ impl Inputs {
                 .unwrap_or(false);
         if good {
             self.remember(*digest, &meta);
-            touch(&path, &meta);
+            self.touch(digest, &path, &meta);
         } else {
             tracing::warn!(path = %path.display(), "removing a damaged input file");
             let _ = self.store.remove(Kind::Raw, digest);
@@ -118,14 +126,22 @@ fn fresh(t: SystemTime) -> bool {
     t.elapsed().unwrap_or_default() < TOUCH_AFTER
 }
 
-/// Marks a file used, for eviction, at most once per [`TOUCH_AFTER`].
-fn touch(path: &std::path::Path, meta: &fs::Metadata) {
-    if meta.modified().is_ok_and(fresh) {
-        return;
-    }
-    if let Ok(f) = fs::File::open(path) {
+impl Inputs {
+    /// Marks a file used, for eviction, at most once per [`TOUCH_AFTER`]; the touch moves its
+    /// modification time, so the verification is remembered again.
+    fn touch(&self, digest: &Digest, path: &std::path::Path, meta: &fs::Metadata) {
+        if meta.modified().is_ok_and(fresh) {
+            return;
+        }
+        let Ok(f) = fs::File::open(path) else {
+            return;
+        };
         // Best effort: a failed touch only makes the file look older to eviction.
-        let _ = f.set_modified(SystemTime::now());
+        if f.set_modified(SystemTime::now()).is_ok() {
+            if let Ok(now) = f.metadata() {
+                self.remember(*digest, &now);
+            }
+        }
     }
 }
 
@@ -144,8 +160,11 @@ mod tests {
         assert!(inputs.have(&d));
         assert_eq!(fs::read(inputs.path(&d)).unwrap(), data);
 
-        // A file replaced on disk (another inode) is checked again, and a wrong one removed.
+        // A file replaced on disk is checked again, and a wrong one removed. (ext4 hands the
+        // freed inode straight to the new file: only the modification time tells them apart,
+        // once the kernel's coarse clock has ticked.)
         let path = inputs.path(&d);
+        std::thread::sleep(std::time::Duration::from_millis(20));
         fs::remove_file(&path).unwrap();
         fs::write(&path, b"#define X 2\n").unwrap();
         assert!(!inputs.have(&d), "a damaged input was trusted");
