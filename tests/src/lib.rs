@@ -580,3 +580,65 @@ impl Drop for Farm {
         }
     }
 }
+
+/// The sources the farm tests compile: a C program and a C++ file sharing a project header,
+/// with system headers from libc and libstdc++.
+pub mod sample {
+    use super::{ok, Farm, Project};
+
+    pub const HEADER: &str = "#pragma once\n#define SCALE 3\nint helper(int);\n";
+
+    pub const C_SOURCE: &str = r#"#include <stdio.h>
+#include <string.h>
+#include "util.h"
+static int table[64];
+int helper(int x) { return x * SCALE; }
+int main(int argc, char **argv) {
+    for (int i = 0; i < 64; i++) table[i] = helper(i) ^ (int)strlen(argv[0]);
+    printf("%d %d\n", argc, table[argc]);
+    return 0;
+}
+"#;
+
+    pub const CXX_SOURCE: &str = r#"#include <map>
+#include <string>
+#include <vector>
+#include "util.h"
+std::map<std::string, std::vector<int>> build(int n) {
+    std::map<std::string, std::vector<int>> m;
+    for (int i = 0; i < n; i++) m[std::to_string(i)].push_back(i * SCALE);
+    return m;
+}
+"#;
+
+    /// A project of `farm` holding the sample sources, aged past the timestamp slack.
+    pub fn project(farm: &Farm) -> Project {
+        let p = farm.project();
+        p.write("inc/util.h", HEADER);
+        p.write("src/main.c", C_SOURCE);
+        p.write("src/map.cc", CXX_SOURCE);
+        // Files younger than the timestamp slack are not trusted to be unchanged: let them age.
+        super::settle();
+        p
+    }
+
+    /// Compiles through the farm, then locally with the bare compiler, and compares.
+    pub fn remote_matches_local(p: &Project, args: &[&str], output: &str) {
+        ok(&p.kiln(args));
+        let remote = p.read(output);
+        ok(&p.bare(args));
+        assert_eq!(
+            remote,
+            p.read(output),
+            "{output} from the farm differs ({args:?})"
+        );
+    }
+
+    /// A counter of `kiln stats --json`.
+    pub fn stat(p: &Project, name: &str) -> i64 {
+        let s = p.stats();
+        s[name]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no {name} in {s}"))
+    }
+}

@@ -1,63 +1,9 @@
 //! The farm end to end: a scheduler and two builders in this process, real Linux jails, real
 //! gcc and clang. Remote objects must be byte-identical to local ones, `-g` included.
 
+use kiln_tests::sample::{project, remote_matches_local, stat, C_SOURCE, HEADER};
 use kiln_tests::{ok, Farm, Project};
 use prost::bytes as prost_bytes;
-
-const HEADER: &str = "#pragma once\n#define SCALE 3\nint helper(int);\n";
-
-const C_SOURCE: &str = r#"#include <stdio.h>
-#include <string.h>
-#include "util.h"
-static int table[64];
-int helper(int x) { return x * SCALE; }
-int main(int argc, char **argv) {
-    for (int i = 0; i < 64; i++) table[i] = helper(i) ^ (int)strlen(argv[0]);
-    printf("%d %d\n", argc, table[argc]);
-    return 0;
-}
-"#;
-
-const CXX_SOURCE: &str = r#"#include <map>
-#include <string>
-#include <vector>
-#include "util.h"
-std::map<std::string, std::vector<int>> build(int n) {
-    std::map<std::string, std::vector<int>> m;
-    for (int i = 0; i < n; i++) m[std::to_string(i)].push_back(i * SCALE);
-    return m;
-}
-"#;
-
-fn project(farm: &Farm) -> Project {
-    let p = farm.project();
-    p.write("inc/util.h", HEADER);
-    p.write("src/main.c", C_SOURCE);
-    p.write("src/map.cc", CXX_SOURCE);
-    // Files younger than the timestamp slack are not trusted to be unchanged: let them age.
-    kiln_tests::settle();
-    p
-}
-
-/// Compiles through the farm, then locally with the bare compiler, and compares.
-fn remote_matches_local(p: &Project, args: &[&str], output: &str) {
-    let out = p.kiln(args);
-    ok(&out);
-    let remote = p.read(output);
-    ok(&p.bare(args));
-    assert_eq!(
-        remote,
-        p.read(output),
-        "{output} from the farm differs ({args:?})"
-    );
-}
-
-fn dist_stat(p: &Project, name: &str) -> i64 {
-    let s = p.stats();
-    s[name]
-        .as_i64()
-        .unwrap_or_else(|| panic!("no {name} in {s}"))
-}
 
 #[test]
 fn dist_objects_are_byte_identical_with_debug_info_and_toolchains_travel_once() {
@@ -95,8 +41,8 @@ fn dist_objects_are_byte_identical_with_debug_info_and_toolchains_travel_once() 
         remote_matches_local(&p, &args, "map.o");
         n += 1;
     }
-    assert_eq!(dist_stat(&p, "dist_compiles"), n, "{}", p.stats());
-    assert_eq!(dist_stat(&p, "dist_fallbacks"), 0, "{}", p.stats());
+    assert_eq!(stat(&p, "dist_compiles"), n, "{}", p.stats());
+    assert_eq!(stat(&p, "dist_fallbacks"), 0, "{}", p.stats());
 
     // Every toolchain reached each builder at most once.
     let status = farm.status();
@@ -116,13 +62,13 @@ fn a_dist_result_is_cached_like_a_local_one() {
     let args = ["gcc", "-c", "src/main.c", "-o", "main.o", "-Iinc", "-g"];
     ok(&p.kiln(&args));
     ok(&p.kiln(&args));
-    assert_eq!(dist_stat(&p, "dist_compiles"), 1);
-    assert_eq!(dist_stat(&p, "hits"), 1);
+    assert_eq!(stat(&p, "dist_compiles"), 1);
+    assert_eq!(stat(&p, "hits"), 1);
     // The manifest knows the header the builder read: editing it is a miss.
     p.write("inc/util.h", &HEADER.replace("3", "4"));
     kiln_tests::settle();
     remote_matches_local(&p, &args, "main.o");
-    assert_eq!(dist_stat(&p, "dist_compiles"), 2);
+    assert_eq!(stat(&p, "dist_compiles"), 2);
 }
 
 #[test]
@@ -137,8 +83,8 @@ fn compile_errors_from_the_farm_are_the_compilers_own() {
         String::from_utf8_lossy(&remote.stderr),
         String::from_utf8_lossy(&local.stderr)
     );
-    assert_eq!(dist_stat(&p, "dist_compiles"), 1);
-    assert_eq!(dist_stat(&p, "compile_failed"), 1);
+    assert_eq!(stat(&p, "dist_compiles"), 1);
+    assert_eq!(stat(&p, "compile_failed"), 1);
 }
 
 #[test]
@@ -172,6 +118,16 @@ fn the_build_goes_on_when_the_farm_cannot_help() {
         "-Iinc",
     ]));
     assert_eq!(p.stats()["dist_fallbacks_by_cause"]["unsupported"], 1);
+}
+
+/// Starts `kiln <args>` without waiting for it.
+fn spawn_kiln(p: &Project, args: &[&str]) -> std::process::Child {
+    p.command(kiln_tests::kiln_bin())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// A source that takes the compiler a while, so a builder can be killed in the middle.
@@ -215,13 +171,7 @@ fn a_header_edited_while_the_farm_compiles_is_not_stored_as_it_was_read() {
     let p = project(&farm);
     slow_source(&p);
     let args = ["gcc", "-c", "src/slow.c", "-o", "slow.o", "-O2", "-Iinc"];
-    let child = p
-        .command(kiln_tests::kiln_bin())
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_kiln(&p, &args);
     wait_for_cc1("slow.c");
     p.write("inc/util.h", &format!("{HEADER}/* edited */\n"));
     ok(&child.wait_with_output().unwrap());
@@ -235,8 +185,8 @@ fn a_header_edited_while_the_farm_compiles_is_not_stored_as_it_was_read() {
     // Nothing was stored, so the next compile is not a hit.
     kiln_tests::settle();
     ok(&p.kiln(&args));
-    assert_eq!(dist_stat(&p, "hits"), 0, "{}", p.stats());
-    assert_eq!(dist_stat(&p, "dist_compiles"), 2, "{}", p.stats());
+    assert_eq!(stat(&p, "hits"), 0, "{}", p.stats());
+    assert_eq!(stat(&p, "dist_compiles"), 2, "{}", p.stats());
 }
 
 #[test]
@@ -245,13 +195,7 @@ fn a_builder_killed_mid_job_does_not_fail_the_build() {
     let p = project(&farm);
     slow_source(&p);
     let args = ["gcc", "-c", "src/slow.c", "-o", "slow.o", "-O2", "-Iinc"];
-    let child = p
-        .command(kiln_tests::kiln_bin())
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_kiln(&p, &args);
     // Wait until the job runs on a builder, then kill that builder.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let victim = loop {
@@ -284,7 +228,7 @@ fn a_builder_killed_mid_job_does_not_fail_the_build() {
     ok(&p.bare(&args));
     assert_eq!(remote, p.read("slow.o"));
     // The scheduler placed it again on the other builder.
-    assert_eq!(dist_stat(&p, "dist_compiles"), 1, "{}", p.stats());
+    assert_eq!(stat(&p, "dist_compiles"), 1, "{}", p.stats());
     let status = farm.status();
     assert_eq!(status["builders"].as_array().unwrap().len(), 1);
     assert!(status["jobs_failed"].as_u64().unwrap() >= 1);
@@ -298,7 +242,7 @@ fn builders_rejoin_a_restarted_scheduler_and_jobs_flow_again() {
     farm.restart_scheduler();
     farm.wait_for_builders(2);
     ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "b.o", "-Iinc", "-DAGAIN"]));
-    assert_eq!(dist_stat(&p, "dist_compiles"), 2, "{}", p.stats());
+    assert_eq!(stat(&p, "dist_compiles"), 2, "{}", p.stats());
     // The new scheduler learned which toolchains the builders already hold.
     let held: usize = farm.status()["builders"]
         .as_array()
@@ -388,7 +332,7 @@ fn a_new_builder_gets_the_toolchain_from_the_scheduler_not_the_client() {
     let mut farm = Farm::start(1, 1);
     let p = project(&farm);
     ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "a.o", "-Iinc"]));
-    assert_eq!(dist_stat(&p, "dist_toolchain_uploads"), 1);
+    assert_eq!(stat(&p, "dist_toolchain_uploads"), 1);
     // The only builder that holds it goes away; a fresh one takes its place.
     farm.start_builder(1);
     farm.wait_for_builders(2);
@@ -399,9 +343,9 @@ fn a_new_builder_gets_the_toolchain_from_the_scheduler_not_the_client() {
         &["gcc", "-c", "src/main.c", "-o", "b.o", "-Iinc", "-DB"],
         "b.o",
     );
-    assert_eq!(dist_stat(&p, "dist_compiles"), 2);
+    assert_eq!(stat(&p, "dist_compiles"), 2);
     assert_eq!(
-        dist_stat(&p, "dist_toolchain_uploads"),
+        stat(&p, "dist_toolchain_uploads"),
         1,
         "the client sent the toolchain again"
     );
@@ -495,7 +439,7 @@ fn a_corrupt_transfer_is_retried_elsewhere_then_refused_and_the_farm_stays_healt
     // Nothing corrupt was kept, and both builders still work.
     ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "b.o", "-Iinc", "-DB"]));
     ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "c.o", "-Iinc", "-DC"]));
-    assert_eq!(dist_stat(&p, "dist_compiles"), 3);
+    assert_eq!(stat(&p, "dist_compiles"), 3);
     assert_eq!(farm.status()["builders"].as_array().unwrap().len(), 2);
 }
 
@@ -528,7 +472,7 @@ fn a_supplied_toolchain_archive_stands_in_for_the_compiler() {
         &["gcc", "-c", "src/main.c", "-o", "main.o", "-Iinc", "-g"],
         "main.o",
     );
-    assert_eq!(dist_stat(&p, "dist_compiles"), 1, "{}", p.stats());
+    assert_eq!(stat(&p, "dist_compiles"), 1, "{}", p.stats());
     let held = farm.status()["builders"][0]["toolchains"][0]
         .as_str()
         .unwrap()

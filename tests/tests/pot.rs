@@ -4,61 +4,8 @@
 //! Real gcc and g++ through kiln --dist; remote objects must be byte-identical to local ones.
 //! What only a real FreeBSD host can prove is listed in docs/freebsd.md.
 
-use kiln_tests::{ok, Farm, FarmJail, Project};
-
-const HEADER: &str = "#pragma once\n#define SCALE 3\nint helper(int);\n";
-
-const C_SOURCE: &str = r#"#include <stdio.h>
-#include <string.h>
-#include "util.h"
-static int table[64];
-int helper(int x) { return x * SCALE; }
-int main(int argc, char **argv) {
-    for (int i = 0; i < 64; i++) table[i] = helper(i) ^ (int)strlen(argv[0]);
-    printf("%d %d\n", argc, table[argc]);
-    return 0;
-}
-"#;
-
-const CXX_SOURCE: &str = r#"#include <map>
-#include <string>
-#include <vector>
-#include "util.h"
-std::map<std::string, std::vector<int>> build(int n) {
-    std::map<std::string, std::vector<int>> m;
-    for (int i = 0; i < n; i++) m[std::to_string(i)].push_back(i * SCALE);
-    return m;
-}
-"#;
-
-fn project(farm: &Farm) -> Project {
-    let p = farm.project();
-    p.write("inc/util.h", HEADER);
-    p.write("src/main.c", C_SOURCE);
-    p.write("src/map.cc", CXX_SOURCE);
-    // Files younger than the timestamp slack are not trusted to be unchanged: let them age.
-    kiln_tests::settle();
-    p
-}
-
-/// Compiles through the farm, then locally with the bare compiler, and compares.
-fn remote_matches_local(p: &Project, args: &[&str], output: &str) {
-    ok(&p.kiln(args));
-    let remote = p.read(output);
-    ok(&p.bare(args));
-    assert_eq!(
-        remote,
-        p.read(output),
-        "{output} from the pot farm differs ({args:?})"
-    );
-}
-
-fn dist_stat(p: &Project, name: &str) -> i64 {
-    let s = p.stats();
-    s[name]
-        .as_i64()
-        .unwrap_or_else(|| panic!("no {name} in {s}"))
-}
+use kiln_tests::sample::{project, remote_matches_local, stat};
+use kiln_tests::{Farm, FarmJail};
 
 #[test]
 fn pot_farm_objects_are_byte_identical_to_local_ones() {
@@ -92,8 +39,8 @@ fn pot_farm_objects_are_byte_identical_to_local_ones() {
     ];
     remote_matches_local(&p, &args, "map.o");
     n += 1;
-    assert_eq!(dist_stat(&p, "dist_compiles"), n, "{}", p.stats());
-    assert_eq!(dist_stat(&p, "dist_fallbacks"), 0, "{}", p.stats());
+    assert_eq!(stat(&p, "dist_compiles"), n, "{}", p.stats());
+    assert_eq!(stat(&p, "dist_fallbacks"), 0, "{}", p.stats());
 
     // A compile error comes back as the compiler's own, through the pot.
     p.write("src/bad.c", "int main(void) { return undeclared; }\n");
@@ -105,7 +52,7 @@ fn pot_farm_objects_are_byte_identical_to_local_ones() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(dist_stat(&p, "dist_fallbacks"), 0, "{}", p.stats());
+    assert_eq!(stat(&p, "dist_fallbacks"), 0, "{}", p.stats());
 
     let status = farm.status();
     let builders = status["builders"].as_array().unwrap();
