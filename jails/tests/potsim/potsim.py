@@ -279,36 +279,35 @@ class Sim:
             f.write("%s@%s\n" % (base, snap))
         return 0
 
-    def snapshot(self, args):
-        opts, _ = getopt.getopt(args, "hvp:f:r")
+    def stopped_pot(self, opts, action):
+        """The `-p` pot of snapshot and revert, held; None (after pot's message) when it is
+        missing, not a pot, or running."""
         name = next((v for o, v in opts if o == "-p"), None)
         if not name:
             self.error("one of -p|-f has to be used")
-            return 1
+            return None
         if not self.is_pot(name):
             self.error("%s is not a pot!" % name)
-            return 1
+            return None
         self.hold(name)
         if self.running(name):
-            self.error("The pot %s is still running. Snapshot is possible only for stopped "
-                       "pots" % name)
+            self.error("The pot %s is still running. %s is possible only for stopped pots"
+                       % (name, action))
+            return None
+        return name
+
+    def snapshot(self, args):
+        opts, _ = getopt.getopt(args, "hvp:f:r")
+        name = self.stopped_pot(opts, "Snapshot")
+        if name is None:
             return 1
         self.take_snapshot(name)
         return 0
 
     def revert(self, args):
         opts, _ = getopt.getopt(args, "hvap:f:")
-        name = next((v for o, v in opts if o == "-p"), None)
-        if not name:
-            self.error("one of -p|-f has to be used")
-            return 1
-        if not self.is_pot(name):
-            self.error("%s is not a pot!" % name)
-            return 1
-        self.hold(name)
-        if self.running(name):
-            self.error("The pot %s is still running. Revert is possible only for stopped pots"
-                       % name)
+        name = self.stopped_pot(opts, "Revert")
+        if name is None:
             return 1
         snaps = self.snaps(name)
         if not snaps:
