@@ -11,6 +11,7 @@
 //! placed again elsewhere; after [`Config::max_attempts`] builders have failed a job, the client
 //! is told to compile locally. "No capacity" is an immediate answer, never a queue.
 
+mod metrics;
 pub mod placement;
 mod service;
 mod toolchains;

@@ -20,6 +20,9 @@ struct Args {
     /// Memory for toolchains kept to hand to builders, like 2G.
     #[arg(long, default_value = "2G", value_parser = size)]
     toolchain_cache: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
     /// Also run a builder in this process, joined to this scheduler.
     #[arg(long)]
     local_builder: bool,
@@ -97,7 +100,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
-    let served = kiln_scheduler::serve(config, listener, stopped(stop_rx));
+    let http = match &args.http {
+        Some(at) => {
+            let l = tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("cannot listen on {at} (--http)"))?;
+            println!(
+                "kiln-scheduler: metrics on http://{}/metrics",
+                l.local_addr()?
+            );
+            Some(l)
+        }
+        None => None,
+    };
+    let served = kiln_scheduler::serve(config, listener, http, stopped(stop_rx));
     tokio::pin!(served);
     tokio::select! {
         r = &mut served => r?,

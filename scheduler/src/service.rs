@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::metrics::{Gauges, Metrics, Outcome};
 use crate::placement::{self, BuilderState, NoPlace, Registry, Wants};
 use crate::toolchains::Toolchains;
 
@@ -77,6 +78,7 @@ struct Inner {
     next_builder: AtomicU64,
     started: Instant,
     shutdown: watch::Receiver<bool>,
+    metrics: Metrics,
 }
 
 /// The scheduler service; cheap to clone.
@@ -118,8 +120,25 @@ impl Scheduler {
                 next_builder: AtomicU64::new(1),
                 started: Instant::now(),
                 shutdown,
+                metrics: Metrics::default(),
             }),
         }
+    }
+
+    /// `GET /metrics`: the counters and the registry's gauges, in Prometheus's text format.
+    pub fn metrics_text(&self) -> String {
+        let gauges = {
+            let st = self.lock();
+            let builders = st.registry.builders.values();
+            Gauges {
+                builders: st.registry.builders.len() as u64,
+                slots: builders.clone().map(|b| u64::from(b.slots)).sum(),
+                slots_busy: builders.map(|b| u64::from(b.running)).sum(),
+                jobs_in_flight: st.jobs.len() as u64,
+                toolchains_kept_bytes: st.toolchains.bytes(),
+            }
+        };
+        self.inner.metrics.render(gauges)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -151,6 +170,9 @@ impl Scheduler {
                 match placement::place(&st.registry, &wants, Instant::now()) {
                     Ok(builder) => {
                         job.attempt += 1;
+                        if job.attempt == 1 {
+                            self.inner.metrics.placement.observe(job.started.elapsed());
+                        }
                         job.tried.push(builder.clone());
                         job.builder = builder.clone();
                         job.finished = false;
@@ -206,6 +228,11 @@ impl Scheduler {
             Err((reason, message)) => {
                 let job = self.lock().jobs.remove(&id);
                 if let Some(job) = job {
+                    self.inner.metrics.count(match reason {
+                        refused::Reason::NoBuilders => Outcome::NoBuilders,
+                        refused::Reason::NoCapacity => Outcome::NoCapacity,
+                        _ => Outcome::BuildersFailed,
+                    });
                     tracing::info!(job = id, %message, "job refused");
                     let _ = job.client.send(Ok(refused(reason, message))).await;
                 }
@@ -229,6 +256,7 @@ impl Scheduler {
                 b.jobs_failed += 1;
             }
             st.jobs_failed += 1;
+            self.inner.metrics.retries.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(job = id, builder = %job.builder, why, "job failed on its builder; placing it again");
         }
         self.place(id).await;
@@ -280,6 +308,11 @@ impl Scheduler {
             from_builder::Msg::Chunk(c) => {
                 let client = self.client_of(builder, c.job_id);
                 if let (Some(client), Some(chunk)) = (client, c.chunk) {
+                    let n = chunk.data.len() as u64;
+                    self.inner
+                        .metrics
+                        .to_clients
+                        .fetch_add(n, Ordering::Relaxed);
                     let _ = client
                         .send(Ok(ToClient {
                             msg: Some(to_client::Msg::Chunk(chunk)),
@@ -295,6 +328,8 @@ impl Scheduler {
                         Some(job) => {
                             job.finished = true;
                             st.jobs_done += 1;
+                            self.inner.metrics.count(Outcome::Finished);
+                            self.inner.metrics.job.observe(job.started.elapsed());
                             if let Some(b) = st.registry.builders.get_mut(builder) {
                                 b.running = b.running.saturating_sub(1);
                                 b.jobs_done += 1;
@@ -328,6 +363,7 @@ impl Scheduler {
                         job
                     };
                     if let Some(job) = job {
+                        self.inner.metrics.count(Outcome::Refused);
                         let _ = job
                             .client
                             .send(Ok(refused(refused::Reason::BadRequest, r.message)))
@@ -436,6 +472,11 @@ impl Scheduler {
             st.links.get(&job.builder).cloned()
         };
         if let Some(link) = link {
+            let n = chunk.data.len() as u64;
+            self.inner
+                .metrics
+                .to_builders
+                .fetch_add(n, Ordering::Relaxed);
             let msg = ToBuilder {
                 msg: Some(to_builder::Msg::Chunk(JobChunk {
                     job_id,
@@ -456,6 +497,7 @@ impl Scheduler {
             let link = job.as_ref().and_then(|j| st.links.get(&j.builder).cloned());
             if let Some(j) = &job {
                 if !j.finished {
+                    self.inner.metrics.count(Outcome::Abandoned);
                     if let Some(b) = st.registry.builders.get_mut(&j.builder) {
                         b.running = b.running.saturating_sub(1);
                     }
@@ -702,14 +744,29 @@ impl SchedulerRpc for Scheduler {
 }
 
 /// Serves the scheduler on `listener` until `shutdown` resolves; builder links are closed then,
-/// so builders reconnect to the next scheduler.
+/// so builders reconnect to the next scheduler. With `http`, `GET /metrics` is served there
+/// (Prometheus's text format) until the same moment.
 pub async fn serve(
     config: Config,
     listener: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let scheduler = Scheduler::new(config, stop_rx);
+    let scheduler = Scheduler::new(config, stop_rx.clone());
+    let web = http.map(|listener| {
+        let app = axum::Router::new()
+            .route("/metrics", axum::routing::get(metrics))
+            .with_state(scheduler.clone());
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    });
     let service = SchedulerServer::new(scheduler)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
@@ -723,7 +780,7 @@ pub async fn serve(
             })
         },
     );
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(service)
@@ -731,6 +788,22 @@ pub async fn serve(
             shutdown.await;
             let _ = stop_tx.send(true);
         })
-        .await?;
+        .await;
+    if let Some(web) = web {
+        web.await??;
+    }
+    served?;
     Ok(())
+}
+
+async fn metrics(
+    axum::extract::State(scheduler): axum::extract::State<Scheduler>,
+) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        scheduler.metrics_text(),
+    )
 }

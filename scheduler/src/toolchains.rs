@@ -24,6 +24,11 @@ impl Toolchains {
         self.cache.get(digest).cloned()
     }
 
+    /// The bytes kept.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     pub fn contains(&self, digest: &Digest) -> bool {
         self.cache.contains(digest)
     }

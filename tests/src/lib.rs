@@ -99,38 +99,49 @@ impl CacheServer {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> (u16, Vec<u8>) {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(&self.addr).expect("connect to kiln-cache");
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            self.addr,
-            body.len()
-        );
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
-        stream.write_all(head.as_bytes()).unwrap();
-        // The server may answer (413) before reading all of a large body.
-        let _ = stream.write_all(body);
-        let mut response = Vec::new();
-        let _ = stream.read_to_end(&mut response);
-        let split = response
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .expect("an HTTP response");
-        let status_line = String::from_utf8_lossy(&response[..split])
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_owned();
-        let status = status_line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("a status code");
-        (status, response[split + 4..].to_vec())
+        http_request(&self.addr, method, path, headers, body)
     }
+}
+
+/// One HTTP/1.1 request to `addr` on a connection of its own; returns the status and the body.
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    // The server may answer (413) before reading all of a large body.
+    let _ = stream.write_all(body);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP response");
+    let status_line = String::from_utf8_lossy(&response[..split])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status code");
+    (status, response[split + 4..].to_vec())
 }
 
 impl Drop for CacheServer {
@@ -407,6 +418,8 @@ fn potsim_host(dir: &Path, i: usize) -> kiln_jails::pot::PotConfig {
 pub struct Farm {
     runtime: tokio::runtime::Runtime,
     pub addr: std::net::SocketAddr,
+    /// Where the scheduler serves `/metrics`.
+    pub http: std::net::SocketAddr,
     scheduler: Option<(tokio::sync::oneshot::Sender<()>, Task)>,
     builders: Vec<Option<(tokio::sync::oneshot::Sender<()>, Task)>>,
     dir: tempfile::TempDir,
@@ -445,16 +458,21 @@ impl Farm {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         let addr = listener.local_addr().unwrap();
+        let http = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let http_addr = http.local_addr().unwrap();
         let mut farm = Farm {
             runtime,
             addr,
+            http: http_addr,
             scheduler: None,
             builders: Vec::new(),
             dir: tempfile::tempdir().unwrap(),
             slots,
             jail,
         };
-        farm.serve_scheduler(listener);
+        farm.serve_scheduler(listener, http);
         for i in 0..builders {
             farm.start_builder(i);
         }
@@ -467,7 +485,11 @@ impl Farm {
         format!("http://{}", self.addr)
     }
 
-    fn serve_scheduler(&mut self, listener: tokio::net::TcpListener) {
+    fn serve_scheduler(
+        &mut self,
+        listener: tokio::net::TcpListener,
+        http: tokio::net::TcpListener,
+    ) {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let config = kiln_scheduler::Config {
             heartbeat: std::time::Duration::from_millis(500),
@@ -475,7 +497,7 @@ impl Farm {
         };
         let task = self
             .runtime
-            .spawn(kiln_scheduler::serve(config, listener, async {
+            .spawn(kiln_scheduler::serve(config, listener, Some(http), async {
                 let _ = rx.await;
             }));
         self.scheduler = Some((tx, task));
@@ -491,7 +513,11 @@ impl Farm {
             .runtime
             .block_on(tokio::net::TcpListener::bind(self.addr))
             .expect("rebinding the scheduler's address");
-        self.serve_scheduler(listener);
+        let http = self
+            .runtime
+            .block_on(tokio::net::TcpListener::bind(self.http))
+            .expect("rebinding the scheduler's metrics address");
+        self.serve_scheduler(listener, http);
     }
 
     /// Starts builder `i` (again).
@@ -527,6 +553,20 @@ impl Farm {
     pub fn status(&self) -> serde_json::Value {
         let status = kiln_client::dist::status(&self.url()).expect("scheduler status");
         kiln_client::dist::status_json(&status)
+    }
+
+    /// The scheduler's `/metrics`, as series name (with labels) to value.
+    pub fn metrics(&self) -> std::collections::HashMap<String, f64> {
+        let (status, body) = http_request(&self.http.to_string(), "GET", "/metrics", &[], b"");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        String::from_utf8_lossy(&body)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (name, value) = l.rsplit_once(' ').expect("a series and its value");
+                (name.to_string(), value.parse().expect("a number"))
+            })
+            .collect()
     }
 
     /// Waits until `n` builders have joined.

@@ -483,3 +483,54 @@ fn a_supplied_toolchain_archive_stands_in_for_the_compiler() {
         "the builder got another toolchain than the supplied one"
     );
 }
+
+#[test]
+fn the_schedulers_metrics_count_the_jobs_it_ran() {
+    let farm = Farm::start(2, 2);
+    let p = project(&farm);
+    ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "main.o", "-Iinc", "-g"]));
+    ok(&p.kiln(&["g++", "-c", "src/map.cc", "-o", "map.o", "-Iinc"]));
+    // A compile error is a job the farm finished: the compiler's own result.
+    p.write("src/bad.c", "int main(void) { return undeclared; }\n");
+    kiln_tests::settle();
+    assert!(!p
+        .kiln(&["gcc", "-c", "src/bad.c", "-o", "bad.o"])
+        .status
+        .success());
+    assert_eq!(stat(&p, "dist_fallbacks"), 0, "{}", p.stats());
+
+    // The last client's stream may still be closing: wait for the scheduler to see it end.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let m = loop {
+        let m = farm.metrics();
+        if m["kiln_scheduler_jobs_in_flight"] == 0.0 || std::time::Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let get = |k: &str| {
+        m.get(k)
+            .copied()
+            .unwrap_or_else(|| panic!("no {k} in {m:?}"))
+    };
+    assert_eq!(get("kiln_scheduler_jobs_total{outcome=\"finished\"}"), 3.0);
+    assert_eq!(get("kiln_scheduler_jobs_total{outcome=\"abandoned\"}"), 0.0);
+    assert_eq!(
+        get("kiln_scheduler_jobs_total{outcome=\"no_capacity\"}"),
+        0.0
+    );
+    assert_eq!(get("kiln_scheduler_placement_seconds_count"), 3.0);
+    assert_eq!(get("kiln_scheduler_job_seconds_count"), 3.0);
+    assert_eq!(get("kiln_scheduler_job_seconds_bucket{le=\"+Inf\"}"), 3.0);
+    assert_eq!(get("kiln_scheduler_job_retries_total"), 0.0);
+    assert_eq!(get("kiln_scheduler_builders"), 2.0);
+    assert_eq!(get("kiln_scheduler_slots"), 4.0);
+    assert_eq!(get("kiln_scheduler_slots_busy"), 0.0);
+    assert_eq!(get("kiln_scheduler_jobs_in_flight"), 0.0);
+    // Sources, headers and the toolchains went to builders; objects came back.
+    let out_bytes = p.read("main.o").len() + p.read("map.o").len();
+    assert!(get("kiln_scheduler_relayed_bytes_total{direction=\"to_client\"}") >= out_bytes as f64);
+    assert!(get("kiln_scheduler_relayed_bytes_total{direction=\"to_builder\"}") > 1e6);
+    // The scheduler keeps the toolchains it relayed, to hand to builders that lack them.
+    assert!(get("kiln_scheduler_toolchains_kept_bytes") > 1e6);
+}
