@@ -1,13 +1,12 @@
-//! The scheduler's counters, and their rendering in Prometheus's text exposition format for
-//! `GET /metrics` on `--http ADDR`.
+//! The scheduler's counters, rendered for `GET /metrics` on `--http ADDR`.
 //!
 //! Counters and histograms are atomics bumped on the job path (no lock); gauges (builders,
 //! slots, toolchains kept) are read from the registry when scraped. Labels come from fixed sets
 //! (outcomes, directions), never from a client or builder name, so the series stay bounded.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+
+use kiln_proto::metrics::{Exposition, Histogram};
 
 /// How a job left the scheduler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,49 +47,6 @@ impl Outcome {
     }
 }
 
-/// Upper bounds of the latency buckets, in seconds: from a placement (sub-millisecond) to a
-/// long C++ compile.
-const BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0, 60.0,
-];
-
-/// A latency histogram with the fixed [`BUCKETS`].
-#[derive(Debug, Default)]
-pub struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_us: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (bound, n) in BUCKETS.iter().zip(&self.counts) {
-            if secs <= *bound {
-                n.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (bound, n) in BUCKETS.iter().zip(&self.counts) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{bound}\"}} {}",
-                n.load(Ordering::Relaxed)
-            );
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
-    }
-}
-
 /// What the scheduler counts.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -127,89 +83,65 @@ impl Metrics {
 
     /// The exposition text.
     pub fn render(&self, g: Gauges) -> String {
-        let mut out = String::new();
-        out.push_str(
-            "# HELP kiln_scheduler_jobs_total Jobs that left the scheduler, by outcome.\n\
-             # TYPE kiln_scheduler_jobs_total counter\n",
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        let outcomes: Vec<(&str, u64)> = Outcome::ALL
+            .iter()
+            .zip(&self.outcomes)
+            .map(|(o, n)| (o.label(), load(n)))
+            .collect();
+        let mut e = Exposition::default();
+        e.labelled_counter(
+            "kiln_scheduler_jobs_total",
+            "Jobs that left the scheduler, by outcome.",
+            "outcome",
+            &outcomes,
         );
-        for (o, n) in Outcome::ALL.iter().zip(&self.outcomes) {
-            let _ = writeln!(
-                out,
-                "kiln_scheduler_jobs_total{{outcome=\"{}\"}} {}",
-                o.label(),
-                n.load(Ordering::Relaxed)
-            );
-        }
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
-        counter(
-            &mut out,
+        e.counter(
             "kiln_scheduler_job_retries_total",
             "Jobs placed again after a builder failed them.",
-            self.retries.load(Ordering::Relaxed),
+            load(&self.retries),
         );
-        out.push_str(
-            "# HELP kiln_scheduler_relayed_bytes_total Chunk bytes relayed, by direction.\n\
-             # TYPE kiln_scheduler_relayed_bytes_total counter\n",
+        e.labelled_counter(
+            "kiln_scheduler_relayed_bytes_total",
+            "Chunk bytes relayed, by direction.",
+            "direction",
+            &[
+                ("to_builder", load(&self.to_builders)),
+                ("to_client", load(&self.to_clients)),
+            ],
         );
-        for (dir, v) in [
-            ("to_builder", &self.to_builders),
-            ("to_client", &self.to_clients),
-        ] {
-            let _ = writeln!(
-                out,
-                "kiln_scheduler_relayed_bytes_total{{direction=\"{dir}\"}} {}",
-                v.load(Ordering::Relaxed)
-            );
-        }
-        self.placement.render(
-            &mut out,
+        e.histogram(
             "kiln_scheduler_placement_seconds",
             "From a job's arrival to its first placement on a builder.",
+            &self.placement,
         );
-        self.job.render(
-            &mut out,
+        e.histogram(
             "kiln_scheduler_job_seconds",
             "From a job's arrival to its builder's result.",
+            &self.job,
         );
-        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
-        gauge(
-            &mut out,
-            "kiln_scheduler_builders",
-            "Builders connected.",
-            g.builders,
-        );
-        gauge(
-            &mut out,
+        e.gauge("kiln_scheduler_builders", "Builders connected.", g.builders);
+        e.gauge(
             "kiln_scheduler_slots",
             "Job slots of the connected builders.",
             g.slots,
         );
-        gauge(
-            &mut out,
+        e.gauge(
             "kiln_scheduler_slots_busy",
             "Slots running a job.",
             g.slots_busy,
         );
-        gauge(
-            &mut out,
+        e.gauge(
             "kiln_scheduler_jobs_in_flight",
             "Jobs received and not yet over.",
             g.jobs_in_flight,
         );
-        gauge(
-            &mut out,
+        e.gauge(
             "kiln_scheduler_toolchains_kept_bytes",
             "Toolchain archives kept to hand to builders.",
             g.toolchains_kept_bytes,
         );
-        out
+        e.finish()
     }
 }
 
@@ -218,13 +150,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_text_format_has_every_series_with_cumulative_buckets() {
+    fn every_outcome_and_gauge_is_exposed() {
         let m = Metrics::default();
         m.count(Outcome::Finished);
         m.count(Outcome::Finished);
         m.count(Outcome::NoCapacity);
-        m.placement.observe(Duration::from_micros(700));
-        m.placement.observe(Duration::from_millis(30));
         let text = m.render(Gauges {
             builders: 2,
             slots: 8,
@@ -235,12 +165,6 @@ mod tests {
             "kiln_scheduler_jobs_total{outcome=\"finished\"} 2",
             "kiln_scheduler_jobs_total{outcome=\"no_capacity\"} 1",
             "kiln_scheduler_jobs_total{outcome=\"abandoned\"} 0",
-            "kiln_scheduler_placement_seconds_bucket{le=\"0.0005\"} 0",
-            "kiln_scheduler_placement_seconds_bucket{le=\"0.001\"} 1",
-            "kiln_scheduler_placement_seconds_bucket{le=\"0.05\"} 2",
-            "kiln_scheduler_placement_seconds_bucket{le=\"+Inf\"} 2",
-            "kiln_scheduler_placement_seconds_sum 0.0307",
-            "kiln_scheduler_placement_seconds_count 2",
             "kiln_scheduler_job_seconds_count 0",
             "kiln_scheduler_slots 8",
             "kiln_scheduler_slots_busy 3",

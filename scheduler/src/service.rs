@@ -802,7 +802,7 @@ async fn metrics(
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            kiln_proto::metrics::CONTENT_TYPE,
         )],
         scheduler.metrics_text(),
     )

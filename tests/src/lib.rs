@@ -91,6 +91,11 @@ impl CacheServer {
         self.request_with(method, path, &[], body)
     }
 
+    /// The server's `/metrics`.
+    pub fn metrics(&self) -> Metrics {
+        scrape(&self.addr)
+    }
+
     /// One HTTP/1.1 request with extra headers.
     pub fn request_with(
         &self,
@@ -101,6 +106,23 @@ impl CacheServer {
     ) -> (u16, Vec<u8>) {
         http_request(&self.addr, method, path, headers, body)
     }
+}
+
+/// A `/metrics` scrape: series (name and labels, as written) to value.
+pub type Metrics = std::collections::HashMap<String, f64>;
+
+/// Reads `http://ADDR/metrics` and parses Prometheus's text format.
+pub fn scrape(addr: &str) -> Metrics {
+    let (status, body) = http_request(addr, "GET", "/metrics", &[], b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').expect("a series and its value");
+            (name.to_string(), value.parse().expect("a number"))
+        })
+        .collect()
 }
 
 /// One HTTP/1.1 request to `addr` on a connection of its own; returns the status and the body.
@@ -555,18 +577,9 @@ impl Farm {
         kiln_client::dist::status_json(&status)
     }
 
-    /// The scheduler's `/metrics`, as series name (with labels) to value.
-    pub fn metrics(&self) -> std::collections::HashMap<String, f64> {
-        let (status, body) = http_request(&self.http.to_string(), "GET", "/metrics", &[], b"");
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-        String::from_utf8_lossy(&body)
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .map(|l| {
-                let (name, value) = l.rsplit_once(' ').expect("a series and its value");
-                (name.to_string(), value.parse().expect("a number"))
-            })
-            .collect()
+    /// The scheduler's `/metrics`.
+    pub fn metrics(&self) -> Metrics {
+        scrape(&self.http.to_string())
     }
 
     /// Waits until `n` builders have joined.

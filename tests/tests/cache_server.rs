@@ -141,6 +141,26 @@ fn damage_size_limits_concurrency_and_eviction() {
         200,
         "the newest entry stays"
     );
+
+    // /metrics counts what happened above, by protocol.
+    let m = server.metrics();
+    let get = |k: &str| {
+        m.get(k)
+            .copied()
+            .unwrap_or_else(|| panic!("no {k} in {m:?}"))
+    };
+    assert_eq!(get("kiln_cache_puts_total{protocol=\"ccache\"}"), 77.0);
+    assert_eq!(get("kiln_cache_puts_total{protocol=\"waf\"}"), 0.0);
+    assert_eq!(get("kiln_cache_hits_total{protocol=\"ccache\"}"), 2.0);
+    assert_eq!(get("kiln_cache_misses_total{protocol=\"ccache\"}"), 2.0);
+    assert_eq!(get("kiln_cache_corrupt_total"), 1.0);
+    assert_eq!(
+        get("kiln_cache_served_bytes_total"),
+        (got.len() + 8 * 1024) as f64
+    );
+    let size = get("kiln_cache_size_bytes");
+    assert!(size > 0.0 && size <= (256 * 1024) as f64, "{size}");
+    assert!(get("kiln_cache_entries") >= 1.0);
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -25,7 +25,9 @@ use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use kiln_cache::{Digest, Hasher, Kind, Limits, Lookup, Store};
+use kiln_proto::metrics::{Exposition, CONTENT_TYPE};
 use sha2::Digest as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::TcpListener;
 
 /// Settings of one server.
@@ -105,6 +107,86 @@ pub fn route(path: &str) -> Option<Route> {
 struct AppState {
     store: Arc<Store>,
     max_body: usize,
+    counts: Arc<Counts>,
+}
+
+/// The protocols, as metric labels.
+const PROTOCOLS: [&str; 5] = ["waf", "bazel_ac", "bazel_cas", "ccache", "kiln"];
+
+/// What the server counts for `GET /metrics`, by protocol.
+#[derive(Debug, Default)]
+struct Counts {
+    hits: [AtomicU64; 5],
+    misses: [AtomicU64; 5],
+    puts: [AtomicU64; 5],
+    corrupt: AtomicU64,
+    bytes_served: AtomicU64,
+    bytes_stored: AtomicU64,
+    evicted: AtomicU64,
+}
+
+impl Route {
+    fn protocol(&self) -> usize {
+        match self {
+            Route::Waf(_) => 0,
+            Route::BazelAc(_) => 1,
+            Route::BazelCas(_) => 2,
+            Route::Ccache(_) => 3,
+            Route::Kiln(..) => 4,
+        }
+    }
+}
+
+impl Counts {
+    fn render(&self, store: &Store) -> String {
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        let by = |a: &[AtomicU64; 5]| -> Vec<(&str, u64)> {
+            PROTOCOLS.iter().copied().zip(a.iter().map(load)).collect()
+        };
+        let (size, files) = store.usage();
+        let mut e = Exposition::default();
+        e.labelled_counter(
+            "kiln_cache_hits_total",
+            "Entries served, by protocol.",
+            "protocol",
+            &by(&self.hits),
+        );
+        e.labelled_counter(
+            "kiln_cache_misses_total",
+            "Lookups that found nothing, by protocol.",
+            "protocol",
+            &by(&self.misses),
+        );
+        e.labelled_counter(
+            "kiln_cache_puts_total",
+            "Entries stored, by protocol.",
+            "protocol",
+            &by(&self.puts),
+        );
+        e.counter(
+            "kiln_cache_corrupt_total",
+            "Damaged entries found on read and removed.",
+            load(&self.corrupt),
+        );
+        e.counter(
+            "kiln_cache_served_bytes_total",
+            "Body bytes served.",
+            load(&self.bytes_served),
+        );
+        e.counter(
+            "kiln_cache_stored_bytes_total",
+            "Body bytes stored.",
+            load(&self.bytes_stored),
+        );
+        e.counter(
+            "kiln_cache_evicted_total",
+            "Entries evicted by the periodic trim.",
+            load(&self.evicted),
+        );
+        e.gauge("kiln_cache_size_bytes", "Bytes in the store.", size);
+        e.gauge("kiln_cache_entries", "Entries in the store.", files);
+        e.finish()
+    }
 }
 
 /// Serves until `shutdown` completes, then waits for the trim task and open requests.
@@ -115,10 +197,17 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let store = Arc::new(Store::open(&config.dir, config.limits));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let trim = tokio::spawn(trim_loop(store.clone(), config.trim_interval, stop_rx));
+    let counts = Arc::new(Counts::default());
+    let trim = tokio::spawn(trim_loop(
+        store.clone(),
+        counts.clone(),
+        config.trim_interval,
+        stop_rx,
+    ));
     let state = AppState {
         store,
         max_body: config.max_body,
+        counts,
     };
     let app = Router::new().fallback(handle).with_state(state);
     axum::serve(listener, app)
@@ -134,6 +223,7 @@ pub async fn serve(
 /// Trims the store to its limits every `every`, until told to stop.
 async fn trim_loop(
     store: Arc<Store>,
+    counts: Arc<Counts>,
     every: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -144,7 +234,10 @@ async fn trim_loop(
             _ = tick.tick() => {
                 let store = store.clone();
                 match tokio::task::spawn_blocking(move || store.cleanup()).await {
-                    Ok(Ok(r)) if r.evicted > 0 => tracing::info!(evicted = r.evicted, size = r.size, files = r.files, "trimmed"),
+                    Ok(Ok(r)) if r.evicted > 0 => {
+                        counts.evicted.fetch_add(r.evicted, Ordering::Relaxed);
+                        tracing::info!(evicted = r.evicted, size = r.size, files = r.files, "trimmed");
+                    }
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::warn!(error = %e, "trim failed"),
                     Err(e) => tracing::warn!(error = %e, "trim task failed"),
@@ -161,6 +254,14 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response {
 
 async fn handle(State(st): State<AppState>, req: Request) -> Response {
     let method = req.method().clone();
+    if req.uri().path() == "/metrics" && method == Method::GET {
+        let store = st.store.clone();
+        let counts = st.counts.clone();
+        return match tokio::task::spawn_blocking(move || counts.render(&store)).await {
+            Ok(body) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
+            Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        };
+    }
     let Some(route) = route(req.uri().path()) else {
         return text(
             StatusCode::NOT_FOUND,
@@ -168,14 +269,17 @@ async fn handle(State(st): State<AppState>, req: Request) -> Response {
         );
     };
     let key = route.key();
+    let protocol = route.protocol();
     match (&route, &method) {
-        (_, &Method::GET) | (_, &Method::HEAD) => get(&st, key, method == Method::HEAD).await,
+        (_, &Method::GET) | (_, &Method::HEAD) => {
+            get(&st, key, protocol, method == Method::HEAD).await
+        }
         (Route::Waf(_), &Method::POST) => {
             let body = match waf_upload(req, &st).await {
                 Ok(b) => b,
                 Err(r) => return r,
             };
-            put(&st, key, body).await
+            put(&st, key, protocol, body).await
         }
         (
             Route::BazelAc(_) | Route::BazelCas(_) | Route::Ccache(_) | Route::Kiln(..),
@@ -195,7 +299,7 @@ async fn handle(State(st): State<AppState>, req: Request) -> Response {
                     );
                 }
             }
-            put(&st, key, body).await
+            put(&st, key, protocol, body).await
         }
         (Route::Ccache(_), &Method::DELETE) => {
             let store = st.store.clone();
@@ -246,11 +350,16 @@ async fn waf_upload(req: Request, st: &AppState) -> Result<Bytes, Response> {
     }
 }
 
-async fn get(st: &AppState, key: Digest, head: bool) -> Response {
+async fn get(st: &AppState, key: Digest, protocol: usize, head: bool) -> Response {
     let store = st.store.clone();
+    let counts = &st.counts;
     match tokio::task::spawn_blocking(move || store.get(Kind::Blob, &key)).await {
         Ok(Ok(Lookup::Hit(bytes))) => {
             let len = bytes.len();
+            counts.hits[protocol].fetch_add(1, Ordering::Relaxed);
+            if !head {
+                counts.bytes_served.fetch_add(len as u64, Ordering::Relaxed);
+            }
             let body = if head {
                 Body::empty()
             } else {
@@ -263,7 +372,13 @@ async fn get(st: &AppState, key: Digest, head: bool) -> Response {
                 .body(body)
                 .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
         }
-        Ok(Ok(Lookup::Miss | Lookup::Corrupt(_))) => StatusCode::NOT_FOUND.into_response(),
+        Ok(Ok(found)) => {
+            if matches!(found, Lookup::Corrupt(_)) {
+                counts.corrupt.fetch_add(1, Ordering::Relaxed);
+            }
+            counts.misses[protocol].fetch_add(1, Ordering::Relaxed);
+            StatusCode::NOT_FOUND.into_response()
+        }
         Ok(Err(e)) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("kiln-cache: {e}\n"),
@@ -272,10 +387,15 @@ async fn get(st: &AppState, key: Digest, head: bool) -> Response {
     }
 }
 
-async fn put(st: &AppState, key: Digest, body: Bytes) -> Response {
+async fn put(st: &AppState, key: Digest, protocol: usize, body: Bytes) -> Response {
     let store = st.store.clone();
+    let len = body.len() as u64;
     match tokio::task::spawn_blocking(move || store.put(Kind::Blob, &key, &body)).await {
-        Ok(Ok(())) => StatusCode::OK.into_response(),
+        Ok(Ok(())) => {
+            st.counts.puts[protocol].fetch_add(1, Ordering::Relaxed);
+            st.counts.bytes_stored.fetch_add(len, Ordering::Relaxed);
+            StatusCode::OK.into_response()
+        }
         Ok(Err(e)) => text(
             StatusCode::INSUFFICIENT_STORAGE,
             format!("kiln-cache: {e}\n"),
