@@ -114,11 +114,20 @@ async fn run(
             result
         }
     };
+    let counted = |n: &std::sync::atomic::AtomicU64| {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    };
     let (retry, message) = match result {
-        Ok(()) => return,
+        Ok(()) => return counted(&shared.metrics.finished),
         Err(JobError::Gone) => return,
-        Err(JobError::Retry(m)) => (true, m),
-        Err(JobError::Refuse(m)) => (false, m),
+        Err(JobError::Retry(m)) => {
+            counted(&shared.metrics.retried);
+            (true, m)
+        }
+        Err(JobError::Refuse(m)) => {
+            counted(&shared.metrics.refused);
+            (false, m)
+        }
     };
     tracing::warn!(job = id, %label, retry, %message, "job not run");
     let _ = send(
@@ -319,6 +328,12 @@ async fn receive(
             Err(e) => return Err(JobError::Retry(format!("corrupt transfer: {e}"))),
         };
         open.remove(&digest);
+        let received = if is_toolchain {
+            &shared.metrics.toolchain_bytes
+        } else {
+            &shared.metrics.input_bytes
+        };
+        received.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         if is_toolchain {
             need_toolchain = false;
             keep_toolchain(shared, out, digest, data).await?;
@@ -494,6 +509,11 @@ async fn run_in_jail(
     drop(guard);
     let outputs = read?;
     let read_at = started.elapsed();
+    shared.metrics.run.observe(outcome_elapsed);
+    shared
+        .metrics
+        .overhead
+        .observe(read_at.saturating_sub(outcome_elapsed));
     let digests: Vec<Digest> = outputs.iter().map(|(_, d)| Digest::of(d)).collect();
     let finished = Finished {
         exit_code: outcome.exit_code.unwrap_or(-1),

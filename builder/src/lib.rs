@@ -12,6 +12,7 @@
 mod inputs;
 mod jail;
 mod job;
+mod metrics;
 mod toolchains;
 
 use std::path::PathBuf;
@@ -90,6 +91,7 @@ pub(crate) struct Shared {
     fetching: Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     inputs: inputs::Inputs,
     free_slots: Mutex<Vec<u32>>,
+    metrics: metrics::Metrics,
 }
 
 impl Shared {
@@ -116,6 +118,18 @@ impl Shared {
         self.pool.backend().job_uid(self.config.uid_base, slot)
     }
 
+    /// `GET /metrics`.
+    fn metrics_text(&self) -> String {
+        let held = self.toolchains().held();
+        self.metrics.render(metrics::Gauges {
+            slots: u64::from(self.config.slots),
+            slots_busy: u64::from(self.running()),
+            toolchains: held.len() as u64,
+            toolchain_bytes: held.iter().map(|(_, s)| s).sum(),
+            containers_ready: self.pool.ready_counts().values().sum::<usize>() as u64,
+        })
+    }
+
     fn running(&self) -> u32 {
         let free = self
             .free_slots
@@ -128,8 +142,10 @@ impl Shared {
 
 /// Runs the builder until `shutdown` resolves: reconnects to the scheduler whenever the link
 /// drops, with a growing pause between attempts.
+/// With `http`, `GET /metrics` is served there until then.
 pub async fn serve(
     config: Config,
+    http: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let jail = Jail::open(&config)?;
@@ -149,7 +165,21 @@ pub async fn serve(
         fetching: Mutex::new(Default::default()),
         inputs,
         free_slots: Mutex::new((0..config.slots).rev().collect()),
+        metrics: metrics::Metrics::default(),
         config,
+    });
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let web = http.map(|listener| {
+        let app = axum::Router::new()
+            .route("/metrics", axum::routing::get(metrics_page))
+            .with_state(shared.clone());
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                })
+                .await
+        })
     });
     tokio::pin!(shutdown);
     let mut pause = Duration::from_millis(100);
@@ -170,8 +200,24 @@ pub async fn serve(
         }
         pause = (pause * 2).min(Duration::from_secs(5));
     }
+    let _ = stop_tx.send(true);
+    if let Some(web) = web {
+        web.await??;
+    }
     shared.pool.shutdown().await;
     Ok(())
+}
+
+async fn metrics_page(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            kiln_proto::metrics::CONTENT_TYPE,
+        )],
+        shared.metrics_text(),
+    )
 }
 
 /// One connection to the scheduler, until it ends. Jobs of this session end with it: the

@@ -41,6 +41,10 @@ struct Args {
     /// Memory per job, like 4G.
     #[arg(long, default_value = "4G", value_parser = size)]
     memory: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (the builder needs no open port
+    /// otherwise).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
     /// Slot N runs jobs as uid and gid UID_BASE + N (Linux jails).
     #[arg(long, default_value_t = 61_000)]
     uid_base: u32,
@@ -158,7 +162,19 @@ fn main() -> anyhow::Result<()> {
     config.limits.memory = args.memory;
     config.uid_base = args.uid_base;
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(kiln_builder::serve(config, shutdown_signal()))
+    runtime.block_on(async {
+        let http = match &args.http {
+            Some(at) => {
+                let l = tokio::net::TcpListener::bind(at)
+                    .await
+                    .with_context(|| format!("cannot listen on {at} (--http)"))?;
+                tracing::info!("metrics on http://{}/metrics", l.local_addr()?);
+                Some(l)
+            }
+            None => None,
+        };
+        kiln_builder::serve(config, http, shutdown_signal()).await
+    })
 }
 
 async fn shutdown_signal() {

@@ -95,6 +95,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Some(tokio::spawn(kiln_builder::serve(
             config,
+            None,
             stopped(stop_rx.clone()),
         )))
     } else {

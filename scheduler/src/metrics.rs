@@ -56,6 +56,8 @@ pub struct Metrics {
     /// Chunk bytes relayed from clients to builders, and from builders to clients.
     pub to_builders: AtomicU64,
     pub to_clients: AtomicU64,
+    /// Toolchain bytes sent to builders from the scheduler's own store.
+    pub toolchains_served: AtomicU64,
     /// From a job's arrival to its first placement.
     pub placement: Histogram,
     /// From a job's arrival to the builder's result.
@@ -109,6 +111,11 @@ impl Metrics {
                 ("to_builder", load(&self.to_builders)),
                 ("to_client", load(&self.to_clients)),
             ],
+        );
+        e.counter(
+            "kiln_scheduler_toolchains_served_bytes_total",
+            "Toolchain bytes sent to builders from the scheduler's own store.",
+            load(&self.toolchains_served),
         );
         e.histogram(
             "kiln_scheduler_placement_seconds",

@@ -410,8 +410,14 @@ impl Scheduler {
         if let (Some((digest, data)), Some(link)) = (toolchain, link) {
             tracing::debug!(job = job_id, builder, "sending a cached toolchain");
             // On its own task: a large archive must not hold up this builder's other messages.
+            let this = self.clone();
             tokio::spawn(async move {
                 for chunk in chunks(&digest, &data) {
+                    let n = chunk.data.len() as u64;
+                    this.inner
+                        .metrics
+                        .toolchains_served
+                        .fetch_add(n, Ordering::Relaxed);
                     let msg = ToBuilder {
                         msg: Some(to_builder::Msg::Chunk(JobChunk {
                             job_id,

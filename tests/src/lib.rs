@@ -444,6 +444,8 @@ pub struct Farm {
     pub http: std::net::SocketAddr,
     scheduler: Option<(tokio::sync::oneshot::Sender<()>, Task)>,
     builders: Vec<Option<(tokio::sync::oneshot::Sender<()>, Task)>>,
+    /// Where each builder serves `/metrics`.
+    builder_http: Vec<Option<std::net::SocketAddr>>,
     dir: tempfile::TempDir,
     slots: u32,
     jail: FarmJail,
@@ -490,6 +492,7 @@ impl Farm {
             http: http_addr,
             scheduler: None,
             builders: Vec::new(),
+            builder_http: Vec::new(),
             dir: tempfile::tempdir().unwrap(),
             slots,
             jail,
@@ -553,14 +556,23 @@ impl Farm {
             let host = self.dir.path().join(format!("builder{i}-freebsd"));
             config.jail = kiln_builder::JailKind::Pot(potsim_host(&host, i));
         }
+        let http = self
+            .runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let http_addr = http.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = self.runtime.spawn(kiln_builder::serve(config, async {
-            let _ = rx.await;
-        }));
+        let task = self
+            .runtime
+            .spawn(kiln_builder::serve(config, Some(http), async {
+                let _ = rx.await;
+            }));
         if self.builders.len() <= i {
             self.builders.resize_with(i + 1, || None);
+            self.builder_http.resize(i + 1, None);
         }
         self.builders[i] = Some((tx, task));
+        self.builder_http[i] = Some(http_addr);
     }
 
     /// Kills builder `i` at once, as a crash would: its link to the scheduler drops mid-job.
@@ -580,6 +592,12 @@ impl Farm {
     /// The scheduler's `/metrics`.
     pub fn metrics(&self) -> Metrics {
         scrape(&self.http.to_string())
+    }
+
+    /// Builder `i`'s `/metrics`.
+    pub fn builder_metrics(&self, i: usize) -> Metrics {
+        let addr = self.builder_http[i].expect("a builder that was started");
+        scrape(&addr.to_string())
     }
 
     /// Waits until `n` builders have joined.

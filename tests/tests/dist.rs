@@ -352,6 +352,11 @@ fn a_new_builder_gets_the_toolchain_from_the_scheduler_not_the_client() {
     let status = farm.status();
     assert_eq!(status["builders"][0]["name"], "builder1");
     assert_eq!(status["builders"][0]["toolchains_received"], 1);
+    // The scheduler served it from its own store, as its metrics and builder1's agree.
+    let served = farm.metrics()["kiln_scheduler_toolchains_served_bytes_total"];
+    assert!(served > 1e6, "{served}");
+    let received = farm.builder_metrics(1)["kiln_builder_received_bytes_total{kind=\"toolchain\"}"];
+    assert_eq!(received, served);
 }
 
 #[test]
@@ -533,4 +538,32 @@ fn the_schedulers_metrics_count_the_jobs_it_ran() {
     assert!(get("kiln_scheduler_relayed_bytes_total{direction=\"to_builder\"}") > 1e6);
     // The scheduler keeps the toolchains it relayed, to hand to builders that lack them.
     assert!(get("kiln_scheduler_toolchains_kept_bytes") > 1e6);
+
+    // Each builder counts its own share: together, the three jobs.
+    let builders: Vec<_> = (0..2).map(|i| farm.builder_metrics(i)).collect();
+    let sum = |k: &str| -> f64 {
+        builders
+            .iter()
+            .map(|m| {
+                m.get(k)
+                    .copied()
+                    .unwrap_or_else(|| panic!("no {k} in {m:?}"))
+            })
+            .sum()
+    };
+    assert_eq!(sum("kiln_builder_jobs_total{result=\"finished\"}"), 3.0);
+    assert_eq!(sum("kiln_builder_jobs_total{result=\"retry\"}"), 0.0);
+    assert_eq!(sum("kiln_builder_overhead_seconds_count"), 3.0);
+    assert_eq!(sum("kiln_builder_run_seconds_count"), 3.0);
+    assert_eq!(sum("kiln_builder_slots"), 4.0);
+    assert_eq!(sum("kiln_builder_slots_busy"), 0.0);
+    // What the builders received is what the scheduler relayed or served them.
+    let received = sum("kiln_builder_received_bytes_total{kind=\"toolchain\"}")
+        + sum("kiln_builder_received_bytes_total{kind=\"input\"}");
+    assert_eq!(
+        received,
+        get("kiln_scheduler_relayed_bytes_total{direction=\"to_builder\"}")
+            + get("kiln_scheduler_toolchains_served_bytes_total")
+    );
+    assert!(sum("kiln_builder_toolchains") >= 1.0);
 }
