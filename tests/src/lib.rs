@@ -23,6 +23,10 @@ fn built(name: &str) -> PathBuf {
                 "kiln-cache-server",
                 "-p",
                 "kiln-jails",
+                "-p",
+                "kiln-scheduler",
+                "-p",
+                "kiln-builder",
                 "--bins",
             ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -42,6 +46,12 @@ fn built(name: &str) -> PathBuf {
 }
 
 /// The `kiln` binary.
+/// One of the workspace's programs (`kiln-scheduler`, `kiln-builder`, `kiln-cache`…), built on
+/// first use.
+pub fn program(name: &str) -> PathBuf {
+    built(name)
+}
+
 pub fn kiln_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| built("kiln"))
