@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what the tests need (gcc, g++, clang, cmake, ninja, ccache and
-# systemd's systemd-analyze from Debian; Go, waf and urllib3 from PyPI), then runs every test in the workspace. Used by the
-# README and by CI.
+# systemd's systemd-analyze from Debian; Go, waf and urllib3 from PyPI), then runs every test in
+# the workspace. Used by the README and by CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
