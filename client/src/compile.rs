@@ -863,7 +863,12 @@ fn distribute(
     let t0 = std::time::Instant::now();
     let toolchain = match cfg.dist_toolchains.get(&inv.compiler) {
         Some(archive) => toolchain::supplied(&cfg.dir, archive),
-        None => toolchain::ensure(&cfg.dir, &inv.compiler, &p.identity.digest()),
+        None => toolchain::ensure(
+            &cfg.dir,
+            &inv.compiler,
+            &p.identity.digest(),
+            inv.stderr_tty,
+        ),
     }
     .map_err(|e| Fallback::Toolchain(format!("{e:#}")))?;
     let env_paths = closure::EnvIncludePaths::from_env(inv.env, c.lang);
@@ -909,6 +914,7 @@ fn distribute(
         dirs: &closure.dirs,
         outputs: &outputs,
         source: &cwd.join(&c.source),
+        tty: inv.stderr_tty,
     })
 }
 

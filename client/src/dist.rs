@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::env::{Env, COMPILER_VARS};
+use crate::progress::Progress;
 
 /// How long to wait for the scheduler to answer a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -125,6 +126,8 @@ pub struct Request<'a> {
     pub outputs: &'a [PathBuf],
     /// The source file, sent ahead of any request and shown in status.
     pub source: &'a Path,
+    /// stderr is a terminal: sending the toolchain shows its progress there.
+    pub tty: bool,
 }
 
 /// What the builder's compile produced; the outputs are already written.
@@ -376,16 +379,23 @@ async fn exchange(
                     wanted.push((digest, input.path.clone(), input.size));
                 }
                 let tc_digest = req.toolchain_digest;
+                let tty = req.tty;
                 // Sending on its own task: the builder's answer may start before we finish.
                 senders.retain(|t| !t.is_finished());
                 senders.push(tokio::spawn(async move {
                     if let Some(path) = toolchain {
                         if let Ok(data) = std::fs::read(&path) {
+                            let total = data.len() as u64;
+                            let mut progress =
+                                Progress::new("sending the toolchain to the farm", tty);
                             for chunk in chunks(&tc_digest, &Bytes::from(data)) {
+                                progress.update(chunk.offset + chunk.data.len() as u64, total);
                                 if tx.send(send(from_client::Msg::Chunk(chunk))).await.is_err() {
+                                    progress.finish();
                                     return;
                                 }
                             }
+                            progress.finish();
                         }
                     }
                     for (digest, path, _) in wanted {

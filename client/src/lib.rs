@@ -14,6 +14,7 @@ pub mod files;
 pub mod gocache;
 pub mod manifest;
 pub mod process;
+mod progress;
 pub mod remote;
 pub mod result;
 pub mod stats;

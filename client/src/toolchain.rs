@@ -27,6 +27,7 @@
 //! [`ensure`] keeps one archive per compiler in `DIR/toolchains/`, so it is packed once, not on
 //! every compile.
 
+use crate::progress::Progress;
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs;
@@ -74,7 +75,8 @@ pub fn manifest(compiler: &Path) -> anyhow::Result<Manifest> {
 
 /// Packs `compiler` into `out` (written atomically) and returns its digest and size.
 pub fn package(compiler: &Path, out: &Path) -> anyhow::Result<Toolchain> {
-    let bytes = pack(compiler)?;
+    use std::io::IsTerminal;
+    let bytes = pack(compiler, std::io::stderr().is_terminal())?;
     kiln_cache::write_atomically(out, &bytes)
         .with_context(|| format!("cannot write the toolchain archive {}", out.display()))?;
     Ok(Toolchain {
@@ -86,12 +88,17 @@ pub fn package(compiler: &Path, out: &Path) -> anyhow::Result<Toolchain> {
 
 /// The archive bytes. Packed in memory because the digest is of the whole compressed archive
 /// and the store's `Digest` has no streaming form; one archive is tens of megabytes.
-fn pack(compiler: &Path) -> anyhow::Result<Vec<u8>> {
+fn pack(compiler: &Path, tty: bool) -> anyhow::Result<Vec<u8>> {
     let manifest = manifest(compiler)?;
     let mut bytes = Vec::new();
-    manifest
-        .pack(&mut bytes)
-        .with_context(|| format!("cannot pack the toolchain of {}", compiler.display()))?;
+    let mut progress = Progress::new(
+        format!("packaging {} for the farm", compiler.display()),
+        tty,
+    );
+    let packed =
+        manifest.pack_with_progress(&mut bytes, &mut |done, total| progress.update(done, total));
+    progress.finish();
+    packed.with_context(|| format!("cannot pack the toolchain of {}", compiler.display()))?;
     Ok(bytes)
 }
 
@@ -127,7 +134,13 @@ struct Record {
 /// spending seconds of CPU and an archive's worth of memory on the same bytes. The archive and
 /// record are written to temporary files and renamed into place, and a packer that finds a
 /// finished record when done discards its own result.
-pub fn ensure(cache_dir: &Path, compiler: &Path, identity: &Digest) -> anyhow::Result<Toolchain> {
+/// With `tty` (stderr is a terminal), packing shows its progress there.
+pub fn ensure(
+    cache_dir: &Path,
+    compiler: &Path,
+    identity: &Digest,
+    tty: bool,
+) -> anyhow::Result<Toolchain> {
     let compiler = std::path::absolute(compiler)
         .with_context(|| format!("cannot make {} absolute", compiler.display()))?;
     let key = Hasher::new("kiln toolchain")
@@ -156,7 +169,7 @@ pub fn ensure(cache_dir: &Path, compiler: &Path, identity: &Digest) -> anyhow::R
         return Ok(t);
     }
     sweep_tmp(&dir);
-    let bytes = pack(&compiler)?;
+    let bytes = pack(&compiler, tty)?;
     // A packer that took over a stale marker may have raced with us; theirs stands.
     if let Some(t) = cached(&archive, &record) {
         return Ok(t);
@@ -1163,11 +1176,11 @@ mod tests {
         // Several processes' first remote compiles at once: one packs, the others are told.
         let results: Vec<_> = std::thread::scope(|s| {
             let asks: Vec<_> = (0..3)
-                .map(|_| s.spawn(|| ensure(cache, &compiler, &identity)))
+                .map(|_| s.spawn(|| ensure(cache, &compiler, &identity, false)))
                 .collect();
             asks.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        let first = ensure(cache, &compiler, &identity).unwrap();
+        let first = ensure(cache, &compiler, &identity, false).unwrap();
         assert_eq!(first.digest, Digest::of(&fs::read(&first.archive).unwrap()));
         assert_eq!(first.size, fs::metadata(&first.archive).unwrap().len());
         assert!(first.archive.starts_with(cache.join("toolchains")));
@@ -1191,7 +1204,7 @@ mod tests {
             (m.ino(), mtime_ns(&m))
         };
         let before = stat(&first.archive);
-        let again = ensure(cache, &compiler, &identity).unwrap();
+        let again = ensure(cache, &compiler, &identity, false).unwrap();
         assert_eq!(again, first);
         assert_eq!(stat(&again.archive), before);
 
@@ -1199,7 +1212,7 @@ mod tests {
         let mut damaged = fs::read(&first.archive).unwrap();
         damaged.push(0);
         fs::write(&first.archive, damaged).unwrap();
-        let repacked = ensure(cache, &compiler, &identity).unwrap();
+        let repacked = ensure(cache, &compiler, &identity, false).unwrap();
         assert_eq!(repacked, first);
         assert_eq!(
             repacked.digest,
@@ -1211,7 +1224,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let alias = tmp.path().canonicalize().unwrap().join("cc-alias");
         symlink(&compiler, &alias).unwrap();
-        let other = ensure(cache, &alias, &identity).unwrap();
+        let other = ensure(cache, &alias, &identity, false).unwrap();
         assert_ne!(other.archive, first.archive);
         assert_eq!(other.digest, Digest::of(&fs::read(&other.archive).unwrap()));
         let root = tmp.path().join("root");

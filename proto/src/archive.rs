@@ -47,6 +47,24 @@ impl Manifest {
     /// Writes the archive: entries in path order, with zero timestamps and owners, and modes
     /// that depend only on whether a file is executable.
     pub fn pack(&self, out: impl Write) -> io::Result<()> {
+        self.pack_with_progress(out, &mut |_, _| {})
+    }
+
+    /// [`Manifest::pack`], telling `progress` the file bytes packed so far and in all.
+    pub fn pack_with_progress(
+        &self,
+        out: impl Write,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> io::Result<()> {
+        let total: u64 = self
+            .entries
+            .values()
+            .filter_map(|s| match s {
+                Source::File { host, .. } => fs::metadata(host).ok().map(|m| m.len()),
+                _ => None,
+            })
+            .sum();
+        let mut done = 0u64;
         let gz = GzEncoder::new(out, Compression::fast());
         let mut tar = tar::Builder::new(gz);
         tar.mode(tar::HeaderMode::Deterministic);
@@ -72,6 +90,8 @@ impl Manifest {
                     header.set_size(len);
                     // A file that grows while being packed must not corrupt the stream.
                     tar.append_data(&mut header, path, file.take(len))?;
+                    done += len;
+                    progress(done, total);
                 }
                 Source::Symlink(target) => {
                     header.set_entry_type(tar::EntryType::Symlink);

@@ -703,15 +703,23 @@ std::map<std::string, std::vector<int>> build(int n) {
         p
     }
 
-    /// Compiles through the farm, then locally with the bare compiler, and compares.
+    /// Compiles through the farm, then locally with the bare compiler, and compares the
+    /// output and the diagnostics (nothing of kiln's own may reach a stderr that is no terminal).
     pub fn remote_matches_local(p: &Project, args: &[&str], output: &str) {
-        ok(&p.kiln(args));
+        let farm = p.kiln(args);
+        ok(&farm);
         let remote = p.read(output);
-        ok(&p.bare(args));
+        let local = p.bare(args);
+        ok(&local);
         assert_eq!(
             remote,
             p.read(output),
             "{output} from the farm differs ({args:?})"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&farm.stderr),
+            String::from_utf8_lossy(&local.stderr),
+            "stderr through the farm differs ({args:?})"
         );
     }
 

@@ -567,3 +567,41 @@ fn the_schedulers_metrics_count_the_jobs_it_ran() {
     );
     assert!(sum("kiln_builder_toolchains") >= 1.0);
 }
+
+#[test]
+fn packaging_the_toolchain_shows_progress_on_a_terminal_only() {
+    let farm = Farm::start(1, 1);
+    let p = project(&farm);
+    // On a terminal (script(1) gives the compile a pseudo-terminal): a progress line, cleared.
+    let out = p
+        .command("script")
+        .args(["-q", "-e", "-c"])
+        .arg(format!(
+            "{} gcc -c src/main.c -o main.o -Iinc",
+            kiln_tests::kiln_bin().display()
+        ))
+        .arg("/dev/null")
+        .output()
+        .expect("script (util-linux)");
+    ok(&out);
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        screen.contains("kiln: packaging")
+            && screen.contains("for the farm")
+            && screen.contains('%'),
+        "no progress on the terminal: {screen:?}"
+    );
+    assert!(
+        screen.ends_with("\r\x1b[K"),
+        "the line was not cleared: {screen:?}"
+    );
+    assert_eq!(stat(&p, "dist_compiles"), 1, "{}", p.stats());
+    // Not a terminal: nothing of kiln's in the compiler's stderr (another compiler, another
+    // toolchain to package).
+    remote_matches_local(
+        &p,
+        &["g++", "-c", "src/map.cc", "-o", "map.o", "-Iinc"],
+        "map.o",
+    );
+    assert_eq!(stat(&p, "dist_compiles"), 2, "{}", p.stats());
+}
