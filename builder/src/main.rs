@@ -41,6 +41,9 @@ struct Args {
     /// Memory per job, like 4G.
     #[arg(long, default_value = "4G", value_parser = size)]
     memory: u64,
+    /// Logs on stderr for people (`human`) or as JSON lines (`json`); the level is KILN_LOG's.
+    #[arg(long, default_value = "human", value_name = "FORMAT")]
+    log_format: kiln_proto::logging::LogFormat,
     /// Serve Prometheus metrics at http://ADDR/metrics (the builder needs no open port
     /// otherwise).
     #[arg(long, value_name = "ADDR")]
@@ -111,25 +114,13 @@ impl PotArgs {
 }
 
 /// `KILN_LOG=debug` and the like; info by default.
-fn log_level() -> tracing::Level {
-    std::env::var("KILN_LOG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(tracing::Level::INFO)
-}
-
 fn size(text: &str) -> Result<u64, String> {
     kiln_cache::parse_size(text)
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_max_level(log_level())
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    kiln_proto::logging::init(args.log_format, std::env::var("KILN_LOG").ok().as_deref());
     if args.jail == "linux" {
         // Mounts made from here on are this process's alone and vanish with it, even if it is
         // killed. Done before the runtime starts threads: a threaded process cannot unshare its

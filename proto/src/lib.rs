@@ -7,6 +7,7 @@
 
 pub mod archive;
 pub mod content;
+pub mod logging;
 pub mod metrics;
 
 pub use kiln_cache::Digest;

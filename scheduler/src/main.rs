@@ -23,6 +23,9 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
+    /// Logs on stderr for people (`human`) or as JSON lines (`json`); the level is KILN_LOG's.
+    #[arg(long, default_value = "human", value_name = "FORMAT")]
+    log_format: kiln_proto::logging::LogFormat,
     /// Also run a builder in this process, joined to this scheduler.
     #[arg(long)]
     local_builder: bool,
@@ -41,21 +44,9 @@ fn size(text: &str) -> Result<u64, String> {
     kiln_cache::parse_size(text)
 }
 
-fn log_level() -> tracing::Level {
-    std::env::var("KILN_LOG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(tracing::Level::INFO)
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_max_level(log_level())
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    kiln_proto::logging::init(args.log_format, std::env::var("KILN_LOG").ok().as_deref());
     if args.local_builder {
         // Before any thread exists (see kiln-builder).
         if let Err(e) = kiln_jails::linux::private_mounts() {

@@ -24,6 +24,9 @@ struct Args {
     /// Size cap: least recently used entries go first (10G, 500M...).
     #[arg(long, default_value = "10G", value_parser = parse_size)]
     max_size: u64,
+    /// Logs on stderr for people (`human`) or as JSON lines (`json`); the level is KILN_LOG's.
+    #[arg(long, default_value = "human", value_name = "FORMAT")]
+    log_format: kiln_proto::logging::LogFormat,
     /// Entry-count cap, 0 for none.
     #[arg(long, default_value_t = 0)]
     max_files: u64,
@@ -38,10 +41,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    kiln_proto::logging::init(args.log_format, std::env::var("KILN_LOG").ok().as_deref());
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
