@@ -58,7 +58,24 @@ struct Job {
     started: Instant,
     /// The builder reported the result; the slot is free again.
     finished: bool,
+    /// Chunk bytes relayed for this job, to its builder and back.
+    bytes: u64,
 }
+
+/// A job that is over, for the dashboard.
+#[derive(Debug, Clone)]
+struct Recent {
+    label: String,
+    builder: String,
+    ms: u64,
+    outcome: &'static str,
+    bytes: u64,
+    at: Instant,
+}
+
+/// Jobs kept for the dashboard's list, and the window its throughput chart covers.
+const RECENT: usize = 50;
+const WINDOW: Duration = Duration::from_secs(300);
 
 struct State {
     registry: Registry,
@@ -69,6 +86,53 @@ struct State {
     uploads: HashMap<u64, Assembly>,
     jobs_done: u64,
     jobs_failed: u64,
+    /// The last [`RECENT`] jobs that ended.
+    recent: std::collections::VecDeque<Recent>,
+    /// When jobs finished over the last [`WINDOW`].
+    finished_at: std::collections::VecDeque<Instant>,
+}
+
+impl Job {
+    /// What the dashboard keeps of it once it is over.
+    fn recent(&self, outcome: &'static str) -> Recent {
+        let at = Instant::now();
+        Recent {
+            label: self.spec.label.clone(),
+            builder: self.builder.clone(),
+            ms: at.duration_since(self.started).as_millis() as u64,
+            outcome,
+            bytes: self.bytes,
+            at,
+        }
+    }
+}
+
+impl State {
+    fn ended(&mut self, mut recent: Recent) {
+        let now = recent.at;
+        // Builders are listed by name.
+        recent.builder = self
+            .registry
+            .builders
+            .get(&recent.builder)
+            .map(|b| b.name.clone())
+            .unwrap_or_default();
+        let outcome = recent.outcome;
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(recent);
+        if outcome == "finished" {
+            self.finished_at.push_back(now);
+        }
+        while self
+            .finished_at
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > WINDOW)
+        {
+            self.finished_at.pop_front();
+        }
+    }
 }
 
 struct Inner {
@@ -114,6 +178,8 @@ impl Scheduler {
                     uploads: HashMap::new(),
                     jobs_done: 0,
                     jobs_failed: 0,
+                    recent: Default::default(),
+                    finished_at: Default::default(),
                 }),
                 config,
                 next_job: AtomicU64::new(1),
@@ -123,6 +189,114 @@ impl Scheduler {
                 metrics: Metrics::default(),
             }),
         }
+    }
+
+    /// The farm now: what `kiln dist-status` and the dashboard show.
+    pub fn status_reply(&self) -> StatusReply {
+        let now = Instant::now();
+        let st = self.lock();
+        let builders = st
+            .registry
+            .builders
+            .iter()
+            .map(|(id, b)| BuilderStatus {
+                id: id.clone(),
+                name: b.name.clone(),
+                os: b.os.clone(),
+                arch: b.arch.clone(),
+                jail: b.jail.clone(),
+                slots: b.slots,
+                running: b.running,
+                toolchains: b.toolchains.iter().map(|d| wire_digest(d, 0)).collect(),
+                jobs_done: b.jobs_done,
+                jobs_failed: b.jobs_failed,
+                connected_ms: now.duration_since(b.connected).as_millis() as u64,
+                toolchains_received: b.toolchains_received,
+            })
+            .collect();
+        let mut jobs: Vec<JobStatus> = st
+            .jobs
+            .iter()
+            .map(|(id, j)| JobStatus {
+                id: *id,
+                builder: st
+                    .registry
+                    .builders
+                    .get(&j.builder)
+                    .map(|b| b.name.clone())
+                    .unwrap_or_default(),
+                label: j.spec.label.clone(),
+                running_ms: now.duration_since(j.started).as_millis() as u64,
+                attempt: j.attempt,
+            })
+            .collect();
+        jobs.sort_by_key(|j| j.id);
+        StatusReply {
+            protocol_version: PROTOCOL_VERSION,
+            builders,
+            jobs,
+            jobs_done: st.jobs_done,
+            jobs_failed: st.jobs_failed,
+            uptime_ms: now.duration_since(self.inner.started).as_millis() as u64,
+        }
+    }
+
+    /// `GET /api/status`, the dashboard's data: the status, the jobs that ended last, and the
+    /// jobs finished per 10 seconds over the last five minutes (oldest first).
+    pub fn dashboard_json(&self) -> serde_json::Value {
+        let status = self.status_reply();
+        let (recent, per_bucket) = {
+            let st = self.lock();
+            let now = Instant::now();
+            let recent: Vec<serde_json::Value> = st
+                .recent
+                .iter()
+                .rev()
+                .map(|r| {
+                    serde_json::json!({
+                        "label": r.label,
+                        "builder": r.builder,
+                        "ms": r.ms,
+                        "outcome": r.outcome,
+                        "bytes": r.bytes,
+                        "ago_ms": now.duration_since(r.at).as_millis() as u64,
+                    })
+                })
+                .collect();
+            let buckets = (WINDOW.as_secs() / 10) as usize;
+            let mut per_bucket = vec![0u64; buckets];
+            for t in &st.finished_at {
+                let age = (now.duration_since(*t).as_secs() / 10) as usize;
+                if age < buckets {
+                    per_bucket[buckets - 1 - age] += 1;
+                }
+            }
+            (recent, per_bucket)
+        };
+        serde_json::json!({
+            "uptime_ms": status.uptime_ms,
+            "jobs_done": status.jobs_done,
+            "jobs_failed": status.jobs_failed,
+            "builders": status.builders.iter().map(|b| serde_json::json!({
+                "name": b.name,
+                "platform": format!("{}/{}", b.os, b.arch),
+                "jail": b.jail,
+                "slots": b.slots,
+                "running": b.running,
+                "toolchains": b.toolchains.len(),
+                "jobs_done": b.jobs_done,
+                "jobs_failed": b.jobs_failed,
+                "connected_ms": b.connected_ms,
+            })).collect::<Vec<_>>(),
+            "jobs": status.jobs.iter().map(|j| serde_json::json!({
+                "label": j.label,
+                "builder": j.builder,
+                "running_ms": j.running_ms,
+                "attempt": j.attempt,
+            })).collect::<Vec<_>>(),
+            "recent": recent,
+            "finished_per_10s": per_bucket,
+        })
     }
 
     /// `GET /metrics`: the counters and the registry's gauges, in Prometheus's text format.
@@ -226,7 +400,18 @@ impl Scheduler {
                 }
             }
             Err((reason, message)) => {
-                let job = self.lock().jobs.remove(&id);
+                let job = {
+                    let mut st = self.lock();
+                    let job = st.jobs.remove(&id);
+                    if let Some(j) = &job {
+                        st.ended(j.recent(match reason {
+                            refused::Reason::NoBuilders => "no_builders",
+                            refused::Reason::NoCapacity => "no_capacity",
+                            _ => "builders_failed",
+                        }));
+                    }
+                    job
+                };
                 if let Some(job) = job {
                     self.inner.metrics.count(match reason {
                         refused::Reason::NoBuilders => Outcome::NoBuilders,
@@ -306,7 +491,17 @@ impl Scheduler {
                     .await
             }
             from_builder::Msg::Chunk(c) => {
-                let client = self.client_of(builder, c.job_id);
+                let n = c.chunk.as_ref().map_or(0, |c| c.data.len() as u64);
+                let client = {
+                    let mut st = self.lock();
+                    st.jobs
+                        .get_mut(&c.job_id)
+                        .filter(|j| j.builder == builder)
+                        .map(|j| {
+                            j.bytes += n;
+                            j.client.clone()
+                        })
+                };
                 if let (Some(client), Some(chunk)) = (client, c.chunk) {
                     let n = chunk.data.len() as u64;
                     self.inner
@@ -334,7 +529,10 @@ impl Scheduler {
                                 b.running = b.running.saturating_sub(1);
                                 b.jobs_done += 1;
                             }
-                            Some(job.client.clone())
+                            let client = job.client.clone();
+                            let recent = job.recent("finished");
+                            st.ended(recent);
+                            Some(client)
                         }
                         None => None,
                     }
@@ -359,6 +557,9 @@ impl Scheduler {
                         let job = st.jobs.remove(&r.job_id);
                         if let Some(b) = st.registry.builders.get_mut(builder) {
                             b.running = b.running.saturating_sub(1);
+                        }
+                        if let Some(j) = &job {
+                            st.ended(j.recent("refused"));
                         }
                         job
                     };
@@ -445,9 +646,10 @@ impl Scheduler {
         let link = {
             let mut st = self.lock();
             let st = &mut *st;
-            let Some(job) = st.jobs.get(&job_id) else {
+            let Some(job) = st.jobs.get_mut(&job_id) else {
                 return Ok(());
             };
+            job.bytes += chunk.data.len() as u64;
             let (digest, size) =
                 chunk_digest(&chunk).map_err(|e| Status::invalid_argument(e.to_string()))?;
             if digest == job.toolchain && !st.toolchains.contains(&digest) {
@@ -504,6 +706,8 @@ impl Scheduler {
             if let Some(j) = &job {
                 if !j.finished {
                     self.inner.metrics.count(Outcome::Abandoned);
+                    let recent = j.recent("abandoned");
+                    st.ended(recent);
                     if let Some(b) = st.registry.builders.get_mut(&j.builder) {
                         b.running = b.running.saturating_sub(1);
                     }
@@ -672,6 +876,7 @@ impl SchedulerRpc for Scheduler {
                 tried: Vec::new(),
                 started: Instant::now(),
                 finished: false,
+                bytes: 0,
             },
         );
         self.place(id).await;
@@ -700,52 +905,7 @@ impl SchedulerRpc for Scheduler {
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
-        let now = Instant::now();
-        let st = self.lock();
-        let builders = st
-            .registry
-            .builders
-            .iter()
-            .map(|(id, b)| BuilderStatus {
-                id: id.clone(),
-                name: b.name.clone(),
-                os: b.os.clone(),
-                arch: b.arch.clone(),
-                jail: b.jail.clone(),
-                slots: b.slots,
-                running: b.running,
-                toolchains: b.toolchains.iter().map(|d| wire_digest(d, 0)).collect(),
-                jobs_done: b.jobs_done,
-                jobs_failed: b.jobs_failed,
-                connected_ms: now.duration_since(b.connected).as_millis() as u64,
-                toolchains_received: b.toolchains_received,
-            })
-            .collect();
-        let mut jobs: Vec<JobStatus> = st
-            .jobs
-            .iter()
-            .map(|(id, j)| JobStatus {
-                id: *id,
-                builder: st
-                    .registry
-                    .builders
-                    .get(&j.builder)
-                    .map(|b| b.name.clone())
-                    .unwrap_or_default(),
-                label: j.spec.label.clone(),
-                running_ms: now.duration_since(j.started).as_millis() as u64,
-                attempt: j.attempt,
-            })
-            .collect();
-        jobs.sort_by_key(|j| j.id);
-        Ok(Response::new(StatusReply {
-            protocol_version: PROTOCOL_VERSION,
-            builders,
-            jobs,
-            jobs_done: st.jobs_done,
-            jobs_failed: st.jobs_failed,
-            uptime_ms: now.duration_since(self.inner.started).as_millis() as u64,
-        }))
+        Ok(Response::new(self.status_reply()))
     }
 }
 
@@ -763,6 +923,8 @@ pub async fn serve(
     let web = http.map(|listener| {
         let app = axum::Router::new()
             .route("/metrics", axum::routing::get(metrics))
+            .route("/", axum::routing::get(dashboard))
+            .route("/api/status", axum::routing::get(api_status))
             .with_state(scheduler.clone());
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
@@ -812,4 +974,15 @@ async fn metrics(
         )],
         scheduler.metrics_text(),
     )
+}
+
+/// The dashboard: one page with no build step, updating itself from `/api/status`.
+async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("dashboard.html"))
+}
+
+async fn api_status(
+    axum::extract::State(scheduler): axum::extract::State<Scheduler>,
+) -> axum::Json<serde_json::Value> {
+    axum::Json(scheduler.dashboard_json())
 }

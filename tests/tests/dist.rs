@@ -605,3 +605,105 @@ fn packaging_the_toolchain_shows_progress_on_a_terminal_only() {
     );
     assert_eq!(stat(&p, "dist_compiles"), 2, "{}", p.stats());
 }
+
+/// Headless Chromium on `url`: with `dump`, the page's DOM once its scripts ran.
+fn chromium(url: &str, args: &[&str]) -> std::process::Output {
+    let profile = tempfile::tempdir().unwrap();
+    std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(["--virtual-time-budget=5000", "--window-size=1200,900"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("chromium (Debian's chromium package; scripts/test.sh installs it)")
+}
+
+#[test]
+fn the_dashboard_shows_the_builders_and_jobs_in_a_real_browser() {
+    let farm = Farm::start(2, 2);
+    let p = project(&farm);
+    ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "main.o", "-Iinc", "-g"]));
+    ok(&p.kiln(&["g++", "-c", "src/map.cc", "-o", "map.o", "-Iinc"]));
+
+    // The data behind the page.
+    let http = farm.http.to_string();
+    let (status, body) = kiln_tests::http_request(&http, "GET", "/api/status", &[], b"");
+    assert_eq!(status, 200);
+    let api: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(api["builders"].as_array().unwrap().len(), 2, "{api}");
+    let recent = api["recent"].as_array().unwrap();
+    assert_eq!(recent.len(), 2, "{api}");
+    assert!(
+        recent[0]["label"].as_str().unwrap().ends_with("src/map.cc"),
+        "{api}"
+    );
+    assert_eq!(recent[0]["outcome"], "finished");
+    assert!(recent[0]["bytes"].as_u64().unwrap() > 0, "{api}");
+    let per_10s: u64 = api["finished_per_10s"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(per_10s, 2, "{api}");
+
+    // The page in a real browser, after its script fetched and drew that data.
+    let url = format!("http://{http}/");
+    let dom = chromium(&url, &["--dump-dom"]);
+    assert!(
+        dom.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dom.stderr)
+    );
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    for shown in [
+        "builder0",
+        "builder1",
+        "main.c",
+        "map.cc",
+        "finished",
+        "2 builders",
+    ] {
+        assert!(dom.contains(shown), "{shown} is not on the page: {dom}");
+    }
+    assert!(!dom.contains("loading…"), "the page never updated: {dom}");
+    assert_eq!(
+        dom.matches("<rect").count(),
+        30,
+        "the throughput chart: {dom}"
+    );
+
+    // While the farm compiles: the job in flight and its builder's busy slot.
+    slow_source(&p);
+    let child = spawn_kiln(
+        &p,
+        &["gcc", "-c", "src/slow.c", "-o", "slow.o", "-O2", "-Iinc"],
+    );
+    wait_for_cc1("slow.c");
+    let dom = chromium(&url, &["--dump-dom"]);
+    let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
+    for shown in ["slow.c", "1 of 4 slots busy", "1 job in flight"] {
+        assert!(dom.contains(shown), "{shown} is not on the page: {dom}");
+    }
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    let took = chromium(&url, &[&format!("--screenshot={}", shot.display())]);
+    assert!(
+        took.status.success(),
+        "{}",
+        String::from_utf8_lossy(&took.stderr)
+    );
+    let png = std::fs::read(&shot).expect("a screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    ok(&child.wait_with_output().unwrap());
+}
