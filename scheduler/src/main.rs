@@ -26,6 +26,9 @@ struct Args {
     /// Logs on stderr for people (`human`) or as JSON lines (`json`); the level is KILN_LOG's.
     #[arg(long, default_value = "human", value_name = "FORMAT")]
     log_format: kiln_proto::logging::LogFormat,
+    /// A kiln-cache (http://HOST:PORT) whose hit rate the dashboard charts.
+    #[arg(long, value_name = "URL")]
+    cache: Option<String>,
     /// Also run a builder in this process, joined to this scheduler.
     #[arg(long)]
     local_builder: bool,
@@ -67,6 +70,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let config = kiln_scheduler::Config {
         heartbeat: Duration::from_secs(args.heartbeat.max(1)),
         toolchain_cache: args.toolchain_cache,
+        cache: args.cache.clone(),
         ..kiln_scheduler::Config::default()
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -32,6 +32,10 @@ pub struct Config {
     pub max_attempts: u32,
     /// The largest toolchain the scheduler accepts.
     pub max_toolchain: u64,
+    /// A kiln-cache (`http://HOST:PORT`) whose `/metrics` the dashboard's hit-rate chart reads.
+    pub cache: Option<String>,
+    /// How often that is read.
+    pub cache_poll: Duration,
 }
 
 impl Default for Config {
@@ -41,6 +45,8 @@ impl Default for Config {
             toolchain_cache: 2 << 30,
             max_attempts: 2,
             max_toolchain: 1 << 30,
+            cache: None,
+            cache_poll: Duration::from_secs(10),
         }
     }
 }
@@ -90,6 +96,8 @@ struct State {
     recent: std::collections::VecDeque<Recent>,
     /// When jobs finished over the last [`WINDOW`].
     finished_at: std::collections::VecDeque<Instant>,
+    /// The shared cache's lookups over the last [`WINDOW`]: when, hits, misses.
+    cache_lookups: std::collections::VecDeque<(Instant, u64, u64)>,
 }
 
 impl Job {
@@ -180,6 +188,7 @@ impl Scheduler {
                     jobs_failed: 0,
                     recent: Default::default(),
                     finished_at: Default::default(),
+                    cache_lookups: Default::default(),
                 }),
                 config,
                 next_job: AtomicU64::new(1),
@@ -188,6 +197,49 @@ impl Scheduler {
                 shutdown,
                 metrics: Metrics::default(),
             }),
+        }
+    }
+
+    /// Reads the shared cache's lookup counters every [`Config::cache_poll`] until shutdown,
+    /// keeping what changed since the last read for the dashboard. An unreachable cache is
+    /// skipped (and logged once per outage).
+    async fn watch_cache(self, url: String) {
+        let mut stop = self.inner.shutdown.clone();
+        let mut tick = tokio::time::interval(self.inner.config.cache_poll);
+        let mut last: Option<(u64, u64)> = None;
+        let mut down = false;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let metrics = format!("{}/metrics", url.trim_end_matches('/'));
+            let read = tokio::task::spawn_blocking(move || cache_lookups(&metrics)).await;
+            let Ok(Ok(now)) = read else {
+                if !down {
+                    tracing::warn!(cache = %url, "cannot read the shared cache's metrics");
+                }
+                down = true;
+                continue;
+            };
+            down = false;
+            if let Some((hits, misses)) = last {
+                let at = Instant::now();
+                let mut st = self.lock();
+                st.cache_lookups.push_back((
+                    at,
+                    now.0.saturating_sub(hits),
+                    now.1.saturating_sub(misses),
+                ));
+                while st
+                    .cache_lookups
+                    .front()
+                    .is_some_and(|(t, _, _)| at.duration_since(*t) > WINDOW)
+                {
+                    st.cache_lookups.pop_front();
+                }
+            }
+            last = Some(now);
         }
     }
 
@@ -245,7 +297,7 @@ impl Scheduler {
     /// jobs finished per 10 seconds over the last five minutes (oldest first).
     pub fn dashboard_json(&self) -> serde_json::Value {
         let status = self.status_reply();
-        let (recent, per_bucket) = {
+        let (recent, per_bucket, hit_rate) = {
             let st = self.lock();
             let now = Instant::now();
             let recent: Vec<serde_json::Value> = st
@@ -264,14 +316,26 @@ impl Scheduler {
                 })
                 .collect();
             let buckets = (WINDOW.as_secs() / 10) as usize;
-            let mut per_bucket = vec![0u64; buckets];
-            for t in &st.finished_at {
+            let bucket = |t: &Instant| {
                 let age = (now.duration_since(*t).as_secs() / 10) as usize;
-                if age < buckets {
-                    per_bucket[buckets - 1 - age] += 1;
+                (age < buckets).then(|| buckets - 1 - age)
+            };
+            let mut per_bucket = vec![0u64; buckets];
+            for i in st.finished_at.iter().filter_map(bucket) {
+                per_bucket[i] += 1;
+            }
+            let mut lookups = vec![(0u64, 0u64); buckets];
+            for (t, hits, misses) in &st.cache_lookups {
+                if let Some(i) = bucket(t) {
+                    lookups[i].0 += hits;
+                    lookups[i].1 += misses;
                 }
             }
-            (recent, per_bucket)
+            let hit_rate: Vec<Option<f64>> = lookups
+                .iter()
+                .map(|(h, m)| (h + m > 0).then(|| *h as f64 / (h + m) as f64))
+                .collect();
+            (recent, per_bucket, hit_rate)
         };
         serde_json::json!({
             "uptime_ms": status.uptime_ms,
@@ -296,6 +360,8 @@ impl Scheduler {
             })).collect::<Vec<_>>(),
             "recent": recent,
             "finished_per_10s": per_bucket,
+            "cache": self.inner.config.cache,
+            "cache_hit_rate_per_10s": hit_rate,
         })
     }
 
@@ -919,7 +985,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
+    let cache = config.cache.clone();
     let scheduler = Scheduler::new(config, stop_rx.clone());
+    let watcher = cache.map(|url| tokio::spawn(scheduler.clone().watch_cache(url)));
     let web = http.map(|listener| {
         let app = axum::Router::new()
             .route("/metrics", axum::routing::get(metrics))
@@ -960,6 +1028,9 @@ pub async fn serve(
     if let Some(web) = web {
         web.await??;
     }
+    if let Some(watcher) = watcher {
+        watcher.await?;
+    }
     served?;
     Ok(())
 }
@@ -985,4 +1056,30 @@ async fn api_status(
     axum::extract::State(scheduler): axum::extract::State<Scheduler>,
 ) -> axum::Json<serde_json::Value> {
     axum::Json(scheduler.dashboard_json())
+}
+
+/// A kiln-cache's hits and misses so far, summed over its protocols, from its `/metrics`.
+fn cache_lookups(url: &str) -> Result<(u64, u64), String> {
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(3)))
+            .build(),
+    );
+    let text = agent
+        .get(url)
+        .call()
+        .map_err(|e| e.to_string())?
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
+    let sum = |name: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+            .sum()
+    };
+    Ok((
+        sum("kiln_cache_hits_total{"),
+        sum("kiln_cache_misses_total{"),
+    ))
 }

@@ -459,6 +459,8 @@ pub struct Farm {
     dir: tempfile::TempDir,
     slots: u32,
     jail: FarmJail,
+    /// A kiln-cache the scheduler watches for the dashboard.
+    cache: Option<String>,
 }
 
 impl std::fmt::Debug for Farm {
@@ -475,6 +477,15 @@ impl Farm {
 
     /// [`Farm::start`] with builders whose jails are `jail`.
     pub fn start_with(builders: usize, slots: u32, jail: FarmJail) -> Farm {
+        Farm::start_full(builders, slots, jail, None)
+    }
+
+    /// [`Farm::start`] with a scheduler that charts the hit rate of the kiln-cache at `cache`.
+    pub fn start_watching_cache(builders: usize, slots: u32, cache: &str) -> Farm {
+        Farm::start_full(builders, slots, FarmJail::Linux, Some(cache.to_owned()))
+    }
+
+    fn start_full(builders: usize, slots: u32, jail: FarmJail, cache: Option<String>) -> Farm {
         // KILN_TEST_LOG=debug shows what the scheduler and builders do.
         let level = std::env::var("KILN_TEST_LOG").ok();
         if let Some(level) = level.and_then(|l| l.parse::<tracing::Level>().ok()) {
@@ -506,6 +517,7 @@ impl Farm {
             dir: tempfile::tempdir().unwrap(),
             slots,
             jail,
+            cache,
         };
         farm.serve_scheduler(listener, http);
         for i in 0..builders {
@@ -528,6 +540,8 @@ impl Farm {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let config = kiln_scheduler::Config {
             heartbeat: std::time::Duration::from_millis(500),
+            cache: self.cache.clone(),
+            cache_poll: std::time::Duration::from_millis(100),
             ..kiln_scheduler::Config::default()
         };
         let task = self

@@ -707,3 +707,46 @@ fn the_dashboard_shows_the_builders_and_jobs_in_a_real_browser() {
     );
     ok(&child.wait_with_output().unwrap());
 }
+
+#[test]
+fn the_dashboard_charts_the_shared_caches_hit_rate() {
+    let home = kiln_tests::Project::new();
+    let server = kiln_tests::CacheServer::start(&home.path("store"), &[]);
+    let farm = Farm::start_watching_cache(1, 1, &server.url());
+    // Two machines on the shared cache: the first misses and uploads, the second hits.
+    let args = ["gcc", "-c", "src/main.c", "-o", "main.o", "-Iinc"];
+    for _ in 0..2 {
+        let p = Project::with_remote(&server.url());
+        p.write("inc/util.h", HEADER);
+        p.write("src/main.c", C_SOURCE);
+        kiln_tests::settle();
+        ok(&p.kiln(&args));
+    }
+    let http = farm.http.to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let rates = loop {
+        let (_, body) = kiln_tests::http_request(&http, "GET", "/api/status", &[], b"");
+        let api: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(api["cache"], server.url().as_str(), "{api}");
+        let rates: Vec<f64> = api["cache_hit_rate_per_10s"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r.as_f64())
+            .collect();
+        if rates.iter().any(|r| *r > 0.0) || std::time::Instant::now() > deadline {
+            break rates;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // The first machine's lookups missed, the second's hit: a rate above zero is charted.
+    assert!(!rates.is_empty(), "no lookups charted");
+    assert!(rates.iter().all(|r| (0.0..=1.0).contains(r)), "{rates:?}");
+    assert!(rates.iter().any(|r| *r > 0.0), "no hit charted: {rates:?}");
+    let dom = chromium(&format!("http://{http}/"), &["--dump-dom"]);
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        dom.contains(&server.url()) && dom.contains("% hits"),
+        "{dom}"
+    );
+}
