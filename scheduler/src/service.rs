@@ -297,9 +297,19 @@ impl Scheduler {
     /// jobs finished per 10 seconds over the last five minutes (oldest first).
     pub fn dashboard_json(&self) -> serde_json::Value {
         let status = self.status_reply();
-        let (recent, per_bucket, hit_rate) = {
+        let (recent, per_bucket, hit_rate, failed_ago) = {
             let st = self.lock();
             let now = Instant::now();
+            // When each builder last failed a job, in ms, by id.
+            let failed_ago: HashMap<String, u64> = st
+                .registry
+                .builders
+                .iter()
+                .filter_map(|(id, b)| {
+                    let ms = now.duration_since(b.last_failure?).as_millis() as u64;
+                    Some((id.clone(), ms))
+                })
+                .collect();
             let recent: Vec<serde_json::Value> = st
                 .recent
                 .iter()
@@ -335,7 +345,7 @@ impl Scheduler {
                 .iter()
                 .map(|(h, m)| (h + m > 0).then(|| *h as f64 / (h + m) as f64))
                 .collect();
-            (recent, per_bucket, hit_rate)
+            (recent, per_bucket, hit_rate, failed_ago)
         };
         serde_json::json!({
             "uptime_ms": status.uptime_ms,
@@ -351,6 +361,12 @@ impl Scheduler {
                 "jobs_done": b.jobs_done,
                 "jobs_failed": b.jobs_failed,
                 "connected_ms": b.connected_ms,
+                "last_failure_ms": failed_ago.get(&b.id),
+                // Placement puts a builder that failed within the penalty last.
+                "health": match failed_ago.get(&b.id) {
+                    Some(ms) if *ms < placement::FAILURE_PENALTY.as_millis() as u64 => "failed recently",
+                    _ => "ok",
+                },
             })).collect::<Vec<_>>(),
             "jobs": status.jobs.iter().map(|j| serde_json::json!({
                 "label": j.label,

@@ -441,6 +441,14 @@ fn a_corrupt_transfer_is_retried_elsewhere_then_refused_and_the_farm_stays_healt
         2,
         "it was not tried on both builders"
     );
+    // The dashboard's data shows both builders as having just failed a job.
+    let (_, body) =
+        kiln_tests::http_request(&farm.http.to_string(), "GET", "/api/status", &[], b"");
+    let api: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    for b in api["builders"].as_array().unwrap() {
+        assert_eq!(b["health"], "failed recently", "{api}");
+        assert!(b["last_failure_ms"].as_u64().is_some(), "{api}");
+    }
     // Nothing corrupt was kept, and both builders still work.
     ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "b.o", "-Iinc", "-DB"]));
     ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "c.o", "-Iinc", "-DC"]));
@@ -637,6 +645,10 @@ fn the_dashboard_shows_the_builders_and_jobs_in_a_real_browser() {
     assert_eq!(status, 200);
     let api: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(api["builders"].as_array().unwrap().len(), 2, "{api}");
+    for b in api["builders"].as_array().unwrap() {
+        assert_eq!(b["health"], "ok", "{api}");
+        assert!(b["last_failure_ms"].is_null(), "{api}");
+    }
     let recent = api["recent"].as_array().unwrap();
     assert_eq!(recent.len(), 2, "{api}");
     assert!(
