@@ -277,12 +277,17 @@ fn fixture(keep: usize) -> Fixture {
     }
 }
 
+/// A container of `name`'s image, made first if need be.
+async fn leased(f: &Fixture, name: &str) -> kiln_jails::Lease<PotJail> {
+    let archive = toolchain(f.host.dir.path(), name);
+    f.pool.prepare(name, archive).await.unwrap();
+    f.pool.checkout(name).await.unwrap()
+}
+
 /// Prepares `name`'s image, runs `script` in a container of it with /job given to the jail
 /// user, and returns the outcome and /job/out.txt.
 async fn job(f: &Fixture, name: &str, script: &str) -> (Outcome, Option<Vec<u8>>) {
-    let archive = toolchain(f.host.dir.path(), name);
-    f.pool.prepare(name, archive).await.unwrap();
-    let lease = f.pool.checkout(name).await.unwrap();
+    let lease = leased(f, name).await;
     let root = Root::open(lease.root()).unwrap();
     root.chown_dir(Path::new("/job"), UID, UID).unwrap();
     let outcome = f.pool.run(&lease, spec(script)).await.unwrap();
@@ -599,11 +604,7 @@ fn potsim_loses_a_second_snapshot_within_one_second_like_pot() {
 #[tokio::test]
 async fn pot_jobs_run_as_the_jail_user_with_exactly_their_environment() {
     let f = fixture(1);
-    f.pool
-        .prepare("tc", toolchain(f.host.dir.path(), "tc"))
-        .await
-        .unwrap();
-    let lease = f.pool.checkout("tc").await.unwrap();
+    let lease = leased(&f, "tc").await;
     let root = Root::open(lease.root()).unwrap();
     root.chown_dir(Path::new("/job/sub"), UID, UID).unwrap();
     // The program sees exactly the job's variables: nothing of the builder's or the shell's.
@@ -656,11 +657,7 @@ async fn pot_jobs_run_as_the_jail_user_with_exactly_their_environment() {
 #[tokio::test]
 async fn pot_a_job_past_its_time_is_killed_and_its_jail_stopped() {
     let f = fixture(1);
-    f.pool
-        .prepare("tc", toolchain(f.host.dir.path(), "tc"))
-        .await
-        .unwrap();
-    let lease = f.pool.checkout("tc").await.unwrap();
+    let lease = leased(&f, "tc").await;
     Root::open(lease.root())
         .unwrap()
         .chown_dir(Path::new("/job"), UID, UID)
@@ -702,11 +699,7 @@ async fn pot_outputs_are_read_in_the_jail_root_and_links_out_are_refused() {
         "/bin/ln -s {} out.txt; /bin/ln -s /etc/passwd /job/o2",
         secret.display()
     );
-    f.pool
-        .prepare("tc", toolchain(f.host.dir.path(), "tc"))
-        .await
-        .unwrap();
-    let lease = f.pool.checkout("tc").await.unwrap();
+    let lease = leased(&f, "tc").await;
     let root = Root::open(lease.root()).unwrap();
     root.chown_dir(Path::new("/job"), UID, UID).unwrap();
     let outcome = f.pool.run(&lease, spec(&script)).await.unwrap();
