@@ -876,15 +876,24 @@ class Kiln(Tool):
         if h.returncode != 0:
             raise Skip(f"`kiln dist-status` is not a command yet: {(h.stderr or h.stdout).strip()[:200]}")
         port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
+        # Deployed as a user would: TLS and tokens from `kiln-scheduler init`.
+        secrets = d / "secrets"
+        subprocess.run([str(sched), "init", str(secrets)], check=True, capture_output=True)
+        self.url = f"https://127.0.0.1:{port}"
         denv = clean_env()
-        sp = self.daemon("scheduler", [str(sched), "--listen", f"127.0.0.1:{port}"], d / "scheduler.log", env=denv)
+        sp = self.daemon("scheduler", [str(sched), "--listen", f"127.0.0.1:{port}",
+                                       "--tls-cert", str(secrets / "server.pem"), "--tls-key", str(secrets / "server.key"),
+                                       "--client-tokens", str(secrets / "client-tokens"),
+                                       "--builder-tokens", str(secrets / "builder-tokens")],
+                         d / "scheduler.log", env=denv)
         if not wait_port("127.0.0.1", port, 20, sp):
             raise Skip(f"kiln-scheduler did not listen on 127.0.0.1:{port}:\n{tail(d / 'scheduler.log')}")
         bp = self.daemon("builder", [str(builder), "--scheduler", self.url, "--jail", "linux",
-                                     "--slots", str(self.args.slots), "--work-dir", str(d / "builder")],
+                                     "--slots", str(self.args.slots), "--work-dir", str(d / "builder"),
+                                     "--ca", str(secrets / "ca.pem"), "--token-file", str(secrets / "builder.token")],
                          d / "builder.log", env=denv)
-        self.env.update(KILN_SCHEDULER=self.url, KILN_DIST="1")
+        self.env.update(KILN_SCHEDULER=self.url, KILN_DIST="1", KILN_CA_FILE=str(secrets / "ca.pem"),
+                        KILN_TOKEN_FILE=str(secrets / "client.token"))
         end, last = time.monotonic() + 60, ""
         while time.monotonic() < end:
             if bp.poll() is not None:

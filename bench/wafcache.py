@@ -71,7 +71,9 @@ def main():
         base = {k: v for k, v in os.environ.items() if not k.startswith("WAFCACHE")}
         waf(proj, base, "configure")
 
-        server = subprocess.Popen([server_bin, "--listen", "127.0.0.1:0", "--dir", os.path.join(work, "store")],
+        # waf's wafcache client sends no credentials: a read-write cache for it runs --insecure.
+        server = subprocess.Popen([server_bin, "--listen", "127.0.0.1:0", "--dir", os.path.join(work, "store"),
+                                   "--insecure"],
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         addr = re.search(r"127\.0\.0\.1:\d+", server.stdout.readline()).group(0)
         caches = {

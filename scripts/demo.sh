@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # kiln's main job on one machine: build kiln, start a compile farm on loopback (kiln-scheduler
-# and two kiln-builders running every compile in a Linux namespace jail), then build a real
+# and two kiln-builders running every compile in a Linux namespace jail, over TLS with tokens
+# from `kiln-scheduler init`, as a real farm is deployed), then build a real
 # third-party C project (Lua 5.4, fetched from Debian's source packages at run time): plain
 # gcc; through `kiln --dist` with an empty cache (the first compiles run locally while kiln
 # packages gcc for the farm); again with the cache emptied, every compile on a builder; and
@@ -56,6 +57,13 @@ export KILN_DIR=$work/cache
 rm -rf "$KILN_DIR"
 "$kiln" stats --zero >/dev/null
 
+say "Writing the farm's CA, certificates and tokens (kiln-scheduler init)"
+bin=$root/target/release
+secrets=$work/secrets
+rm -rf "$secrets"
+"$bin/kiln-scheduler" init "$secrets" | head -n1
+export KILN_CA_FILE=$secrets/ca.pem KILN_TOKEN_FILE=$secrets/client.token
+
 say "Starting the farm: kiln-scheduler and two kiln-builders on 127.0.0.1"
 pids=()
 stop_farm() {
@@ -65,16 +73,19 @@ stop_farm() {
   pids=()
 }
 trap stop_farm EXIT
-bin=$root/target/release
-"$bin/kiln-scheduler" --listen 127.0.0.1:0 >"$work/scheduler.out" 2>"$work/scheduler.log" &
+"$bin/kiln-scheduler" --listen 127.0.0.1:0 \
+  --tls-cert "$secrets/server.pem" --tls-key "$secrets/server.key" \
+  --client-tokens "$secrets/client-tokens" --builder-tokens "$secrets/builder-tokens" \
+  >"$work/scheduler.out" 2>"$work/scheduler.log" &
 pids+=($!)
 for _ in $(seq 100); do grep -q 'listening on' "$work/scheduler.out" 2>/dev/null && break; sleep 0.05; done
 addr=$(sed -n 's/^kiln-scheduler: listening on //p' "$work/scheduler.out")
 [ -n "$addr" ] || { cat "$work/scheduler.log" >&2; exit 1; }
-export KILN_SCHEDULER=http://$addr
+export KILN_SCHEDULER=$addr
 for n in 1 2; do
   "$bin/kiln-builder" --scheduler "$KILN_SCHEDULER" --jail linux --slots 2 \
-    --work-dir "$work/builder$n" --name "builder$n" 2>"$work/builder$n.log" &
+    --work-dir "$work/builder$n" --name "builder$n" \
+    --ca "$secrets/ca.pem" --token-file "$secrets/builder.token" 2>"$work/builder$n.log" &
   pids+=($!)
 done
 for _ in $(seq 200); do

@@ -86,7 +86,8 @@ enum JobError {
 impl From<JailError> for JobError {
     fn from(e: JailError) -> JobError {
         match e {
-            JailError::Path { .. } => JobError::Refuse(e.to_string()),
+            // A hostile path or archive is the job's doing: no other builder should try it.
+            JailError::Path { .. } | JailError::Archive(_) => JobError::Refuse(e.to_string()),
             other => JobError::Retry(other.to_string()),
         }
     }

@@ -32,8 +32,13 @@ pub use toolchains::ToolchainCache;
 /// The builder's settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The scheduler's URL, `http://host:port`.
+    /// The scheduler's URL: `https://host:port`, or `http://` on a farm run `--insecure`.
     pub scheduler: String,
+    /// The CA the scheduler's certificate must chain to, and this builder's own certificate
+    /// for mutual TLS.
+    pub tls: kiln_proto::tls::ClientFiles,
+    /// The builder token it presents, unless its certificate speaks for it.
+    pub token: kiln_proto::auth::Credential,
     /// How this builder appears in status.
     pub name: String,
     /// Jobs at once.
@@ -60,6 +65,8 @@ impl Config {
     pub fn new(scheduler: &str, work_dir: PathBuf, jail_helper: PathBuf) -> Config {
         Config {
             scheduler: scheduler.to_string(),
+            tls: kiln_proto::tls::ClientFiles::default(),
+            token: kiln_proto::auth::Credential::None,
             name: hostname(),
             slots: std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
             work_dir,
@@ -142,10 +149,10 @@ impl Shared {
 
 /// Runs the builder until `shutdown` resolves: reconnects to the scheduler whenever the link
 /// drops, with a growing pause between attempts.
-/// With `http`, `GET /metrics` is served there until then.
+/// With `http`, `GET /metrics` is served there until then, with TLS or not as `listen` says.
 pub async fn serve(
     config: Config,
-    http: Option<tokio::net::TcpListener>,
+    http: Option<(tokio::net::TcpListener, kiln_proto::tls::Listen)>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let jail = Jail::open(&config)?;
@@ -169,17 +176,18 @@ pub async fn serve(
         config,
     });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let web = http.map(|listener| {
+    let web = http.map(|(listener, listen)| {
         let app = axum::Router::new()
             .route("/metrics", axum::routing::get(metrics_page))
             .with_state(shared.clone());
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop_rx.wait_for(|s| *s).await;
-                })
-                .await
-        })
+        tokio::spawn(kiln_proto::tls::serve_http(
+            listener,
+            listen,
+            app,
+            async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            },
+        ))
     });
     tokio::pin!(shutdown);
     let mut pause = Duration::from_millis(100);
@@ -223,13 +231,16 @@ async fn metrics_page(
 /// One connection to the scheduler, until it ends. Jobs of this session end with it: the
 /// scheduler places them again elsewhere.
 async fn session(shared: Arc<Shared>) -> anyhow::Result<()> {
-    let endpoint = tonic::transport::Endpoint::from_shared(shared.config.scheduler.clone())?
+    let config = &shared.config;
+    // Both are read at each dial, so a renewed token or CA is picked up without a restart.
+    let interceptor = config.token.interceptor().map_err(|e| anyhow::anyhow!(e))?;
+    let endpoint = kiln_proto::tls::endpoint(&config.scheduler, &config.tls)?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
     let channel = endpoint.connect().await?;
-    let mut client = SchedulerClient::new(channel)
+    let mut client = SchedulerClient::with_interceptor(channel, interceptor)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let (out, rx) = mpsc::channel::<FromBuilder>(256);

@@ -10,9 +10,27 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "kiln-builder", version)]
 struct Args {
-    /// The scheduler to join, as http://HOST:PORT. The builder dials out; it needs no open port.
+    /// The scheduler to join, as https://HOST:PORT (http:// only with --insecure). The builder
+    /// dials out; it needs no open port.
     #[arg(long, env = "KILN_SCHEDULER")]
     scheduler: String,
+    /// The CA the scheduler's certificate must chain to (default: the system's roots).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// A file holding this builder's token, listed in the scheduler's --builder-tokens. It is
+    /// read at each connection, so replacing the file rotates the token.
+    #[arg(long, value_name = "FILE", env = "KILN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// This builder's certificate (PEM): presented to the scheduler, which accepts it instead
+    /// of a token if its --builder-ca signed it, and served on --http.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Allow plain text: an http:// scheduler, --http without TLS, no token. Logged as a warning.
+    #[arg(long)]
+    insecure: bool,
     /// The jail backend: `linux` (namespaces over overlayfs) or `pot` (FreeBSD jails managed by
     /// pot, see docs/freebsd.md).
     #[arg(long, default_value = DEFAULT_JAIL, value_parser = ["linux", "pot"])]
@@ -44,8 +62,8 @@ struct Args {
     /// Logs on stderr for people (`human`) or as JSON lines (`json`); the level is KILN_LOG's.
     #[arg(long, default_value = "human", value_name = "FORMAT")]
     log_format: kiln_proto::logging::LogFormat,
-    /// Serve Prometheus metrics at http://ADDR/metrics (the builder needs no open port
-    /// otherwise).
+    /// Serve Prometheus metrics at https://ADDR/metrics with --tls-cert (http:// with
+    /// --insecure); the builder needs no open port otherwise.
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
     /// Slot N runs jobs as uid and gid UID_BASE + N (Linux jails).
@@ -137,6 +155,35 @@ fn main() -> anyhow::Result<()> {
     };
     let work_dir = std::path::absolute(&args.work_dir).context("the work directory")?;
     let mut config = kiln_builder::Config::new(&args.scheduler, work_dir, helper);
+    let identity = args.tls_cert.clone().zip(args.tls_key.clone());
+    if !args.scheduler.starts_with("https://") {
+        anyhow::ensure!(
+            args.insecure,
+            "--scheduler {} is not https://: give the scheduler's https:// address, or add \
+             --insecure to join a plain-text farm",
+            args.scheduler
+        );
+        tracing::warn!("joining the scheduler in plain text (--insecure)");
+    }
+    match &args.token_file {
+        Some(path) => {
+            // Read now so a missing file is an error at start-up, not a retry loop.
+            kiln_proto::auth::read_token(path).map_err(anyhow::Error::msg)?;
+            config.token = kiln_proto::auth::Credential::File(path.clone());
+        }
+        None => anyhow::ensure!(
+            identity.is_some() || args.insecure,
+            "kiln-builder needs --token-file (a builder token) or --tls-cert and --tls-key (a \
+             certificate the scheduler's --builder-ca signed), or --insecure for a farm without \
+             credentials"
+        ),
+    }
+    config.tls = kiln_proto::tls::ClientFiles {
+        ca: args.ca.clone(),
+        identity: identity.clone(),
+    };
+    // Checked now, with the file named, rather than at every dial.
+    kiln_proto::tls::endpoint(&config.scheduler, &config.tls)?;
     if args.jail == "pot" {
         config.jail = kiln_builder::JailKind::Pot(args.pot.config());
     }
@@ -154,26 +201,28 @@ fn main() -> anyhow::Result<()> {
     config.uid_base = args.uid_base;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
+        let shutdown = kiln_proto::shutdown_signal();
         let http = match &args.http {
             Some(at) => {
+                let files = identity.map(|(cert, key)| kiln_proto::tls::ServerFiles {
+                    cert,
+                    key,
+                    client_ca: None,
+                });
+                let listen =
+                    kiln_proto::tls::Listen::choose(files, args.insecure, "kiln-builder --http")?;
                 let l = tokio::net::TcpListener::bind(at)
                     .await
                     .with_context(|| format!("cannot listen on {at} (--http)"))?;
-                tracing::info!("metrics on http://{}/metrics", l.local_addr()?);
-                Some(l)
+                tracing::info!(
+                    "metrics on {}://{}/metrics",
+                    listen.scheme(),
+                    l.local_addr()?
+                );
+                Some((l, listen))
             }
             None => None,
         };
-        kiln_builder::serve(config, http, shutdown_signal()).await
+        kiln_builder::serve(config, http, shutdown).await
     })
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler cannot fail in a fresh runtime");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
 }

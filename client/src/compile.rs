@@ -832,12 +832,83 @@ fn run_compiler(
         match outcome {
             Ok(done) => {
                 tracing::debug!(builder = %done.builder, "compiled on the farm");
+                if done.output.status.success() && sampled(cfg.cross_check) {
+                    return cross_check(inv, p, args, done);
+                }
                 return Ok(done.output);
             }
             Err(fallback) => tracing::info!("{fallback}; compiling locally"),
         }
     }
     process::capture(&inv.compiler, args, Some(true))
+}
+
+/// True for about `rate` of the calls.
+fn sampled(rate: f64) -> bool {
+    use std::hash::{BuildHasher, Hasher};
+    if rate <= 0.0 {
+        return false;
+    }
+    // Seeded from the OS's random source once per process; enough to pick jobs fairly.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    (h.finish() as f64 / u64::MAX as f64) < rate
+}
+
+/// Compiles a farm job again here and compares the outputs. This machine's result is the one
+/// kept either way; a builder whose outputs differ is reported to the scheduler, which places
+/// no more jobs on it, and the user is told on stderr.
+fn cross_check(
+    inv: &Invocation,
+    p: &Prepared,
+    args: &[String],
+    done: dist::Done,
+) -> std::io::Result<std::process::Output> {
+    let remote: Vec<(PathBuf, Option<Vec<u8>>)> = done
+        .outputs
+        .iter()
+        .map(|path| (path.clone(), fs::read(path).ok()))
+        .collect();
+    let local = process::capture(&inv.compiler, args, Some(true))?;
+    let mut differing: Vec<String> = remote
+        .iter()
+        .filter(|(path, bytes)| fs::read(path).ok() != *bytes)
+        .map(|(path, _)| path.display().to_string())
+        .collect();
+    if local.status.code() != done.output.status.code() {
+        differing.push("the exit status".into());
+    }
+    let cfg = inv.config;
+    if cfg.stats {
+        stats::record_cross_check(&cfg.dir, differing.is_empty());
+    }
+    if differing.is_empty() {
+        tracing::debug!(builder = %done.builder, "cross-check agreed");
+        return Ok(local);
+    }
+    let label = p.compile.source.clone();
+    let reported = dist::Farm::from_config(cfg)
+        .ok_or_else(|| anyhow::anyhow!("no scheduler"))
+        .and_then(|farm| dist::report_suspect(&farm, &done.builder, &label, differing.clone()));
+    let mut stderr = local.stderr.clone();
+    stderr.extend_from_slice(
+        format!(
+            "kiln: warning: builder {} compiled {label} differently from this machine ({}); \
+             kept this machine's result and {}\n",
+            done.builder,
+            differing.join(", "),
+            match reported {
+                Ok(()) => "reported the builder as suspect".to_string(),
+                Err(e) => format!("could not report it: {e:#}"),
+            }
+        )
+        .as_bytes(),
+    );
+    Ok(std::process::Output { stderr, ..local })
 }
 
 fn distribute(
@@ -850,7 +921,7 @@ fn distribute(
     use dist::Fallback;
     let cfg = inv.config;
     let c = &p.compile;
-    let scheduler = cfg.scheduler.as_deref().ok_or(Fallback::NoScheduler)?;
+    let scheduler = &dist::Farm::from_config(cfg).ok_or(Fallback::NoScheduler)?;
     // The builder's CPU is not this one, and profile data is not shipped.
     if c.native_cpu {
         return Err(Fallback::Unsupported(

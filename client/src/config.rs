@@ -36,7 +36,7 @@ pub struct Config {
     /// Keep statistics (`stats`, `KILN_STATS`).
     pub stats: bool,
     /// A `kiln-cache` server used as a second tier (`remote_cache`, `KILN_REMOTE_CACHE`,
-    /// `http://HOST:PORT`).
+    /// `https://HOST:PORT`, or `http://` for one run `--insecure`).
     pub remote_cache: Option<String>,
     /// Read from the remote tier but never write to it (`no_push`, `KILN_NO_PUSH`).
     pub no_push: bool,
@@ -45,8 +45,18 @@ pub struct Config {
     pub remote_async: bool,
     /// Send misses to the compile farm (`dist`, `KILN_DIST`, `kiln --dist`).
     pub dist: bool,
-    /// The farm's scheduler (`scheduler`, `KILN_SCHEDULER`, `http://HOST:PORT`).
+    /// The farm's scheduler (`scheduler`, `KILN_SCHEDULER`, `https://HOST:PORT`, or
+    /// `http://` for one run `--insecure`).
     pub scheduler: Option<String>,
+    /// The CA that the scheduler's and the remote cache's certificates chain to (`ca_file`,
+    /// `KILN_CA_FILE`); without it, the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// A file holding the client token presented to the scheduler and the remote cache
+    /// (`token_file`, `KILN_TOKEN_FILE`).
+    pub token_file: Option<PathBuf>,
+    /// The share of farm results compiled a second time here and compared, from 0 to 1
+    /// (`cross_check`, `KILN_CROSS_CHECK`): a builder whose outputs differ is reported suspect.
+    pub cross_check: f64,
     /// Toolchain archives that stand in for compilers on the farm, by the compiler's absolute
     /// path (`[dist_toolchains]` in the file: `"/usr/bin/arm-linux-gnueabihf-gcc" = "/opt/arm.tar.gz"`).
     pub dist_toolchains: std::collections::BTreeMap<PathBuf, PathBuf>,
@@ -72,6 +82,9 @@ struct FileConfig {
     remote_async: Option<bool>,
     dist: Option<bool>,
     scheduler: Option<String>,
+    ca_file: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    cross_check: Option<f64>,
     dist_toolchains: Option<std::collections::BTreeMap<PathBuf, PathBuf>>,
 }
 
@@ -183,8 +196,8 @@ impl Config {
                 .map(str::to_owned)
                 .or(file.remote_cache)
             {
-                Some(url) if !url.starts_with("http://") => {
-                    bail!("remote cache {url:?} is not an http:// URL (KILN_REMOTE_CACHE=http://HOST:PORT)")
+                Some(url) if !is_url(&url) => {
+                    bail!("remote cache {url:?} is not an https:// or http:// URL (KILN_REMOTE_CACHE=https://HOST:PORT)")
                 }
                 other => other,
             },
@@ -198,16 +211,51 @@ impl Config {
                 .map(str::to_owned)
                 .or(file.scheduler)
             {
-                Some(url) if !url.starts_with("http://") => {
+                Some(url) if !is_url(&url) => {
                     bail!(
-                        "scheduler {url:?} is not an http:// URL (KILN_SCHEDULER=http://HOST:PORT)"
+                        "scheduler {url:?} is not an https:// or http:// URL (KILN_SCHEDULER=https://HOST:PORT)"
                     )
                 }
                 other => other,
             },
+            ca_file: env.get("KILN_CA_FILE").map(PathBuf::from).or(file.ca_file),
+            token_file: env
+                .get("KILN_TOKEN_FILE")
+                .map(PathBuf::from)
+                .or(file.token_file),
+            cross_check: match env.get("KILN_CROSS_CHECK") {
+                Some(text) => text.trim().parse::<f64>().ok(),
+                None => file.cross_check.or(Some(0.0)),
+            }
+            .filter(|r| (0.0..=1.0).contains(r))
+            .with_context(|| {
+                "invalid cross_check (KILN_CROSS_CHECK): want a share from 0 to 1, like 0.01"
+            })?,
             dist_toolchains: file.dist_toolchains.unwrap_or_default(),
             source,
         })
+    }
+}
+
+fn is_url(text: &str) -> bool {
+    text.starts_with("https://") || text.starts_with("http://")
+}
+
+impl Config {
+    /// The TLS files for the farm's and remote cache's `https://` URLs.
+    pub fn tls(&self) -> kiln_proto::tls::ClientFiles {
+        kiln_proto::tls::ClientFiles {
+            ca: self.ca_file.clone(),
+            identity: None,
+        }
+    }
+
+    /// The token presented to the scheduler and the remote cache.
+    pub fn credential(&self) -> kiln_proto::auth::Credential {
+        match &self.token_file {
+            Some(path) => kiln_proto::auth::Credential::File(path.clone()),
+            None => kiln_proto::auth::Credential::None,
+        }
     }
 }
 

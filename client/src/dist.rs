@@ -109,7 +109,7 @@ impl std::fmt::Display for Fallback {
 /// One remote compile, described.
 #[derive(Debug)]
 pub struct Request<'a> {
-    pub scheduler: &'a str,
+    pub scheduler: &'a Farm,
     /// The toolchain archive and its digest.
     pub toolchain: &'a Path,
     pub toolchain_digest: Digest,
@@ -137,6 +137,8 @@ pub struct Done {
     pub builder: String,
     /// The builder lacked the toolchain and the scheduler did not have it: this client sent it.
     pub sent_toolchain: bool,
+    /// The outputs it wrote.
+    pub outputs: Vec<PathBuf>,
 }
 
 struct Input {
@@ -271,21 +273,51 @@ pub fn compile(req: &Request<'_>) -> Result<Done, Fallback> {
     Ok(done)
 }
 
-async fn connect(url: &str) -> Result<SchedulerClient<tonic::transport::Channel>, Fallback> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| Fallback::Unreachable(format!("{url}: {e}")))?
+/// How to reach the farm's scheduler: its URL, the CA its certificate chains to, and the client
+/// token to present.
+#[derive(Debug, Clone)]
+pub struct Farm {
+    pub url: String,
+    pub tls: kiln_proto::tls::ClientFiles,
+    pub token: kiln_proto::auth::Credential,
+}
+
+impl Farm {
+    /// The configured scheduler, if any.
+    pub fn from_config(cfg: &crate::config::Config) -> Option<Farm> {
+        Some(Farm {
+            url: cfg.scheduler.clone()?,
+            tls: cfg.tls(),
+            token: cfg.credential(),
+        })
+    }
+}
+
+type Client = SchedulerClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        kiln_proto::auth::Bearer,
+    >,
+>;
+
+async fn connect(farm: &Farm) -> Result<Client, Fallback> {
+    let url = &farm.url;
+    let interceptor = farm.token.interceptor().map_err(Fallback::Refused)?;
+    let endpoint = kiln_proto::tls::endpoint(url, &farm.tls)
+        .map_err(|e| Fallback::Refused(e.to_string()))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| Fallback::Unreachable(format!("{url}: {}", source_text(&e))))?;
-    Ok(SchedulerClient::new(channel)
+        .map_err(|e| Fallback::Unreachable(format!("{url}: {}", error_chain(&e))))?;
+    Ok(SchedulerClient::with_interceptor(channel, interceptor)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE))
 }
 
-fn source_text(e: &dyn std::error::Error) -> String {
+/// An error with its causes, as one line.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {
@@ -297,9 +329,11 @@ fn source_text(e: &dyn std::error::Error) -> String {
 
 fn status_fallback(s: &tonic::Status) -> Fallback {
     match s.code() {
-        tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
-            Fallback::Refused(s.message().to_string())
-        }
+        tonic::Code::FailedPrecondition
+        | tonic::Code::InvalidArgument
+        | tonic::Code::Unauthenticated
+        | tonic::Code::PermissionDenied => Fallback::Refused(s.message().to_string()),
+        tonic::Code::ResourceExhausted => Fallback::NoCapacity(s.message().to_string()),
         tonic::Code::Unavailable => Fallback::Unreachable(s.message().to_string()),
         _ => Fallback::Failed(format!("{:?}: {}", s.code(), s.message())),
     }
@@ -493,6 +527,7 @@ async fn exchange(
         },
         builder,
         sent_toolchain,
+        outputs: f.outputs.iter().map(|o| PathBuf::from(&o.path)).collect(),
     })
 }
 
@@ -515,13 +550,40 @@ fn write_output(path: &Path, data: &[u8]) -> std::io::Result<()> {
     })
 }
 
-/// The farm as the scheduler sees it.
-pub fn status(url: &str) -> anyhow::Result<StatusReply> {
+/// Tells the scheduler that `builder`'s outputs for `label` differed from a local compile.
+pub fn report_suspect(
+    farm: &Farm,
+    builder: &str,
+    label: &str,
+    differing: Vec<String>,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let mut client = connect(url).await.map_err(|f| anyhow::anyhow!("{f}"))?;
+        let mut client = connect(farm).await.map_err(|f| anyhow::anyhow!("{f}"))?;
+        client
+            .report(kiln_proto::v1::SuspectReport {
+                protocol_version: PROTOCOL_VERSION,
+                builder: builder.into(),
+                label: label.into(),
+                differing,
+                checked_by: "local".into(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}: {}", farm.url, s.message()))?;
+        Ok(())
+    })
+}
+
+/// The farm as the scheduler sees it.
+pub fn status(farm: &Farm) -> anyhow::Result<StatusReply> {
+    let url = &farm.url;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut client = connect(farm).await.map_err(|f| anyhow::anyhow!("{f}"))?;
         let reply = client
             .status(StatusRequest {})
             .await
@@ -549,6 +611,7 @@ pub fn status_json(s: &StatusReply) -> serde_json::Value {
             "jobs_failed": b.jobs_failed,
             "connected_ms": b.connected_ms,
             "toolchains_received": b.toolchains_received,
+            "suspect": (!b.suspect.is_empty()).then_some(&b.suspect),
             "toolchains": b.toolchains.iter().filter_map(|d| digest_of(d).ok()).map(|d| d.to_hex()).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "jobs": s.jobs.iter().map(|j| serde_json::json!({
@@ -587,6 +650,9 @@ pub fn status_text(s: &StatusReply) -> String {
             b.toolchains.len(),
             b.jobs_done
         ));
+        if !b.suspect.is_empty() {
+            out.push_str(&format!("  SUSPECT, no jobs placed: {}\n", b.suspect));
+        }
     }
     if !s.jobs.is_empty() {
         out.push_str(&format!(

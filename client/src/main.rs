@@ -303,11 +303,9 @@ fn run_subcommand(env: &Env, cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::DistStatus { json } => {
-            let url = config
-                .scheduler
-                .as_deref()
-                .context("no scheduler is configured: set KILN_SCHEDULER=http://HOST:PORT")?;
-            let status = kiln_client::dist::status(url)?;
+            let farm = kiln_client::dist::Farm::from_config(&config)
+                .context("no scheduler is configured: set KILN_SCHEDULER=https://HOST:PORT")?;
+            let status = kiln_client::dist::status(&farm)?;
             if json {
                 println!(
                     "{}",

@@ -75,6 +75,14 @@ pub fn record_remote(cache_dir: &Path, counts: crate::remote::Counts) {
 
 /// Counts a compile sent to the farm: done there, or the cause it came back to this machine.
 /// `Ok(true)` when this client had to upload the compiler's toolchain.
+/// A cross-check of a farm result: `agreed` when the second compile made the same outputs.
+pub fn record_cross_check(cache_dir: &Path, agreed: bool) {
+    bump(cache_dir, |c| {
+        c.add("cross_checks", 1);
+        c.add("cross_check_mismatches", i64::from(!agreed));
+    });
+}
+
 pub fn record_dist(cache_dir: &Path, outcome: Result<bool, &'static str>) {
     bump(cache_dir, |c| match outcome {
         Ok(sent_toolchain) => {
@@ -148,6 +156,8 @@ pub fn to_json(c: &Counters, store: &Store, limits: Limits) -> serde_json::Value
         "dist_toolchain_uploads": c.get("dist_toolchain_uploads"),
         "dist_fallbacks": dist_fallbacks.values().map(|v| v.as_i64().unwrap_or(0)).sum::<i64>(),
         "dist_fallbacks_by_cause": dist_fallbacks,
+        "cross_checks": c.get("cross_checks"),
+        "cross_check_mismatches": c.get("cross_check_mismatches"),
         "go_gets": c.get("go_gets"),
         "go_hits": c.get("go_hits"),
         "go_puts": c.get("go_puts"),
@@ -218,6 +228,16 @@ pub fn to_text(j: &serde_json::Value) -> String {
             for (cause, count) in causes {
                 line(&format!("    {cause}"), count.to_string());
             }
+        }
+        if n("cross_checks") > 0 {
+            line(
+                "  Cross-checked",
+                format!(
+                    "{:<10}{} disagreed",
+                    n("cross_checks"),
+                    n("cross_check_mismatches")
+                ),
+            );
         }
     }
     if n("go_gets") + n("go_puts") > 0 {

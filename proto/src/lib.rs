@@ -6,9 +6,11 @@
 //! business of the scheduler, the builder and the client.
 
 pub mod archive;
+pub mod auth;
 pub mod content;
 pub mod logging;
 pub mod metrics;
+pub mod tls;
 
 pub use kiln_cache::Digest;
 
@@ -68,6 +70,22 @@ impl std::fmt::Debug for v1::Chunk {
             .map(|d| d.to_hex()[..16].to_string())
             .unwrap_or_else(|| "?".into());
         write!(f, "Chunk({name} @{} +{})", self.offset, self.data.len())
+    }
+}
+
+/// For the servers: resolves on SIGINT or SIGTERM. The handlers are installed by the call,
+/// not on the first poll, so a signal that arrives while a server starts is not lost.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler cannot fail in a fresh runtime");
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .expect("installing a SIGINT handler cannot fail in a fresh runtime");
+    async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
     }
 }
 

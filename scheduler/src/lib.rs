@@ -11,9 +11,11 @@
 //! placed again elsewhere; after [`Config::max_attempts`] builders have failed a job, the client
 //! is told to compile locally. "No capacity" is an immediate answer, never a queue.
 
+pub mod auth;
+pub mod init;
 mod metrics;
 pub mod placement;
 mod service;
 mod toolchains;
 
-pub use service::{serve, Config, Scheduler};
+pub use service::{serve, serve_listeners, Config, Scheduler};

@@ -53,6 +53,8 @@ pub struct Metrics {
     outcomes: [AtomicU64; Outcome::ALL.len()],
     /// Placements after a builder failed a job.
     pub retries: AtomicU64,
+    /// Cross-check reports that marked a builder suspect.
+    pub suspect_reports: AtomicU64,
     /// Chunk bytes relayed from clients to builders, and from builders to clients.
     pub to_builders: AtomicU64,
     pub to_clients: AtomicU64,
@@ -102,6 +104,11 @@ impl Metrics {
             "kiln_scheduler_job_retries_total",
             "Jobs placed again after a builder failed them.",
             load(&self.retries),
+        );
+        e.counter(
+            "kiln_scheduler_suspect_reports_total",
+            "Cross-check reports that marked a builder suspect.",
+            load(&self.suspect_reports),
         );
         e.labelled_counter(
             "kiln_scheduler_relayed_bytes_total",

@@ -30,6 +30,8 @@ pub struct BuilderState {
     pub jobs_done: u64,
     pub jobs_failed: u64,
     pub toolchains_received: u64,
+    /// Why a client's cross-check found it wrong; a suspect builder gets no jobs.
+    pub suspect: Option<String>,
 }
 
 /// The builders the scheduler knows, by id.
@@ -62,7 +64,7 @@ pub fn place(reg: &Registry, wants: &Wants<'_>, now: Instant) -> Result<String, 
     let platform: Vec<(&String, &BuilderState)> = reg
         .builders
         .iter()
-        .filter(|(_, b)| b.os == wants.os && b.arch == wants.arch)
+        .filter(|(_, b)| b.os == wants.os && b.arch == wants.arch && b.suspect.is_none())
         .collect();
     if platform.is_empty() {
         return Err(NoPlace::NoBuilders);
@@ -108,6 +110,7 @@ mod tests {
             jobs_done: 0,
             jobs_failed: 0,
             toolchains_received: 0,
+            suspect: None,
         }
     }
 
@@ -127,6 +130,23 @@ mod tests {
             toolchain: tc,
             exclude,
         }
+    }
+
+    #[test]
+    fn a_suspect_builder_gets_no_jobs() {
+        let tc = Digest::of(b"gcc");
+        let mut bad = builder(8, 0, &[tc]);
+        bad.suspect = Some("outputs differ".into());
+        let r = reg(vec![("a", bad.clone()), ("b", builder(1, 1, &[]))]);
+        assert_eq!(
+            place(&r, &wants(tc, &[]), Instant::now()),
+            Err(NoPlace::NoCapacity)
+        );
+        let r = reg(vec![("a", bad)]);
+        assert_eq!(
+            place(&r, &wants(tc, &[]), Instant::now()),
+            Err(NoPlace::NoBuilders)
+        );
     }
 
     #[test]

@@ -9,14 +9,15 @@ use kiln_proto::content::{chunk_digest, chunks, Assembly};
 use kiln_proto::v1::scheduler_server::{Scheduler as SchedulerRpc, SchedulerServer};
 use kiln_proto::v1::{
     from_builder, from_client, refused, to_builder, to_client, BuilderStatus, Chunk, FromBuilder,
-    FromClient, JobCancel, JobChunk, JobStart, JobStatus, Need, Placed, Refused, StatusReply,
-    StatusRequest, ToBuilder, ToClient, Welcome,
+    FromClient, JobCancel, JobChunk, JobStart, JobStatus, Need, Placed, Refused, ReportReply,
+    StatusReply, StatusRequest, SuspectReport, ToBuilder, ToClient, Welcome,
 };
 use kiln_proto::{digest_of, version_mismatch, wire_digest, Digest, MAX_MESSAGE, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Auth, Caller, Held, InFlight, Role};
 use crate::metrics::{Gauges, Metrics, Outcome};
 use crate::placement::{self, BuilderState, NoPlace, Registry, Wants};
 use crate::toolchains::Toolchains;
@@ -32,10 +33,20 @@ pub struct Config {
     pub max_attempts: u32,
     /// The largest toolchain the scheduler accepts.
     pub max_toolchain: u64,
-    /// A kiln-cache (`http://HOST:PORT`) whose `/metrics` the dashboard's hit-rate chart reads.
+    /// A kiln-cache (`https://HOST:PORT`) whose counts the dashboard's hit-rate chart reads.
     pub cache: Option<String>,
+    /// The CA its certificate chains to.
+    pub cache_tls: kiln_proto::tls::ClientFiles,
+    /// The token it wants, when it keeps reads private.
+    pub cache_token: kiln_proto::auth::Credential,
     /// How often that is read.
     pub cache_poll: Duration,
+    /// TLS for the gRPC and HTTP listeners, or plain text.
+    pub listen: kiln_proto::tls::Listen,
+    /// The HTTP listener's own, when it differs from [`Config::listen`].
+    pub http_listen: Option<kiln_proto::tls::Listen>,
+    /// The credentials clients and builders must present.
+    pub auth: Auth,
 }
 
 impl Default for Config {
@@ -46,7 +57,12 @@ impl Default for Config {
             max_attempts: 2,
             max_toolchain: 1 << 30,
             cache: None,
+            cache_tls: kiln_proto::tls::ClientFiles::default(),
+            cache_token: kiln_proto::auth::Credential::None,
             cache_poll: Duration::from_secs(10),
+            listen: kiln_proto::tls::Listen::Insecure,
+            http_listen: None,
+            auth: Auth::default(),
         }
     }
 }
@@ -66,6 +82,8 @@ struct Job {
     finished: bool,
     /// Chunk bytes relayed for this job, to its builder and back.
     bytes: u64,
+    /// Counts against its client's jobs in flight until the job is dropped.
+    _held: Option<Held>,
 }
 
 /// A job that is over, for the dashboard.
@@ -98,6 +116,8 @@ struct State {
     finished_at: std::collections::VecDeque<Instant>,
     /// The shared cache's lookups over the last [`WINDOW`]: when, hits, misses.
     cache_lookups: std::collections::VecDeque<(Instant, u64, u64)>,
+    /// Builders a cross-check found wrong, by name, and why: kept across their reconnects.
+    suspects: HashMap<String, String>,
 }
 
 impl Job {
@@ -151,6 +171,7 @@ struct Inner {
     started: Instant,
     shutdown: watch::Receiver<bool>,
     metrics: Metrics,
+    in_flight: InFlight,
 }
 
 /// The scheduler service; cheap to clone.
@@ -189,6 +210,7 @@ impl Scheduler {
                     recent: Default::default(),
                     finished_at: Default::default(),
                     cache_lookups: Default::default(),
+                    suspects: HashMap::new(),
                 }),
                 config,
                 next_job: AtomicU64::new(1),
@@ -196,6 +218,7 @@ impl Scheduler {
                 started: Instant::now(),
                 shutdown,
                 metrics: Metrics::default(),
+                in_flight: InFlight::default(),
             }),
         }
     }
@@ -213,14 +236,15 @@ impl Scheduler {
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            let metrics = format!("{}/metrics", url.trim_end_matches('/'));
-            let read = tokio::task::spawn_blocking(move || cache_lookups(&metrics)).await;
-            let Ok(Ok(now)) = read else {
-                if !down {
-                    tracing::warn!(cache = %url, "cannot read the shared cache's metrics");
+            let now = match self.cache_lookups(&url).await {
+                Ok(now) => now,
+                Err(e) => {
+                    if !down {
+                        tracing::warn!(cache = %url, "cannot read the shared cache's counts: {e}");
+                    }
+                    down = true;
+                    continue;
                 }
-                down = true;
-                continue;
             };
             down = false;
             if let Some((hits, misses)) = last {
@@ -241,6 +265,26 @@ impl Scheduler {
             }
             last = Some(now);
         }
+    }
+
+    /// A kiln-cache's hits and misses so far, over all its protocols.
+    async fn cache_lookups(&self, url: &str) -> Result<(u64, u64), String> {
+        let config = &self.inner.config;
+        let interceptor = config.cache_token.interceptor()?;
+        let channel = kiln_proto::tls::endpoint(url, &config.cache_tls)
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(3))
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let stats =
+            kiln_proto::v1::cache_client::CacheClient::with_interceptor(channel, interceptor)
+                .stats(kiln_proto::v1::CacheStatsRequest {})
+                .await
+                .map_err(|s| s.message().to_owned())?
+                .into_inner();
+        Ok((stats.hits, stats.misses))
     }
 
     /// The farm now: what `kiln dist-status` and the dashboard show.
@@ -264,6 +308,7 @@ impl Scheduler {
                 jobs_failed: b.jobs_failed,
                 connected_ms: now.duration_since(b.connected).as_millis() as u64,
                 toolchains_received: b.toolchains_received,
+                suspect: b.suspect.clone().unwrap_or_default(),
             })
             .collect();
         let mut jobs: Vec<JobStatus> = st
@@ -364,9 +409,11 @@ impl Scheduler {
                 "last_failure_ms": failed_ago.get(&b.id),
                 // Placement puts a builder that failed within the penalty last.
                 "health": match failed_ago.get(&b.id) {
+                    _ if !b.suspect.is_empty() => "suspect",
                     Some(ms) if *ms < placement::FAILURE_PENALTY.as_millis() as u64 => "failed recently",
                     _ => "ok",
                 },
+                "suspect": b.suspect,
             })).collect::<Vec<_>>(),
             "jobs": status.jobs.iter().map(|j| serde_json::json!({
                 "label": j.label,
@@ -832,7 +879,11 @@ impl SchedulerRpc for Scheduler {
         &self,
         request: Request<Streaming<FromBuilder>>,
     ) -> Result<Response<Self::JoinStream>, Status> {
-        let peer = request.remote_addr();
+        let caller = self.inner.config.auth.check(&request, Role::Builder)?;
+        let peer = request
+            .extensions()
+            .get::<kiln_proto::tls::Peer>()
+            .and_then(|p| p.addr);
         let mut incoming = request.into_inner();
         let first = incoming
             .message()
@@ -866,6 +917,7 @@ impl SchedulerRpc for Scheduler {
         let (tx, rx) = mpsc::channel(256);
         {
             let mut st = self.lock();
+            let suspect = st.suspects.get(&name).cloned();
             st.registry.builders.insert(
                 id.clone(),
                 BuilderState {
@@ -885,11 +937,12 @@ impl SchedulerRpc for Scheduler {
                     jobs_done: 0,
                     jobs_failed: 0,
                     toolchains_received: 0,
+                    suspect,
                 },
             );
             st.links.insert(id.clone(), tx.clone());
         }
-        tracing::info!(builder = %name, id = %id, ?peer, slots = reg.slots, os = %reg.os, arch = %reg.arch, "builder joined");
+        tracing::info!(builder = %name, id = %id, ?peer, credential = %caller.name, slots = reg.slots, os = %reg.os, arch = %reg.arch, "builder joined");
         let welcome = ToBuilder {
             msg: Some(to_builder::Msg::Welcome(Welcome {
                 protocol_version: PROTOCOL_VERSION,
@@ -927,6 +980,8 @@ impl SchedulerRpc for Scheduler {
         &self,
         request: Request<Streaming<FromClient>>,
     ) -> Result<Response<Self::CompileStream>, Status> {
+        let caller: Caller = self.inner.config.auth.check(&request, Role::Client)?;
+        let held = self.inner.in_flight.take(&caller)?;
         let mut incoming = request.into_inner();
         let first = incoming
             .message()
@@ -946,7 +1001,7 @@ impl SchedulerRpc for Scheduler {
         let toolchain = validate(&spec).map_err(Status::invalid_argument)?;
         let (tx, rx) = mpsc::channel(64);
         let id = self.inner.next_job.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(job = id, label = %spec.label, "job received");
+        tracing::debug!(job = id, label = %spec.label, client = %caller.name, "job received");
         self.lock().jobs.insert(
             id,
             Job {
@@ -959,6 +1014,7 @@ impl SchedulerRpc for Scheduler {
                 started: Instant::now(),
                 finished: false,
                 bytes: 0,
+                _held: held,
             },
         );
         self.place(id).await;
@@ -986,22 +1042,100 @@ impl SchedulerRpc for Scheduler {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
+        self.inner.config.auth.check_any(&request)?;
         Ok(Response::new(self.status_reply()))
+    }
+
+    async fn report(
+        &self,
+        request: Request<SuspectReport>,
+    ) -> Result<Response<ReportReply>, Status> {
+        let caller = self.inner.config.auth.check(&request, Role::Client)?;
+        let r = request.into_inner();
+        if r.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(version_mismatch(
+                "the client",
+                r.protocol_version,
+            )));
+        }
+        if r.builder.is_empty() || r.builder.len() > 256 {
+            return Err(Status::invalid_argument("a report names one builder"));
+        }
+        let why = format!(
+            "{} differed from a second compile ({}) of {}, reported by {}",
+            if r.differing.is_empty() {
+                "the result".to_string()
+            } else {
+                r.differing.join(", ")
+            },
+            if r.checked_by.is_empty() {
+                "local"
+            } else {
+                &r.checked_by
+            },
+            r.label,
+            caller.name,
+        );
+        // The report is the client's word: it is logged in full for whoever looks into it.
+        tracing::error!(builder = %r.builder, "builder marked suspect: {why}");
+        let mut st = self.lock();
+        let known = st.registry.builders.values().any(|b| b.name == r.builder);
+        if !known {
+            return Err(Status::not_found(format!(
+                "no builder named {:?} is joined",
+                r.builder
+            )));
+        }
+        for b in st
+            .registry
+            .builders
+            .values_mut()
+            .filter(|b| b.name == r.builder)
+        {
+            b.suspect = Some(why.clone());
+        }
+        st.suspects.insert(r.builder, why);
+        drop(st);
+        self.inner
+            .metrics
+            .suspect_reports
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(ReportReply {}))
     }
 }
 
 /// Serves the scheduler on `listener` until `shutdown` resolves; builder links are closed then,
-/// so builders reconnect to the next scheduler. With `http`, `GET /metrics` is served there
-/// (Prometheus's text format) until the same moment.
+/// so builders reconnect to the next scheduler. With `http`, the dashboard and `GET /metrics`
+/// (Prometheus's text format) are served there until the same moment. Both listeners use
+/// [`Config::listen`].
 pub async fn serve(
     config: Config,
     listener: tokio::net::TcpListener,
     http: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let listen = config.listen.clone();
+    serve_listeners(config, vec![(listener, listen)], http, shutdown).await
+}
+
+/// [`serve`] on several gRPC listeners, each with its own security: `--local-builder` adds a
+/// plain-text loopback one that only its in-process builder's token opens.
+pub async fn serve_listeners(
+    config: Config,
+    listeners: Vec<(tokio::net::TcpListener, kiln_proto::tls::Listen)>,
+    http: Option<tokio::net::TcpListener>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let cache = config.cache.clone();
+    let listen = config
+        .http_listen
+        .clone()
+        .unwrap_or_else(|| config.listen.clone());
     let scheduler = Scheduler::new(config, stop_rx.clone());
     let watcher = cache.map(|url| tokio::spawn(scheduler.clone().watch_cache(url)));
     let web = http.map(|listener| {
@@ -1011,30 +1145,31 @@ pub async fn serve(
             .route("/api/status", axum::routing::get(api_status))
             .with_state(scheduler.clone());
         let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        })
+        tokio::spawn(kiln_proto::tls::serve_http(
+            listener,
+            listen,
+            app,
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        ))
     });
     let service = SchedulerServer::new(scheduler)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    // Jobs are conversations of small messages (a need, then its chunks): without TCP_NODELAY,
-    // Nagle's algorithm and delayed ACKs hold each answer back for tens of milliseconds.
-    let incoming = tokio_stream::StreamExt::map(
-        tokio_stream::wrappers::TcpListenerStream::new(listener),
-        |conn| {
-            conn.inspect(|stream| {
-                let _ = stream.set_nodelay(true);
-            })
-        },
-    );
+    let incoming = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, (listener, listen))| (i, kiln_proto::tls::incoming(listener, listen)))
+        .collect::<tokio_stream::StreamMap<usize, _>>();
+    let incoming = tokio_stream::StreamExt::map(incoming, |(_, conn)| conn);
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        // A call must be answered this soon: a peer that opens a stream and never sends its
+        // first message is cut off. The streams themselves then last as long as their jobs.
+        .timeout(Duration::from_secs(30))
+        .concurrency_limit_per_connection(256)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
@@ -1072,30 +1207,4 @@ async fn api_status(
     axum::extract::State(scheduler): axum::extract::State<Scheduler>,
 ) -> axum::Json<serde_json::Value> {
     axum::Json(scheduler.dashboard_json())
-}
-
-/// A kiln-cache's hits and misses so far, summed over its protocols, from its `/metrics`.
-fn cache_lookups(url: &str) -> Result<(u64, u64), String> {
-    let agent = ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(3)))
-            .build(),
-    );
-    let text = agent
-        .get(url)
-        .call()
-        .map_err(|e| e.to_string())?
-        .body_mut()
-        .read_to_string()
-        .map_err(|e| e.to_string())?;
-    let sum = |name: &str| -> u64 {
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-            .sum()
-    };
-    Ok((
-        sum("kiln_cache_hits_total{"),
-        sum("kiln_cache_misses_total{"),
-    ))
 }

@@ -70,10 +70,13 @@ impl CacheServer {
     /// says where it listens.
     pub fn start(dir: &Path, extra: &[&str]) -> CacheServer {
         use std::io::BufRead;
+        // Plain text and open writes unless the test brings TLS or tokens.
+        let secure = extra.iter().any(|a| *a == "--tls-cert" || *a == "--tokens");
         let mut child = Command::new(built("kiln-cache"))
             .args(["--listen", "127.0.0.1:0", "--dir"])
             .arg(dir)
             .args(extra)
+            .args(if secure { &[][..] } else { &["--insecure"][..] })
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -85,6 +88,7 @@ impl CacheServer {
             .expect("read kiln-cache's first line");
         let addr = line
             .split_whitespace()
+            .filter_map(|w| w.split_once("://").map(|(_, a)| a))
             .find(|w| w.starts_with("127.0.0.1:"))
             .unwrap_or_else(|| panic!("kiln-cache did not say where it listens: {line:?}"))
             .to_owned();
@@ -445,8 +449,17 @@ fn potsim_host(dir: &Path, i: usize) -> kiln_jails::pot::PotConfig {
     }
 }
 
+/// A scheduler client that presents a token.
+pub type GrpcClient = kiln_proto::v1::scheduler_client::SchedulerClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        kiln_proto::auth::Bearer,
+    >,
+>;
+
 /// A compile farm in this process: a scheduler and builders with real Linux jails (or pots on
-/// potsim), on 127.0.0.1. Builders and the scheduler can be killed and restarted.
+/// potsim), on 127.0.0.1. Builders and the scheduler can be killed and restarted. It runs as a
+/// user would deploy it: TLS with certificates and tokens from `kiln-scheduler init`.
 pub struct Farm {
     runtime: tokio::runtime::Runtime,
     pub addr: std::net::SocketAddr,
@@ -461,6 +474,8 @@ pub struct Farm {
     jail: FarmJail,
     /// A kiln-cache the scheduler watches for the dashboard.
     cache: Option<String>,
+    /// What `kiln-scheduler init` wrote: the CA, certificates and tokens.
+    pub secrets: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for Farm {
@@ -507,14 +522,18 @@ impl Farm {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         let http_addr = http.local_addr().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = dir.path().join("secrets");
+        kiln_scheduler::init::farm(&secrets, &[]).unwrap();
         let mut farm = Farm {
+            secrets,
             runtime,
             addr,
             http: http_addr,
             scheduler: None,
             builders: Vec::new(),
             builder_http: Vec::new(),
-            dir: tempfile::tempdir().unwrap(),
+            dir,
             slots,
             jail,
             cache,
@@ -527,9 +546,76 @@ impl Farm {
         farm
     }
 
-    /// `http://127.0.0.1:PORT`, for KILN_SCHEDULER.
+    /// `https://127.0.0.1:PORT`, for KILN_SCHEDULER.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
+    }
+
+    /// A file `kiln-scheduler init` wrote, such as `ca.pem` or `client.token`.
+    pub fn secret(&self, name: &str) -> std::path::PathBuf {
+        self.secrets.join(name)
+    }
+
+    /// How a client reaches this farm.
+    pub fn client(&self) -> kiln_client::dist::Farm {
+        kiln_client::dist::Farm {
+            url: self.url(),
+            tls: kiln_proto::tls::ClientFiles {
+                ca: Some(self.secret("ca.pem")),
+                identity: None,
+            },
+            token: kiln_proto::auth::Credential::File(self.secret("client.token")),
+        }
+    }
+
+    /// A gRPC client of the scheduler that presents the client token, for tests that speak
+    /// the protocol themselves.
+    pub async fn grpc(&self) -> GrpcClient {
+        self.grpc_with(kiln_proto::auth::Credential::File(
+            self.secret("client.token"),
+        ))
+        .await
+    }
+
+    /// [`Farm::grpc`] presenting `token` instead.
+    pub async fn grpc_with(&self, token: kiln_proto::auth::Credential) -> GrpcClient {
+        let farm = kiln_client::dist::Farm {
+            token,
+            ..self.client()
+        };
+        let channel = kiln_proto::tls::endpoint(&farm.url, &farm.tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        kiln_proto::v1::scheduler_client::SchedulerClient::with_interceptor(
+            channel,
+            farm.token.interceptor().unwrap(),
+        )
+    }
+
+    /// The scheduler's security, as `kiln-scheduler` makes it from the files init wrote.
+    fn security(&self) -> (kiln_proto::tls::Listen, kiln_scheduler::auth::Auth) {
+        let listen = kiln_proto::tls::Listen::Tls(
+            kiln_proto::tls::server_config(&kiln_proto::tls::ServerFiles {
+                cert: self.secret("server.pem"),
+                key: self.secret("server.key"),
+                client_ca: Some(self.secret("ca.pem")),
+            })
+            .unwrap(),
+        );
+        let tokens = |name: &str| {
+            Some(std::sync::Arc::new(
+                kiln_proto::auth::Tokens::open(&self.secret(name)).unwrap(),
+            ))
+        };
+        let auth = kiln_scheduler::auth::Auth {
+            client_tokens: tokens("client-tokens"),
+            builder_tokens: tokens("builder-tokens"),
+            builder_certs: true,
+            local_builder: None,
+        };
+        (listen, auth)
     }
 
     fn serve_scheduler(
@@ -538,7 +624,12 @@ impl Farm {
         http: tokio::net::TcpListener,
     ) {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (listen, auth) = self.security();
         let config = kiln_scheduler::Config {
+            listen,
+            // The dashboard and metrics stay plain for the tests' own HTTP client and browser.
+            http_listen: Some(kiln_proto::tls::Listen::Insecure),
+            auth,
             heartbeat: std::time::Duration::from_millis(500),
             cache: self.cache.clone(),
             cache_poll: std::time::Duration::from_millis(100),
@@ -571,11 +662,24 @@ impl Farm {
 
     /// Starts builder `i` (again).
     pub fn start_builder(&mut self, i: usize) {
+        self.start_builder_with(i, |_| {});
+    }
+
+    /// Builder `i`'s work directory: its toolchains, inputs and images.
+    pub fn builder_dir(&self, i: usize) -> std::path::PathBuf {
+        self.dir.path().join(format!("builder{i}"))
+    }
+
+    /// [`Farm::start_builder`] with settings changed by `change`, such as its credentials.
+    pub fn start_builder_with(&mut self, i: usize, change: impl FnOnce(&mut kiln_builder::Config)) {
         let work = self.dir.path().join(format!("builder{i}"));
         let mut config = kiln_builder::Config::new(&self.url(), work, jail_helper().to_path_buf());
         config.name = format!("builder{i}");
+        config.tls.ca = Some(self.secret("ca.pem"));
+        config.token = kiln_proto::auth::Credential::File(self.secret("builder.token"));
         config.slots = self.slots;
         config.uid_base = uid_base(i);
+        change(&mut config);
         if self.jail == FarmJail::PotSim {
             let host = self.dir.path().join(format!("builder{i}-freebsd"));
             config.jail = kiln_builder::JailKind::Pot(potsim_host(&host, i));
@@ -586,11 +690,13 @@ impl Farm {
             .unwrap();
         let http_addr = http.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = self
-            .runtime
-            .spawn(kiln_builder::serve(config, Some(http), async {
+        let task = self.runtime.spawn(kiln_builder::serve(
+            config,
+            Some((http, kiln_proto::tls::Listen::Insecure)),
+            async {
                 let _ = rx.await;
-            }));
+            },
+        ));
         if self.builders.len() <= i {
             self.builders.resize_with(i + 1, || None);
             self.builder_http.resize(i + 1, None);
@@ -609,7 +715,7 @@ impl Farm {
 
     /// The scheduler's status, as `kiln dist-status --json` prints it.
     pub fn status(&self) -> serde_json::Value {
-        let status = kiln_client::dist::status(&self.url()).expect("scheduler status");
+        let status = kiln_client::dist::status(&self.client()).expect("scheduler status");
         kiln_client::dist::status_json(&status)
     }
 
@@ -628,7 +734,7 @@ impl Farm {
     pub fn wait_for_builders(&self, n: usize) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
-            let joined = kiln_client::dist::status(&self.url())
+            let joined = kiln_client::dist::status(&self.client())
                 .map(|s| s.builders.len())
                 .unwrap_or(0);
             if joined == n {
@@ -646,6 +752,14 @@ impl Farm {
     pub fn project(&self) -> Project {
         let mut p = Project::new();
         p.env.push(("KILN_SCHEDULER".into(), self.url()));
+        p.env.push((
+            "KILN_CA_FILE".into(),
+            self.secret("ca.pem").display().to_string(),
+        ));
+        p.env.push((
+            "KILN_TOKEN_FILE".into(),
+            self.secret("client.token").display().to_string(),
+        ));
         p.env.push(("KILN_DIST".into(), "1".into()));
         p
     }

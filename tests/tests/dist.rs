@@ -276,16 +276,14 @@ fn dist_status_lists_builders() {
 
 #[test]
 fn peers_of_another_protocol_version_are_refused_with_both_versions_named() {
-    use kiln_proto::v1::scheduler_client::SchedulerClient;
     use kiln_proto::v1::{from_builder, from_client, FromBuilder, FromClient, JobSpec, Register};
     let farm = Farm::start(0, 1);
-    let url = farm.url();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
-        let mut client = SchedulerClient::connect(url).await.unwrap();
+        let mut client = farm.grpc().await;
         let spec = FromClient {
             msg: Some(from_client::Msg::Spec(JobSpec {
                 protocol_version: 99,
@@ -313,6 +311,11 @@ fn peers_of_another_protocol_version_are_refused_with_both_versions_named() {
                 ..Register::default()
             })),
         };
+        let mut client = farm
+            .grpc_with(kiln_proto::auth::Credential::File(
+                farm.secret("builder.token"),
+            ))
+            .await;
         let err = client
             .join(tokio_stream::iter(vec![register]))
             .await
@@ -361,7 +364,6 @@ fn a_new_builder_gets_the_toolchain_from_the_scheduler_not_the_client() {
 
 #[test]
 fn a_corrupt_transfer_is_retried_elsewhere_then_refused_and_the_farm_stays_healthy() {
-    use kiln_proto::v1::scheduler_client::SchedulerClient;
     use kiln_proto::v1::{from_client, refused, to_client, FromClient, InputFile, JobSpec};
     let farm = Farm::start(2, 1);
     let p = project(&farm);
@@ -383,7 +385,7 @@ fn a_corrupt_transfer_is_retried_elsewhere_then_refused_and_the_farm_stays_healt
         .build()
         .unwrap();
     let refusal = runtime.block_on(async {
-        let mut client = SchedulerClient::connect(farm.url()).await.unwrap();
+        let mut client = farm.grpc().await;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tx.send(FromClient {
             msg: Some(from_client::Msg::Spec(JobSpec {

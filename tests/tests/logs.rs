@@ -7,7 +7,13 @@ use std::process::{Command, Stdio};
 #[test]
 fn json_logs_are_one_object_per_line() {
     let mut child = Command::new(kiln_tests::program("kiln-scheduler"))
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--insecure",
+        ])
         .env("KILN_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -14,6 +14,8 @@
 //! every read (a damaged one is a 404, never wrong bytes), evicted least-recently-used under a
 //! size and a count cap, with a trim at an interval as well as on writes.
 
+mod grpc;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,6 +42,12 @@ pub struct ServerConfig {
     pub trim_interval: Duration,
     /// The largest body accepted; larger uploads get 413.
     pub max_body: usize,
+    /// TLS, or plain text.
+    pub listen: kiln_proto::tls::Listen,
+    /// The tokens that may write (any protocol); `None` lets anyone write.
+    pub tokens: Option<Arc<kiln_proto::auth::Tokens>>,
+    /// Reads need a token too.
+    pub private: bool,
 }
 
 /// Which protocol a request speaks, and the key it names.
@@ -108,6 +116,34 @@ struct AppState {
     store: Arc<Store>,
     max_body: usize,
     counts: Arc<Counts>,
+    tokens: Option<Arc<kiln_proto::auth::Tokens>>,
+    private: bool,
+}
+
+impl AppState {
+    /// Whether a request with this `Authorization` value may read (or `write`); the error says
+    /// what is missing or wrong.
+    fn access(&self, header: Option<&str>, write: bool) -> Result<(), String> {
+        let Some(tokens) = &self.tokens else {
+            return Ok(());
+        };
+        if !write && !self.private {
+            return Ok(());
+        }
+        let what = if write { "writing" } else { "reading" };
+        let Some(token) = header.and_then(kiln_proto::auth::presented) else {
+            return Err(format!(
+                "{what} needs a client token (Authorization: Bearer TOKEN, or TOKEN as the \
+                 password of the URL's user:password)"
+            ));
+        };
+        match tokens.check(&token) {
+            Some(_) => Ok(()),
+            None => Err(
+                "the token is not in kiln-cache's --tokens (revoked, or the wrong file?)".into(),
+            ),
+        }
+    }
 }
 
 /// The protocols, as metric labels.
@@ -138,6 +174,12 @@ impl Route {
 }
 
 impl Counts {
+    /// Hits and misses over every protocol.
+    fn lookups(&self) -> (u64, u64) {
+        let sum = |a: &[AtomicU64; 5]| a.iter().map(|n| n.load(Ordering::Relaxed)).sum();
+        (sum(&self.hits), sum(&self.misses))
+    }
+
     fn render(&self, store: &Store) -> String {
         let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
         let by = |a: &[AtomicU64; 5]| -> Vec<(&str, u64)> {
@@ -208,14 +250,21 @@ pub async fn serve(
         store,
         max_body: config.max_body,
         counts,
+        tokens: config.tokens,
+        private: config.private,
     };
-    let app = Router::new().fallback(handle).with_state(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
-        .await?;
+    let grpc = kiln_proto::v1::cache_server::CacheServer::new(grpc::CacheService(state.clone()))
+        .max_decoding_message_size(config.max_body.saturating_add(4096))
+        .max_encoding_message_size(config.max_body.saturating_add(4096));
+    // gRPC calls by their paths; everything else is one of the HTTP protocols.
+    let app = tonic::service::Routes::new(grpc)
+        .into_axum_router()
+        .fallback_service(Router::new().fallback(handle).with_state(state));
+    kiln_proto::tls::serve_http(listener, config.listen, app, async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    })
+    .await?;
     trim.await?;
     Ok(())
 }
@@ -270,6 +319,24 @@ async fn handle(State(st): State<AppState>, req: Request) -> Response {
     };
     let key = route.key();
     let protocol = route.protocol();
+    let write = !matches!(method, Method::GET | Method::HEAD);
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(why) = st.access(header, write) {
+        // Read a small upload before refusing it: an HTTP/2 client that is answered before it
+        // finished sending sees a reset stream instead of the refusal. A large one is cut off.
+        let _ = to_bytes(req.into_body(), 64 << 10).await;
+        return Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .header(
+                header::WWW_AUTHENTICATE,
+                "Bearer realm=\"kiln-cache\", Basic realm=\"kiln-cache\"",
+            )
+            .body(Body::from(format!("kiln-cache: {why}\n")))
+            .unwrap_or_else(|_| StatusCode::UNAUTHORIZED.into_response());
+    }
     match (&route, &method) {
         (_, &Method::GET) | (_, &Method::HEAD) => {
             get(&st, key, protocol, method == Method::HEAD).await
@@ -350,16 +417,58 @@ async fn waf_upload(req: Request, st: &AppState) -> Result<Bytes, Response> {
     }
 }
 
-async fn get(st: &AppState, key: Digest, protocol: usize, head: bool) -> Response {
+/// What a lookup found.
+enum Got {
+    Hit(Vec<u8>),
+    Miss,
+    Failed(String),
+}
+
+/// Looks `key` up, counting the hit or miss for `protocol` (and the bytes, unless `head`).
+async fn fetch(st: &AppState, key: Digest, protocol: usize, head: bool) -> Got {
     let store = st.store.clone();
     let counts = &st.counts;
     match tokio::task::spawn_blocking(move || store.get(Kind::Blob, &key)).await {
         Ok(Ok(Lookup::Hit(bytes))) => {
-            let len = bytes.len();
             counts.hits[protocol].fetch_add(1, Ordering::Relaxed);
             if !head {
-                counts.bytes_served.fetch_add(len as u64, Ordering::Relaxed);
+                counts
+                    .bytes_served
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             }
+            Got::Hit(bytes)
+        }
+        Ok(Ok(found)) => {
+            if matches!(found, Lookup::Corrupt(_)) {
+                counts.corrupt.fetch_add(1, Ordering::Relaxed);
+            }
+            counts.misses[protocol].fetch_add(1, Ordering::Relaxed);
+            Got::Miss
+        }
+        Ok(Err(e)) => Got::Failed(e.to_string()),
+        Err(e) => Got::Failed(e.to_string()),
+    }
+}
+
+/// Stores `body` at `key`, atomically and checksummed; the error says why not (a full disk).
+async fn store(st: &AppState, key: Digest, protocol: usize, body: Bytes) -> Result<(), String> {
+    let store = st.store.clone();
+    let len = body.len() as u64;
+    match tokio::task::spawn_blocking(move || store.put(Kind::Blob, &key, &body)).await {
+        Ok(Ok(())) => {
+            st.counts.puts[protocol].fetch_add(1, Ordering::Relaxed);
+            st.counts.bytes_stored.fetch_add(len, Ordering::Relaxed);
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn get(st: &AppState, key: Digest, protocol: usize, head: bool) -> Response {
+    match fetch(st, key, protocol, head).await {
+        Got::Hit(bytes) => {
+            let len = bytes.len();
             let body = if head {
                 Body::empty()
             } else {
@@ -372,35 +481,21 @@ async fn get(st: &AppState, key: Digest, protocol: usize, head: bool) -> Respons
                 .body(body)
                 .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
         }
-        Ok(Ok(found)) => {
-            if matches!(found, Lookup::Corrupt(_)) {
-                counts.corrupt.fetch_add(1, Ordering::Relaxed);
-            }
-            counts.misses[protocol].fetch_add(1, Ordering::Relaxed);
-            StatusCode::NOT_FOUND.into_response()
-        }
-        Ok(Err(e)) => text(
+        Got::Miss => StatusCode::NOT_FOUND.into_response(),
+        Got::Failed(e) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("kiln-cache: {e}\n"),
         ),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 
 async fn put(st: &AppState, key: Digest, protocol: usize, body: Bytes) -> Response {
-    let store = st.store.clone();
-    let len = body.len() as u64;
-    match tokio::task::spawn_blocking(move || store.put(Kind::Blob, &key, &body)).await {
-        Ok(Ok(())) => {
-            st.counts.puts[protocol].fetch_add(1, Ordering::Relaxed);
-            st.counts.bytes_stored.fetch_add(len, Ordering::Relaxed);
-            StatusCode::OK.into_response()
-        }
-        Ok(Err(e)) => text(
+    match store(st, key, protocol, body).await {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => text(
             StatusCode::INSUFFICIENT_STORAGE,
             format!("kiln-cache: {e}\n"),
         ),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 

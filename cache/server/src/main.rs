@@ -12,7 +12,7 @@ use kiln_cache_server::{serve, ServerConfig};
 #[command(
     name = "kiln-cache",
     version,
-    about = "kiln's shared cache over HTTP: waf's wafcache (/files/), Bazel (/ac/, /cas/) and ccache (/ccache/)"
+    about = "kiln's shared cache: gRPC for kiln clients, and HTTP for waf's wafcache (/files/), Bazel (/ac/, /cas/) and ccache (/ccache/), on one port"
 )]
 struct Args {
     /// Address to listen on, such as 127.0.0.1:8080 or 0.0.0.0:8080.
@@ -33,6 +33,23 @@ struct Args {
     /// Seconds between trims of the whole store.
     #[arg(long, default_value_t = 60)]
     trim_interval: u64,
+    /// The server certificate (PEM, leaf first); `kiln-scheduler init` writes one.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The tokens that may write (lines of NAME HASH, as the scheduler's --client-tokens); read
+    /// again when it changes.
+    #[arg(long, value_name = "FILE")]
+    tokens: Option<PathBuf>,
+    /// Reading needs a token too.
+    #[arg(long, requires = "tokens")]
+    private: bool,
+    /// Serve in plain text, or let anyone write, where no TLS or --tokens is given. Logged as a
+    /// warning.
+    #[arg(long)]
+    insecure: bool,
     /// Largest upload accepted (bigger ones get 413).
     #[arg(long, default_value = "512M", value_parser = parse_size)]
     max_body: u64,
@@ -41,7 +58,32 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let shutdown = kiln_proto::shutdown_signal();
     kiln_proto::logging::init(args.log_format, std::env::var("KILN_LOG").ok().as_deref());
+    let files = args
+        .tls_cert
+        .clone()
+        .zip(args.tls_key.clone())
+        .map(|(cert, key)| kiln_proto::tls::ServerFiles {
+            cert,
+            key,
+            client_ca: None,
+        });
+    let listen = kiln_proto::tls::Listen::choose(files, args.insecure, "kiln-cache")?;
+    let tokens = match &args.tokens {
+        Some(path) => Some(std::sync::Arc::new(kiln_proto::auth::Tokens::open(path)?)),
+        None => {
+            anyhow::ensure!(
+                args.insecure,
+                "kiln-cache needs --tokens (the clients that may write; kiln-scheduler init \
+                 writes client-tokens), or --insecure to let anyone write"
+            );
+            tracing::warn!(
+                "no --tokens (--insecure): anyone who can reach the port may write entries"
+            );
+            None
+        }
+    };
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -49,7 +91,8 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     // The first line on stdout says where, so scripts and tests can start it on port 0.
     println!(
-        "kiln-cache: listening on {} (store {})",
+        "kiln-cache: listening on {}://{} (store {})",
+        listen.scheme(),
         listener.local_addr()?,
         args.dir.display()
     );
@@ -61,24 +104,9 @@ async fn main() -> anyhow::Result<()> {
         },
         trim_interval: Duration::from_secs(args.trim_interval.max(1)),
         max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
+        listen,
+        tokens,
+        private: args.private,
     };
-    serve(config, listener, shutdown_signal()).await
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let terminate = async {
-        match term.as_mut() {
-            Some(t) => {
-                t.recv().await;
-            }
-            None => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = terminate => {}
-    }
-    tracing::info!("shutting down");
+    serve(config, listener, shutdown).await
 }

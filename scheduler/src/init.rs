@@ -1,0 +1,222 @@
+//! `kiln-scheduler init` and `kiln-scheduler token`: everything a small farm needs to run
+//! securely, so that the secure setup is also the easy one.
+//!
+//! `init DIR` writes a CA, a server certificate for the scheduler and kiln-cache, a certificate
+//! builders present (mutual TLS) and serve their metrics with, one client token and one builder
+//! token, and the tokens files the scheduler checks them against. Secrets are written `0600`,
+//! never over an existing file.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+
+/// The files `init` writes, by name within its directory.
+pub const CA: &str = "ca.pem";
+pub const CA_KEY: &str = "ca.key";
+pub const SERVER_CERT: &str = "server.pem";
+pub const SERVER_KEY: &str = "server.key";
+pub const BUILDER_CERT: &str = "builder.pem";
+pub const BUILDER_KEY: &str = "builder.key";
+pub const CLIENT_TOKEN: &str = "client.token";
+pub const BUILDER_TOKEN: &str = "builder.token";
+pub const CLIENT_TOKENS: &str = "client-tokens";
+pub const BUILDER_TOKENS: &str = "builder-tokens";
+
+/// The certificates `init` makes expire at the start of the year this many years ahead.
+const YEARS: i32 = 3;
+
+/// Creates `path` with `text`, readable by its owner only when `secret`; an existing file is an
+/// error, so `init` never replaces a farm's keys.
+fn create(path: &Path, text: &str, secret: bool) -> anyhow::Result<()> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn params(common_name: &str, names: &[String]) -> anyhow::Result<CertificateParams> {
+    let mut p = CertificateParams::new(names.to_vec())
+        .with_context(|| format!("a certificate for {names:?}"))?;
+    p.distinguished_name.push(DnType::CommonName, common_name);
+    p.distinguished_name
+        .push(DnType::OrganizationName, "kiln farm");
+    // Valid from last year, for clocks that lag, until three years from now.
+    let year = 1970
+        + (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            / 31_556_952) as i32;
+    p.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
+    p.not_after = rcgen::date_time_ymd(year + YEARS, 1, 1);
+    Ok(p)
+}
+
+/// The host names and addresses the server certificate covers: loopback, this host's name, and
+/// `extra` (the names clients and builders will dial).
+pub fn server_names(extra: &[String]) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    if let Ok(host) = nix::unistd::gethostname() {
+        if let Some(host) = host.to_str().filter(|h| !h.is_empty()) {
+            names.push(host.to_string());
+        }
+    }
+    names.extend(extra.iter().cloned());
+    names.dedup();
+    names
+}
+
+/// Writes a new farm's CA, certificates and tokens into `dir` (created if missing).
+pub fn farm(dir: &Path, extra_names: &[String]) -> anyhow::Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for name in [
+        CA,
+        CA_KEY,
+        SERVER_CERT,
+        SERVER_KEY,
+        BUILDER_CERT,
+        BUILDER_KEY,
+        CLIENT_TOKEN,
+        BUILDER_TOKEN,
+        CLIENT_TOKENS,
+        BUILDER_TOKENS,
+    ] {
+        anyhow::ensure!(
+            !dir.join(name).exists(),
+            "{} already exists: init writes a new farm's files and never replaces them",
+            dir.join(name).display()
+        );
+    }
+    let mut ca = params("kiln farm CA", &[])?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate()?;
+    let ca_pem_key = ca_key.serialize_pem();
+    let ca = CertifiedIssuer::self_signed(ca, ca_key)?;
+
+    let leaf = |cn: &str,
+                names: &[String],
+                usages: Vec<ExtendedKeyUsagePurpose>|
+     -> anyhow::Result<(String, String)> {
+        let mut p = params(cn, names)?;
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = usages;
+        let key = KeyPair::generate()?;
+        let cert = p.signed_by(&key, &ca)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    };
+    let (server, server_key) = leaf(
+        "kiln scheduler and cache",
+        &server_names(extra_names),
+        vec![ExtendedKeyUsagePurpose::ServerAuth],
+    )?;
+    // Builders dial the scheduler with it (client auth) and may serve metrics with it.
+    let (builder, builder_key) = leaf(
+        "kiln builder",
+        &server_names(&[]),
+        vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ],
+    )?;
+    let client_token = kiln_proto::auth::generate();
+    let builder_token = kiln_proto::auth::generate();
+    create(&dir.join(CA), &ca.pem(), false)?;
+    create(&dir.join(CA_KEY), &ca_pem_key, true)?;
+    create(&dir.join(SERVER_CERT), &server, false)?;
+    create(&dir.join(SERVER_KEY), &server_key, true)?;
+    create(&dir.join(BUILDER_CERT), &builder, false)?;
+    create(&dir.join(BUILDER_KEY), &builder_key, true)?;
+    create(&dir.join(CLIENT_TOKEN), &format!("{client_token}\n"), true)?;
+    create(
+        &dir.join(BUILDER_TOKEN),
+        &format!("{builder_token}\n"),
+        true,
+    )?;
+    create(
+        &dir.join(CLIENT_TOKENS),
+        &format!(
+            "{}clients {}\n",
+            TOKENS_HEADER,
+            kiln_proto::auth::hash(&client_token)
+        ),
+        false,
+    )?;
+    create(
+        &dir.join(BUILDER_TOKENS),
+        &format!(
+            "{}builders {}\n",
+            TOKENS_HEADER,
+            kiln_proto::auth::hash(&builder_token)
+        ),
+        false,
+    )?;
+    Ok(())
+}
+
+const TOKENS_HEADER: &str = "# NAME HASH [jobs=N]: a token's BLAKE3 hash, never the token.\n\
+# Add one with `kiln-scheduler token`; delete a line to revoke. Read again on change.\n";
+
+/// `kiln-scheduler token`: makes a new token, writes it to `out` (`0600`, not replacing a file)
+/// and appends its line to `tokens`, so the scheduler accepts it from its next call on.
+pub fn add_token(tokens: &Path, name: &str, jobs: Option<u32>, out: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !name.is_empty() && !name.contains(char::is_whitespace) && !name.contains('#'),
+        "a token's name is one word without '#', like ci or alice-laptop"
+    );
+    // The file must already parse, so a typo in it is not buried under a new line.
+    kiln_proto::auth::Tokens::open(tokens)?;
+    let token = kiln_proto::auth::generate();
+    create(out, &format!("{token}\n"), true)?;
+    let mut line = format!("{name} {}", kiln_proto::auth::hash(&token));
+    if let Some(jobs) = jobs {
+        line.push_str(&format!(" jobs={jobs}"));
+    }
+    let mut file = fs::OpenOptions::new()
+        .append(true)
+        .open(tokens)
+        .with_context(|| format!("cannot append to {}", tokens.display()))?;
+    writeln!(file, "{line}").with_context(|| format!("cannot append to {}", tokens.display()))
+}
+
+/// What to run next, printed by `init`.
+pub fn next_steps(dir: &Path) -> String {
+    let f = |name: &str| -> PathBuf { dir.join(name) };
+    format!(
+        "wrote a CA, certificates and tokens to {dir}\n\n\
+         scheduler:  kiln-scheduler --tls-cert {sc} --tls-key {sk} --builder-ca {ca} \\\n\
+         \x20             --client-tokens {ct} --builder-tokens {bt}\n\
+         builder:    kiln-builder --scheduler https://HOST:7878 --ca {ca} --token-file {btk} --work-dir DIR\n\
+         \x20             (or --tls-cert {bc} --tls-key {bk} instead of --token-file)\n\
+         cache:      kiln-cache --tls-cert {sc} --tls-key {sk} --tokens {ct} --listen ADDR --dir DIR\n\
+         clients:    KILN_SCHEDULER=https://HOST:7878 KILN_CA_FILE={ca} KILN_TOKEN_FILE={ctk}\n\n\
+         Copy client.token, builder.token and the keys only to the machines that need them. ca.key\n\
+         signs nothing at run time: keep it offline.\n\
+         The server certificate names {names}; rerun init with --name HOST for the names your\n\
+         machines dial.",
+        dir = dir.display(),
+        sc = f(SERVER_CERT).display(),
+        sk = f(SERVER_KEY).display(),
+        ca = f(CA).display(),
+        ct = f(CLIENT_TOKENS).display(),
+        bt = f(BUILDER_TOKENS).display(),
+        btk = f(BUILDER_TOKEN).display(),
+        bc = f(BUILDER_CERT).display(),
+        bk = f(BUILDER_KEY).display(),
+        ctk = f(CLIENT_TOKEN).display(),
+        names = server_names(&[]).join(", "),
+    )
+}

@@ -1,0 +1,879 @@
+//! The farm as a security team would probe it: credentials (missing, wrong, of the other role,
+//! rotated, limited), TLS (plain text to a TLS port, the wrong CA, mutual TLS), and hostile
+//! requests against the real scheduler and builder (archives that escape, device nodes, setuid
+//! bits, paths outside the jail, malformed and oversized messages). Each is refused with its
+//! error, and the host and the farm are untouched.
+
+use std::collections::HashMap;
+
+use kiln_proto::auth::Credential;
+use kiln_proto::v1::{from_client, to_client, Chunk, FromClient, InputFile, JobSpec};
+use kiln_proto::Digest;
+use kiln_tests::sample::{project, HEADER};
+use kiln_tests::{ok, Farm, Project};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn token(text: &str) -> Credential {
+    Credential::Token(text.into())
+}
+
+#[test]
+fn calls_without_the_right_token_are_refused_naming_the_credential() {
+    let farm = Farm::start(1, 1);
+    let client_token = Credential::File(farm.secret("client.token"));
+    let builder_token = Credential::File(farm.secret("builder.token"));
+    let spec = || FromClient {
+        msg: Some(from_client::Msg::Spec(JobSpec {
+            protocol_version: kiln_proto::PROTOCOL_VERSION,
+            ..JobSpec::default()
+        })),
+    };
+    runtime().block_on(async {
+        let cases = [
+            (
+                Credential::None,
+                tonic::Code::Unauthenticated,
+                "no client token",
+            ),
+            (
+                token("0123"),
+                tonic::Code::Unauthenticated,
+                "not in the scheduler's --client-tokens",
+            ),
+            (
+                builder_token.clone(),
+                tonic::Code::PermissionDenied,
+                "is builder token \"builders\": jobs need a client token",
+            ),
+        ];
+        for (credential, code, words) in cases {
+            let mut client = farm.grpc_with(credential.clone()).await;
+            let err = client
+                .compile(tokio_stream::iter(vec![spec()]))
+                .await
+                .expect_err("a job without a client token was accepted");
+            assert_eq!(err.code(), code, "{credential:?}: {err:?}");
+            assert!(
+                err.message().contains(words),
+                "{credential:?}: {}",
+                err.message()
+            );
+            let err = client
+                .status(kiln_proto::v1::StatusRequest {})
+                .await
+                .map(|_| ())
+                .err();
+            if credential == Credential::None {
+                assert_eq!(err.map(|e| e.code()), Some(tonic::Code::Unauthenticated));
+            }
+        }
+        // A client's token does not make a builder.
+        let mut client = farm.grpc_with(client_token).await;
+        let register = kiln_proto::v1::FromBuilder {
+            msg: Some(kiln_proto::v1::from_builder::Msg::Register(
+                kiln_proto::v1::Register {
+                    protocol_version: kiln_proto::PROTOCOL_VERSION,
+                    name: "intruder".into(),
+                    os: "linux".into(),
+                    arch: "x86_64".into(),
+                    slots: 8,
+                    ..Default::default()
+                },
+            )),
+        };
+        let err = client
+            .join(tokio_stream::iter(vec![register]))
+            .await
+            .expect_err("a client token joined as a builder");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(
+            err.message()
+                .contains("is client token \"clients\": builders need a builder token"),
+            "{}",
+            err.message()
+        );
+    });
+    assert_eq!(farm.status()["builders"].as_array().unwrap().len(), 1);
+
+    // kiln without a token compiles locally, and says why in its statistics.
+    let mut p = project(&farm);
+    p.env.retain(|(k, _)| k != "KILN_TOKEN_FILE");
+    ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "main.o", "-Iinc"]));
+    assert!(p.path("main.o").exists());
+    assert_eq!(
+        p.stats()["dist_fallbacks_by_cause"]["refused"],
+        1,
+        "{}",
+        p.stats()
+    );
+    assert_eq!(farm.status()["jobs_done"], 0);
+}
+
+#[test]
+fn tls_refuses_plain_text_and_servers_signed_by_another_ca() {
+    let farm = Farm::start(1, 1);
+    let other = tempfile::tempdir().unwrap();
+    kiln_scheduler::init::farm(other.path(), &[]).unwrap();
+
+    // Plain-text HTTP to the TLS port gets no answer at all.
+    let (status, _) = std::panic::catch_unwind(|| {
+        kiln_tests::http_request(&farm.addr.to_string(), "GET", "/", &[], b"")
+    })
+    .unwrap_or((0, Vec::new()));
+    assert_eq!(status, 0, "a plain-text request was answered");
+
+    let sample = |p: &Project, out: &str| {
+        ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", out, "-Iinc"]));
+        assert!(p.path(out).exists());
+    };
+    // A client speaking plain text to it, and one that trusts another farm's CA, both compile
+    // locally: neither reached the scheduler.
+    let mut p = project(&farm);
+    for (k, v) in p.env.iter_mut() {
+        if k == "KILN_SCHEDULER" {
+            *v = format!("http://{}", farm.addr);
+        }
+    }
+    sample(&p, "plain.o");
+    let mut p = project(&farm);
+    for (k, v) in p.env.iter_mut() {
+        if k == "KILN_CA_FILE" {
+            *v = other.path().join("ca.pem").display().to_string();
+        }
+    }
+    sample(&p, "wrong-ca.o");
+    assert_eq!(
+        p.stats()["dist_fallbacks_by_cause"]["unreachable"],
+        1,
+        "{}",
+        p.stats()
+    );
+    assert_eq!(farm.status()["jobs_done"], 0);
+
+    // A builder that trusts another CA never joins; neither does one with no credential.
+    let mut farm = farm;
+    farm.start_builder_with(1, |c| c.tls.ca = Some(other.path().join("ca.pem")));
+    farm.start_builder_with(2, |c| c.token = Credential::None);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let names: Vec<String> = farm.status()["builders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["builder0"]);
+
+    // With the farm's builder certificate (mutual TLS), a builder needs no token.
+    farm.start_builder_with(3, |c| {
+        c.token = Credential::None;
+        c.tls.identity = Some((
+            c.tls.ca.as_ref().unwrap().with_file_name("builder.pem"),
+            c.tls.ca.as_ref().unwrap().with_file_name("builder.key"),
+        ));
+    });
+    farm.wait_for_builders(2);
+}
+
+#[test]
+fn tokens_are_rotated_and_limited_without_a_restart() {
+    let farm = Farm::start(1, 1);
+    let tokens = farm.secret("client-tokens");
+    let dir = tempfile::tempdir().unwrap();
+    let ci = dir.path().join("ci.token");
+    kiln_scheduler::init::add_token(&tokens, "ci", Some(1), &ci).unwrap();
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&ci).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    // An existing token file is never replaced.
+    assert!(kiln_scheduler::init::add_token(&tokens, "ci", None, &ci).is_err());
+
+    let mut p = project(&farm);
+    for (k, v) in p.env.iter_mut() {
+        if k == "KILN_TOKEN_FILE" {
+            *v = ci.display().to_string();
+        }
+    }
+    ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "a.o", "-Iinc"]));
+    assert_eq!(
+        p.stats()["dist_compiles"],
+        1,
+        "the new token was not accepted: {}",
+        p.stats()
+    );
+
+    // Revoking the first token (deleting its line) takes effect at once.
+    let text = std::fs::read_to_string(&tokens).unwrap();
+    let kept: String = text
+        .lines()
+        .filter(|l| !l.starts_with("clients "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&tokens, kept).unwrap();
+    let p2 = project(&farm);
+    ok(&p2.kiln(&["gcc", "-c", "src/main.c", "-o", "b.o", "-Iinc", "-DB"]));
+    assert_eq!(
+        p2.stats()["dist_fallbacks_by_cause"]["refused"],
+        1,
+        "{}",
+        p2.stats()
+    );
+
+    // jobs=1: while one job of ci's is open, a second is refused; once it ends, one is taken.
+    runtime().block_on(async {
+        let ci = Credential::File(ci.clone());
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(spec_for(&Digest::of(b"toolchain"), 9, vec![]))
+            .await
+            .unwrap();
+        let mut first = farm.grpc_with(ci.clone()).await;
+        let held = first
+            .compile(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("the first job is taken");
+        let mut second = farm.grpc_with(ci.clone()).await;
+        let err = second
+            .compile(tokio_stream::iter(vec![spec_for(
+                &Digest::of(b"t"),
+                1,
+                vec![],
+            )]))
+            .await
+            .expect_err("a second job in flight was taken");
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            err.message().contains("allows 1 jobs in flight"),
+            "{}",
+            err.message()
+        );
+        drop(held);
+        drop(tx);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let r = second
+                .compile(tokio_stream::iter(vec![spec_for(
+                    &Digest::of(b"t"),
+                    1,
+                    vec![],
+                )]))
+                .await;
+            match r {
+                Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the slot was never freed"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                _ => break,
+            }
+        }
+    });
+}
+
+/// A job for the toolchain `digest` (of `size` bytes) compiling /w/x.c.
+fn spec_for(digest: &Digest, size: u64, extra: Vec<InputFile>) -> FromClient {
+    spec_with(digest, size, extra, "/w", vec!["/w/x.o".into()])
+}
+
+fn spec_with(
+    digest: &Digest,
+    size: u64,
+    mut inputs: Vec<InputFile>,
+    cwd: &str,
+    outputs: Vec<String>,
+) -> FromClient {
+    let source = b"int x;\n";
+    inputs.push(InputFile {
+        path: "/w/x.c".into(),
+        digest: Some(kiln_proto::wire_digest(
+            &Digest::of(source),
+            source.len() as u64,
+        )),
+        executable: false,
+    });
+    FromClient {
+        msg: Some(from_client::Msg::Spec(JobSpec {
+            protocol_version: kiln_proto::PROTOCOL_VERSION,
+            toolchain: Some(kiln_proto::wire_digest(digest, size)),
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+            argv: vec!["/usr/bin/cc".into(), "-c".into(), "/w/x.c".into()],
+            cwd: cwd.into(),
+            inputs,
+            outputs,
+            label: "x.c".into(),
+            ..JobSpec::default()
+        })),
+    }
+}
+
+/// Runs one job over the wire, answering the builder's needs from `blobs` (the source is
+/// always there), and returns how it ended.
+fn run_job(farm: &Farm, spec: FromClient, mut blobs: HashMap<Digest, Vec<u8>>) -> to_client::Msg {
+    let source = b"int x;\n".to_vec();
+    blobs.insert(Digest::of(&source), source);
+    let toolchain = match &spec.msg {
+        Some(from_client::Msg::Spec(s)) => s.toolchain.clone(),
+        _ => None,
+    };
+    runtime().block_on(async {
+        let mut client = farm.grpc().await;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tx.send(spec).await.unwrap();
+        let mut stream = client
+            .compile(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        loop {
+            match stream.message().await.unwrap().and_then(|m| m.msg) {
+                Some(to_client::Msg::Need(need)) => {
+                    let toolchain = need.toolchain.then(|| toolchain.clone()).flatten();
+                    for wire in need.files.into_iter().chain(toolchain) {
+                        let digest = kiln_proto::digest_of(&wire).unwrap();
+                        let data = blobs.get(&digest).cloned().unwrap_or_default();
+                        let data = prost::bytes::Bytes::from(data);
+                        for chunk in kiln_proto::content::chunks(&digest, &data) {
+                            let _ = tx
+                                .send(FromClient {
+                                    msg: Some(from_client::Msg::Chunk(chunk)),
+                                })
+                                .await;
+                        }
+                    }
+                }
+                Some(to_client::Msg::Placed(_)) | Some(to_client::Msg::Chunk(Chunk { .. })) => {}
+                Some(end) => break end,
+                None => panic!("the job's stream ended without an answer"),
+            }
+        }
+    })
+}
+
+/// A gzip'd tar built entry by entry, names written straight into the header so that the
+/// hostile ones `tar` itself would refuse can be expressed.
+fn archive(entries: &[(tar::EntryType, &str, &str, u32, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    for (kind, name, link, mode, data) in entries {
+        let mut h = tar::Header::new_old();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        h.set_entry_type(*kind);
+        h.set_mode(*mode);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, *data).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+fn refused_message(end: to_client::Msg) -> String {
+    match end {
+        to_client::Msg::Refused(r) => {
+            assert_eq!(
+                r.reason,
+                kiln_proto::v1::refused::Reason::BadRequest as i32,
+                "{r:?}"
+            );
+            r.message
+        }
+        other => panic!("the job was not refused: {other:?}"),
+    }
+}
+
+#[test]
+fn hostile_toolchain_archives_are_refused_by_the_builder_and_touch_nothing() {
+    use tar::EntryType::{Block, Char, Directory, Fifo, Link, Regular, Symlink};
+    let farm = Farm::start(1, 1);
+    let probe = tempfile::tempdir().unwrap();
+    let escape = probe.path().join("escaped");
+    let escape_rel = format!("../../../../../../../..{}", escape.display());
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "traversal",
+            archive(&[(Regular, &escape_rel, "", 0o644, b"owned")]),
+            "`..` is not allowed",
+        ),
+        (
+            "absolute path",
+            archive(&[(Regular, &escape.display().to_string(), "", 0o644, b"owned")]),
+            "absolute paths are not allowed",
+        ),
+        (
+            "escaping symlink",
+            archive(&[
+                (Symlink, "usr/lib", "../../../../..", 0o777, b""),
+                (Regular, "usr/lib/x", "", 0o644, b"owned"),
+            ]),
+            "leaves the archive",
+        ),
+        (
+            "file below a symlink",
+            archive(&[
+                (Directory, "usr", "", 0o755, b""),
+                (Symlink, "usr/bin", ".", 0o777, b""),
+                (Regular, "usr/bin/cc", "", 0o755, b"x"),
+            ]),
+            "lies below a symlink",
+        ),
+        (
+            "hard link to a host file",
+            archive(&[(Link, "usr/bin/cc", "/etc/shadow", 0o755, b"")]),
+            "absolute paths are not allowed",
+        ),
+        (
+            "hard link to a file not in the archive",
+            archive(&[(Link, "usr/bin/cc", "etc/shadow", 0o755, b"")]),
+            "hard link to something that is not a file of this archive",
+        ),
+        (
+            "character device",
+            archive(&[(Char, "dev/mem", "", 0o666, b"")]),
+            "entries are not allowed",
+        ),
+        (
+            "block device",
+            archive(&[(Block, "dev/sda", "", 0o666, b"")]),
+            "entries are not allowed",
+        ),
+        (
+            "fifo",
+            archive(&[(Fifo, "tmp/f", "", 0o666, b"")]),
+            "entries are not allowed",
+        ),
+        (
+            "not an archive",
+            b"\x1f\x8b\x08\x00garbage that is not gzip".to_vec(),
+            "reading the archive",
+        ),
+    ];
+    for (what, bytes, words) in cases {
+        let digest = Digest::of(&bytes);
+        let size = bytes.len() as u64;
+        let end = run_job(
+            &farm,
+            spec_for(&digest, size, vec![]),
+            HashMap::from([(digest, bytes)]),
+        );
+        let message = refused_message(end);
+        assert!(message.contains(words), "{what}: {message}");
+        assert!(
+            !escape.exists(),
+            "{what}: a file landed outside the builder"
+        );
+    }
+    // Nothing escaped, the builder is still there and healthy, and real jobs still run.
+    assert_eq!(farm.status()["builders"].as_array().unwrap().len(), 1);
+    let p = project(&farm);
+    ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "main.o", "-Iinc"]));
+    assert_eq!(p.stats()["dist_compiles"], 1);
+}
+
+#[test]
+fn setuid_bits_in_a_toolchain_do_not_survive_into_the_jail() {
+    let farm = Farm::start(1, 1);
+    // A "compiler" that reports its own mode bits through its output.
+    let script = b"#!/bin/sh\nstat -c %a /usr/bin/cc > /w/x.o\n";
+    let bytes = archive(&[
+        (tar::EntryType::Directory, "usr/bin", "", 0o755, b""),
+        (tar::EntryType::Regular, "usr/bin/cc", "", 0o6755, script),
+    ]);
+    let digest = Digest::of(&bytes);
+    let end = run_job(
+        &farm,
+        spec_for(&digest, bytes.len() as u64, vec![]),
+        HashMap::from([(digest, bytes)]),
+    );
+    // There is no /bin/sh in that toolchain, so the job cannot succeed; what matters is the
+    // image it was to run in.
+    assert!(
+        !matches!(&end, to_client::Msg::Finished(f) if f.exit_code == 0),
+        "{end:?}"
+    );
+    let images = farm.builder_dir(0).join("jail/images");
+    let mut seen = 0;
+    for image in std::fs::read_dir(&images).unwrap() {
+        let cc = image.unwrap().path().join("usr/bin/cc");
+        if let Ok(meta) = std::fs::metadata(&cc) {
+            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+            assert_eq!(mode & 0o7777, 0o755, "{}", cc.display());
+            seen += 1;
+        }
+    }
+    assert_eq!(
+        seen,
+        1,
+        "the image was not found under {}",
+        images.display()
+    );
+}
+
+#[test]
+fn paths_outside_the_jail_are_refused() {
+    let farm = Farm::start(1, 1);
+    let p = project(&farm);
+    // A real toolchain, so only the paths are at fault.
+    ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "a.o", "-Iinc"]));
+    let toolchain: Digest = farm.status()["builders"][0]["toolchains"][0]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let header = InputFile {
+        path: "/w/../../etc/cron.d/x".into(),
+        digest: Some(kiln_proto::wire_digest(
+            &Digest::of(HEADER.as_bytes()),
+            HEADER.len() as u64,
+        )),
+        executable: false,
+    };
+    let cases: Vec<(&str, FromClient, &str)> = vec![
+        (
+            "input with ..",
+            spec_for(&toolchain, 1, vec![header]),
+            "input",
+        ),
+        (
+            "relative working directory",
+            spec_with(&toolchain, 1, vec![], "w", vec!["/w/x.o".into()]),
+            "working directory",
+        ),
+        (
+            "working directory with ..",
+            spec_with(&toolchain, 1, vec![], "/w/../..", vec!["/w/x.o".into()]),
+            "working directory",
+        ),
+        (
+            "output with ..",
+            spec_with(
+                &toolchain,
+                1,
+                vec![],
+                "/w",
+                vec!["/w/../../etc/passwd".into()],
+            ),
+            "output",
+        ),
+        (
+            "the root as output",
+            spec_with(&toolchain, 1, vec![], "/w", vec!["/".into()]),
+            "output",
+        ),
+    ];
+    for (what, spec, words) in cases {
+        let message = refused_message(run_job(&farm, spec, HashMap::new()));
+        assert!(
+            message.contains(words) && message.contains("inside the jail"),
+            "{what}: {message}"
+        );
+    }
+    assert_eq!(farm.status()["builders"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn malformed_and_oversized_messages_get_errors_and_the_scheduler_goes_on() {
+    use prost::Message;
+    let farm = Farm::start(1, 1);
+    runtime().block_on(async {
+        // Bytes that are not a FromClient, sent where one is expected.
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct Raw {
+            #[prost(bytes = "vec", tag = "1")]
+            data: Vec<u8>,
+        }
+        let channel = kiln_proto::tls::endpoint(&farm.url(), &farm.client().tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let token = farm.client().token.interceptor().unwrap();
+        let mut grpc = tonic::client::Grpc::new(
+            tonic::service::interceptor::InterceptedService::new(channel, token),
+        );
+        grpc.ready().await.unwrap();
+        let garbage = Raw {
+            data: vec![0xff, 0xff, 0xff, 0xff, 0x0f, 0x12, 0x99],
+        };
+        assert!(kiln_proto::v1::FromClient::decode(garbage.encode_to_vec().as_slice()).is_err());
+        let err = grpc
+            .streaming::<_, Raw, kiln_proto::v1::ToClient, _>(
+                tonic::Request::new(tokio_stream::iter(vec![garbage])),
+                "/kiln.v1.Scheduler/Compile".parse().unwrap(),
+                tonic_prost::ProstCodec::<Raw, kiln_proto::v1::ToClient>::default(),
+            )
+            .await
+            .expect_err("garbage was accepted");
+        assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+
+        // One message over the 16 MiB limit.
+        let client = farm.grpc().await;
+        let huge = FromClient {
+            msg: Some(from_client::Msg::Spec(JobSpec {
+                protocol_version: kiln_proto::PROTOCOL_VERSION,
+                label: "x".repeat(kiln_proto::MAX_MESSAGE + 1),
+                ..JobSpec::default()
+            })),
+        };
+        let err = client
+            .max_encoding_message_size(64 << 20)
+            .compile(tokio_stream::iter(vec![huge]))
+            .await
+            .expect_err("an oversized message was accepted");
+        assert!(
+            matches!(
+                err.code(),
+                tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+            ),
+            "{err:?}"
+        );
+    });
+    // The scheduler still answers and its builder is still joined.
+    assert_eq!(farm.status()["builders"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn a_cross_check_catches_a_builder_whose_outputs_differ_and_marks_it_suspect() {
+    let farm = Farm::start(1, 1);
+    let mut p = project(&farm);
+    p.env.push(("KILN_CROSS_CHECK".into(), "1".into()));
+    // An honest builder agrees with this machine.
+    let out = p.kiln(&["gcc", "-c", "src/main.c", "-o", "honest.o", "-Iinc"]);
+    ok(&out);
+    assert_eq!(p.stats()["cross_checks"], 1, "{}", p.stats());
+    assert_eq!(p.stats()["cross_check_mismatches"], 0, "{}", p.stats());
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A builder that answers with another compiler's object: clang's files, with clang at
+    // /usr/bin/gcc, supplied as the toolchain for gcc.
+    let gcc = String::from_utf8(p.bare(&["sh", "-c", "command -v gcc"]).stdout).unwrap();
+    let clang = std::fs::canonicalize("/usr/bin/clang").unwrap();
+    let mut manifest =
+        kiln_client::toolchain::manifest(std::path::Path::new("/usr/bin/clang")).unwrap();
+    let gcc_rel = std::path::Path::new(gcc.trim())
+        .strip_prefix("/")
+        .unwrap()
+        .to_owned();
+    let up = "../".repeat(gcc_rel.components().count() - 1);
+    manifest.add(
+        gcc_rel,
+        kiln_proto::archive::Source::Symlink(
+            format!("{up}{}", clang.strip_prefix("/").unwrap().display()).into(),
+        ),
+    );
+    let archive = p.path("lying.tar.gz");
+    manifest
+        .pack(std::fs::File::create(&archive).unwrap())
+        .unwrap();
+    let config = p.path("kiln.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dist_toolchains]\n{:?} = {:?}\n",
+            gcc.trim(),
+            archive.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    p.env
+        .push(("KILN_CONFIG".into(), config.to_str().unwrap().into()));
+
+    let out = p.kiln(&["gcc", "-c", "src/main.c", "-o", "main.o", "-Iinc", "-DLIE"]);
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("kiln: warning: builder builder0 compiled src/main.c differently")
+            && stderr.contains("reported the builder as suspect"),
+        "{stderr}"
+    );
+    // What was kept is this machine's object, and the statistics say what happened.
+    ok(&p.bare(&["gcc", "-c", "src/main.c", "-o", "ref.o", "-Iinc", "-DLIE"]));
+    assert_eq!(p.read("main.o"), p.read("ref.o"));
+    assert_eq!(p.stats()["cross_checks"], 2, "{}", p.stats());
+    assert_eq!(p.stats()["cross_check_mismatches"], 1, "{}", p.stats());
+
+    // The scheduler marks it suspect, says so, and places nothing more on it.
+    let status = farm.status();
+    let suspect = status["builders"][0]["suspect"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        suspect.contains("main.o") && suspect.contains("reported by clients"),
+        "{status}"
+    );
+    let text = String::from_utf8(p.kiln(&["dist-status"]).stdout).unwrap();
+    assert!(text.contains("SUSPECT, no jobs placed"), "{text}");
+    let metrics = farm.metrics();
+    assert_eq!(metrics["kiln_scheduler_suspect_reports_total"], 1.0);
+    ok(&p.kiln(&[
+        "gcc",
+        "-c",
+        "src/main.c",
+        "-o",
+        "after.o",
+        "-Iinc",
+        "-DAFTER",
+    ]));
+    assert_eq!(
+        p.stats()["dist_fallbacks_by_cause"]["no_builders"],
+        1,
+        "{}",
+        p.stats()
+    );
+}
+
+/// `curl` against an HTTPS endpoint that trusts `ca`; returns the status and the body.
+fn curl(ca: &std::path::Path, args: &[&str]) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(ca)
+        .args(["-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let code = code.trim().parse().unwrap_or(0);
+    if code == 0 {
+        // No answer: say what curl saw.
+        return (0, String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    (code, body.to_owned())
+}
+
+#[test]
+fn kiln_cache_over_tls_takes_writes_only_with_a_token() {
+    kiln_tests::require("curl");
+    let secrets = tempfile::tempdir().unwrap();
+    kiln_scheduler::init::farm(secrets.path(), &[]).unwrap();
+    let s = |n: &str| secrets.path().join(n).display().to_string();
+    let store = tempfile::tempdir().unwrap();
+    let server = kiln_tests::CacheServer::start(
+        store.path(),
+        &[
+            "--tls-cert",
+            &s("server.pem"),
+            "--tls-key",
+            &s("server.key"),
+            "--tokens",
+            &s("client-tokens"),
+        ],
+    );
+    let url = format!("https://{}", server.addr);
+    let ca = secrets.path().join("ca.pem");
+    let token = std::fs::read_to_string(secrets.path().join("client.token")).unwrap();
+    let key = "ab".repeat(32);
+    let at = format!("{url}/cas/{key}");
+
+    // Plain text gets no HTTP answer; HTTPS does.
+    let (status, _) = std::panic::catch_unwind(|| server.request("GET", "/metrics", b""))
+        .unwrap_or((0, Vec::new()));
+    assert_eq!(status, 0, "plain text was answered");
+    assert_eq!(curl(&ca, &[&format!("{url}/ac/{key}")]).0, 404);
+    // Writes need the token: missing, wrong, then right (as a bearer and as a URL password).
+    let (status, body) = curl(
+        &ca,
+        &[
+            "-X",
+            "PUT",
+            "--data-binary",
+            "x",
+            &format!("{url}/ac/{key}"),
+        ],
+    );
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("writing needs a client token"), "{body}");
+    let wrong = curl(
+        &ca,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "Authorization: Bearer nope",
+            "--data-binary",
+            "x",
+            &at,
+        ],
+    );
+    assert_eq!(wrong.0, 401, "{}", wrong.1);
+    assert!(
+        wrong.1.contains("not in kiln-cache's --tokens"),
+        "{}",
+        wrong.1
+    );
+    let bearer = format!("Authorization: Bearer {}", token.trim());
+    let ok_put = curl(
+        &ca,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            &bearer,
+            "--data-binary",
+            "x",
+            &format!("{url}/ac/{key}"),
+        ],
+    );
+    assert_eq!(ok_put.0, 200, "{}", ok_put.1);
+    let basic = curl(
+        &ca,
+        &[
+            "-X",
+            "PUT",
+            "-u",
+            &format!("ccache:{}", token.trim()),
+            "--data-binary",
+            "y",
+            &format!("{url}/ccache/{key}"),
+        ],
+    );
+    assert_eq!(basic.0, 200, "{}", basic.1);
+    assert_eq!(curl(&ca, &[&format!("{url}/ac/{key}")]), (200, "x".into()));
+
+    // kiln's remote tier over gRPC with TLS: one machine stores, another hits.
+    let machine = |with_token: bool| {
+        let mut p = Project::with_remote(&url);
+        p.env
+            .push(("KILN_CA_FILE".into(), ca.display().to_string()));
+        if with_token {
+            p.env.push(("KILN_TOKEN_FILE".into(), s("client.token")));
+        }
+        p.write("inc/v.h", "#define V 7\n");
+        p.write("src/m.c", "#include \"v.h\"\nint m(void) { return V; }\n");
+        kiln_tests::settle();
+        p
+    };
+    let args = ["gcc", "-c", "src/m.c", "-o", "m.o", "-Iinc"];
+    let anonymous = machine(false);
+    ok(&anonymous.kiln(&args));
+    let st = anonymous.stats();
+    assert_eq!(
+        (st["remote_uploads"].as_i64(), st["remote_errors"].as_i64()),
+        (Some(0), Some(1)),
+        "{st}"
+    );
+    let a = machine(true);
+    ok(&a.kiln(&args));
+    assert_eq!(a.stats()["remote_uploads"], 2, "{}", a.stats());
+    let b = machine(false);
+    b.kiln_matches_bare(&args, "m.o");
+    assert_eq!(
+        b.stats()["remote_hits"],
+        1,
+        "reads are open without --private: {}",
+        b.stats()
+    );
+}
