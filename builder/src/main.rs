@@ -59,6 +59,10 @@ struct Args {
     /// Memory per job, like 4G.
     #[arg(long, default_value = "4G", value_parser = size)]
     memory: u64,
+    /// The most a toolchain archive may expand to when unpacked: a bigger one (a gzip bomb) is
+    /// refused as soon as it passes this.
+    #[arg(long, default_value = "4G", value_parser = size)]
+    max_toolchain_unpacked: u64,
     /// Logs on stderr for people (`human`) or as JSON lines (`json`); the level is KILN_LOG's.
     #[arg(long, default_value = "human", value_name = "FORMAT")]
     log_format: kiln_proto::logging::LogFormat,
@@ -198,6 +202,7 @@ fn main() -> anyhow::Result<()> {
     config.input_cache = args.input_cache;
     config.limits.timeout = Duration::from_secs(args.timeout.max(1));
     config.limits.memory = args.memory;
+    config.limits.toolchain_unpacked = args.max_toolchain_unpacked;
     config.uid_base = args.uid_base;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {

@@ -289,6 +289,21 @@ fn run_subcommand(env: &Env, cli: Cli) -> anyhow::Result<()> {
                 "scheduler           {}",
                 config.scheduler.as_deref().unwrap_or("(none)")
             );
+            println!(
+                "remote_cache        {}",
+                config.remote_cache.as_deref().unwrap_or("(none)")
+            );
+            let path = |p: &Option<std::path::PathBuf>, none: &str| {
+                p.as_ref()
+                    .map_or(none.to_string(), |p| p.display().to_string())
+            };
+            println!(
+                "ca_file             {}",
+                path(&config.ca_file, "(the system's roots)")
+            );
+            // The token's file, never the token.
+            println!("token_file          {}", path(&config.token_file, "(none)"));
+            println!("cross_check         {}", config.cross_check);
         }
         Command::Cleanup => {
             let r = store

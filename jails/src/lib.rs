@@ -43,6 +43,19 @@ pub struct Limits {
     pub open_files: u64,
     /// Everything the job writes, inputs and `/tmp` included (the container's upper layer).
     pub disk: u64,
+    /// The most a toolchain archive may expand to when its image is made: a gzip bomb stops
+    /// here, before it fills the disk.
+    pub toolchain_unpacked: u64,
+}
+
+impl Limits {
+    /// The unpacker's caps for a toolchain archive.
+    pub fn archive(&self) -> kiln_proto::archive::Limits {
+        kiln_proto::archive::Limits {
+            max_bytes: self.toolchain_unpacked,
+            ..kiln_proto::archive::Limits::default()
+        }
+    }
 }
 
 impl Default for Limits {
@@ -54,6 +67,7 @@ impl Default for Limits {
             file_size: 2 << 30,
             open_files: 4096,
             disk: 4 << 30,
+            toolchain_unpacked: 4 << 30,
         }
     }
 }

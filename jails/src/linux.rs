@@ -277,7 +277,7 @@ impl Backend for LinuxJail {
         let unpacked = kiln_proto::archive::unpack(
             std::io::BufReader::new(file),
             &tmp,
-            &kiln_proto::archive::Limits::default(),
+            &self.limits.archive(),
         );
         if let Err(e) = unpacked {
             let _ = fs::remove_dir_all(&tmp);

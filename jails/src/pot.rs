@@ -564,8 +564,13 @@ impl Backend for PotJail {
         let made = {
             let cell = self.pot_cell(&name);
             let mut state = lock(&cell);
-            toolchain::install(archive, &self.root_of(&name), ".kiln-toolchain")
-                .and_then(|()| self.snapshot_locked(&name, &mut state))
+            toolchain::install(
+                archive,
+                &self.root_of(&name),
+                ".kiln-toolchain",
+                &self.limits.archive(),
+            )
+            .and_then(|()| self.snapshot_locked(&name, &mut state))
         };
         if let Err(e) = made {
             lock(&self.children).remove(&name);

@@ -239,7 +239,35 @@ fn real_waf_clean_build_is_all_hits() {
         has_waflib,
         "waflib and urllib3 are not installed: scripts/test.sh installs them"
     );
-    let server = CacheServer::start(&p.path("store"), &[]);
+    // A cache that checks tokens, with waf (whose client cannot send one) let through.
+    let tokens = p.path("tokens");
+    std::fs::write(
+        &tokens,
+        format!("ci {}\n", kiln_proto::auth::hash("secret")),
+    )
+    .unwrap();
+    let server = CacheServer::start(
+        &p.path("store"),
+        &[
+            "--tokens",
+            tokens.to_str().unwrap(),
+            "--anonymous",
+            "waf",
+            "--insecure",
+        ],
+    );
+    let key = "ab".repeat(32);
+    assert_eq!(
+        server.request("PUT", &format!("/ccache/{key}"), b"x").0,
+        401
+    );
+    let bearer = [("Authorization", "Bearer secret")];
+    assert_eq!(
+        server
+            .request_with("PUT", &format!("/ccache/{key}"), &bearer, b"x")
+            .0,
+        200
+    );
     p.write(
         "waf",
         "#!/usr/bin/env python3\nimport os, waflib\nfrom waflib import Scripting, Context\n\

@@ -877,3 +877,50 @@ fn kiln_cache_over_tls_takes_writes_only_with_a_token() {
         b.stats()
     );
 }
+
+#[test]
+fn a_gzip_bomb_toolchain_stops_at_the_builders_cap_and_leaves_nothing() {
+    use std::io::Read;
+    let mut farm = Farm::start(0, 1);
+    farm.start_builder_with(0, |c| c.limits.toolchain_unpacked = 32 << 20);
+    farm.wait_for_builders(1);
+    // 1 GiB of zeros in one file: about a megabyte of gzip.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    {
+        let mut b = tar::Builder::new(&mut gz);
+        let mut h = tar::Header::new_gnu();
+        h.set_path("usr/bin/cc").unwrap();
+        h.set_size(1 << 30);
+        h.set_mode(0o755);
+        h.set_cksum();
+        b.append(&h, std::io::repeat(0).take(1 << 30)).unwrap();
+        b.finish().unwrap();
+    }
+    let bytes = gz.finish().unwrap();
+    assert!(bytes.len() < 8 << 20, "{} bytes", bytes.len());
+    let digest = Digest::of(&bytes);
+    let started = std::time::Instant::now();
+    let end = run_job(
+        &farm,
+        spec_for(&digest, bytes.len() as u64, vec![]),
+        HashMap::from([(digest, bytes)]),
+    );
+    let message = refused_message(end);
+    assert!(
+        message.contains("archive expands past the limit of 33554432 bytes"),
+        "{message}"
+    );
+    // It stopped at the cap, not at the end of the gigabyte.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    // Nothing of it is left in the builder's images.
+    let images = farm.builder_dir(0).join("jail/images");
+    let left: Vec<_> = std::fs::read_dir(&images)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub tokens: Option<Arc<kiln_proto::auth::Tokens>>,
     /// Reads need a token too.
     pub private: bool,
+    /// Protocols (`waf`, `bazel`, `ccache`) that need no token at all, for clients that cannot
+    /// send one (waf's).
+    pub anonymous: Vec<String>,
 }
 
 /// Which protocol a request speaks, and the key it names.
@@ -118,6 +121,8 @@ struct AppState {
     counts: Arc<Counts>,
     tokens: Option<Arc<kiln_proto::auth::Tokens>>,
     private: bool,
+    /// By protocol index: writes need no token.
+    anonymous: [bool; 5],
 }
 
 impl AppState {
@@ -252,6 +257,10 @@ pub async fn serve(
         counts,
         tokens: config.tokens,
         private: config.private,
+        anonymous: std::array::from_fn(|i| {
+            let name = PROTOCOLS[i].split('_').next().unwrap_or_default();
+            i != 4 && config.anonymous.iter().any(|p| p == name)
+        }),
     };
     let grpc = kiln_proto::v1::cache_server::CacheServer::new(grpc::CacheService(state.clone()))
         .max_decoding_message_size(config.max_body.saturating_add(4096))
@@ -324,7 +333,12 @@ async fn handle(State(st): State<AppState>, req: Request) -> Response {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if let Err(why) = st.access(header, write) {
+    let checked = if st.anonymous[protocol] {
+        Ok(())
+    } else {
+        st.access(header, write)
+    };
+    if let Err(why) = checked {
         // Read a small upload before refusing it: an HTTP/2 client that is answered before it
         // finished sending sees a reset stream instead of the refusal. A large one is cut off.
         let _ = to_bytes(req.into_body(), 64 << 10).await;

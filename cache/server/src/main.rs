@@ -46,6 +46,10 @@ struct Args {
     /// Reading needs a token too.
     #[arg(long, requires = "tokens")]
     private: bool,
+    /// Let this protocol read and write without a token, for clients that cannot send one
+    /// (waf's wafcache cannot). Repeat for each.
+    #[arg(long, value_name = "PROTOCOL", value_parser = ["waf", "bazel", "ccache"])]
+    anonymous: Vec<String>,
     /// Serve in plain text, or let anyone write, where no TLS or --tokens is given. Logged as a
     /// warning.
     #[arg(long)]
@@ -107,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
         listen,
         tokens,
         private: args.private,
+        anonymous: args.anonymous,
     };
     serve(config, listener, shutdown).await
 }

@@ -14,16 +14,17 @@ use std::path::{Path, PathBuf};
 
 use crate::JailError;
 
-/// Unpacks `archive` into `root`, merging it over what is there.
-pub(crate) fn install(archive: &Path, root: &Path, staging_name: &str) -> Result<(), JailError> {
+/// Unpacks `archive` into `root` within `limits`, merging it over what is there.
+pub(crate) fn install(
+    archive: &Path,
+    root: &Path,
+    staging_name: &str,
+    limits: &kiln_proto::archive::Limits,
+) -> Result<(), JailError> {
     let staging = root.join(staging_name);
     let file =
         fs::File::open(archive).map_err(JailError::io(format!("opening {}", archive.display())))?;
-    let unpacked = kiln_proto::archive::unpack(
-        io::BufReader::new(file),
-        &staging,
-        &kiln_proto::archive::Limits::default(),
-    );
+    let unpacked = kiln_proto::archive::unpack(io::BufReader::new(file), &staging, limits);
     let merged = unpacked
         .map_err(JailError::from)
         .and_then(|_| merge(&staging, root, Path::new("/")));
@@ -106,7 +107,7 @@ mod tests {
         fs::create_dir_all(root.join("bin")).unwrap();
         fs::write(root.join("lib/libc.so"), b"template libc").unwrap();
         fs::write(root.join("bin/sh"), b"sh").unwrap();
-        install(&archive, &root, ".staging").unwrap();
+        install(&archive, &root, ".staging", &Default::default()).unwrap();
         assert_eq!(fs::read(root.join("lib/libc.so")).unwrap(), b"client libc");
         assert_eq!(fs::read(root.join("usr/bin/gcc")).unwrap(), b"gcc");
         assert_eq!(fs::read(root.join("bin/sh")).unwrap(), b"sh");
@@ -118,7 +119,7 @@ mod tests {
         let outside = dir.path().join("outside");
         fs::create_dir_all(outside.join("bin")).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("usr")).unwrap();
-        let err = install(&archive, &root, ".staging").unwrap_err();
+        let err = install(&archive, &root, ".staging", &Default::default()).unwrap_err();
         assert!(err.to_string().contains("/usr directory"), "{err}");
         assert!(
             !outside.join("bin/gcc").exists(),
