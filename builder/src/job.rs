@@ -142,10 +142,11 @@ async fn run(
     .await;
 }
 
-/// A checked absolute path: no `..`, not the root.
+/// A checked absolute path: no `..`, not the root, no NUL (see [`check`]).
 fn jail_path(text: &str, what: &str) -> Result<PathBuf, JobError> {
     let path = PathBuf::from(text);
-    let ok = path.is_absolute()
+    let ok = !text.contains('\0')
+        && path.is_absolute()
         && path.components().count() > 1
         && path.components().all(|c| {
             matches!(
@@ -182,6 +183,15 @@ fn check(spec: &JobSpec) -> Result<Checked, JobError> {
         return Err(bad("no command".into()));
     }
     jail_path(&spec.argv[0], "the program")?;
+    // The jail helper gets the command as NUL-separated words: a NUL inside an argument or a
+    // variable would let the job add words of its own, such as its uid or its time limit.
+    let mut words = spec
+        .argv
+        .iter()
+        .chain(spec.env.iter().flat_map(|e| [&e.name, &e.value]));
+    if let Some(word) = words.find(|w| w.contains('\0')) {
+        return Err(bad(format!("{word:?} holds a NUL byte")));
+    }
     if spec.inputs.len() > MAX_INPUTS || spec.outputs.len() > MAX_OUTPUTS {
         return Err(bad("too many inputs or outputs".into()));
     }
@@ -217,6 +227,17 @@ fn check(spec: &JobSpec) -> Result<Checked, JobError> {
             .map(|o| jail_path(o, "output"))
             .collect::<Result<_, _>>()?,
     })
+}
+
+/// The builder's checks of a [`JobSpec`] (paths inside the jail, digests, counts, no NUL), for
+/// the fuzz targets in `fuzz/`. Not part of the API.
+#[doc(hidden)]
+pub fn check_spec_for_fuzzing(spec: &JobSpec) -> Result<(), String> {
+    match check(spec) {
+        Ok(_) => Ok(()),
+        Err(JobError::Refuse(m) | JobError::Retry(m)) => Err(m),
+        Err(JobError::Gone) => Err("gone".into()),
+    }
 }
 
 async fn execute(
@@ -580,8 +601,33 @@ mod tests {
         for ok in ["/usr/bin/gcc", "/home/u/x.c", "/a/./b"] {
             assert!(jail_path(ok, "p").is_ok(), "{ok}");
         }
-        for bad in ["", "/", "rel/x", "/a/../../etc/passwd", "../x"] {
+        for bad in ["", "/", "rel/x", "/a/../../etc/passwd", "../x", "/a\0"] {
             assert!(jail_path(bad, "p").is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn jobs_with_nul_bytes_are_refused() {
+        let spec = JobSpec {
+            toolchain: Some(wire_digest(&Digest::of(b"t"), 1)),
+            argv: vec!["/bin/cc".into(), "-c".into()],
+            cwd: "/w".into(),
+            ..JobSpec::default()
+        };
+        assert!(check(&spec).is_ok());
+        let refused = |change: &dyn Fn(&mut JobSpec)| {
+            let mut spec = spec.clone();
+            change(&mut spec);
+            check(&spec).is_err()
+        };
+        // Each once reached the jail helper as extra words: `--uid 1` here.
+        let smuggle = |before: &str| [before, "--uid", "1"].join("\0");
+        assert!(refused(&|s| s.env.push(kiln_proto::v1::EnvVar {
+            name: "A".into(),
+            value: smuggle("x"),
+        })));
+        assert!(refused(&|s| s.argv.push(smuggle("x"))));
+        assert!(refused(&|s| s.cwd = smuggle("/w")));
+        assert!(refused(&|s| s.outputs.push("/w/a.o\0".into())));
     }
 }

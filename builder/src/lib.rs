@@ -27,6 +27,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 pub use jail::{Jail, JailKind};
+#[doc(hidden)]
+pub use job::check_spec_for_fuzzing;
 pub use toolchains::ToolchainCache;
 
 /// The builder's settings.

@@ -359,6 +359,26 @@ impl Backend for LinuxJail {
     }
 
     fn run(&self, container: &Container, spec: &RunSpec) -> Result<Outcome, JailError> {
+        let limits = spec.limits;
+        // Encoded first: a job that cannot be sent leaves the container primed.
+        let words = helper::Job {
+            uid: spec.uid,
+            gid: spec.gid,
+            cwd: spec.cwd.clone(),
+            timeout_ms: limits.timeout.as_millis() as u64,
+            memory: limits.memory,
+            processes: u64::from(limits.processes),
+            file_size: limits.file_size,
+            open_files: limits.open_files,
+            env: spec
+                .env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}").into())
+                .collect(),
+            argv: spec.argv.iter().map(Into::into).collect(),
+        }
+        .to_words()
+        .map_err(JailError::Setup)?;
         let status_file = container.dir.join("status");
         let _ = fs::remove_file(&status_file);
         let primed = container
@@ -379,29 +399,12 @@ impl Backend for LinuxJail {
                     .ok_or_else(|| JailError::Setup("the container was not primed".into()))?
             }
         };
-        let limits = spec.limits;
-        let job = helper::Job {
-            uid: spec.uid,
-            gid: spec.gid,
-            cwd: spec.cwd.clone(),
-            timeout_ms: limits.timeout.as_millis() as u64,
-            memory: limits.memory,
-            processes: u64::from(limits.processes),
-            file_size: limits.file_size,
-            open_files: limits.open_files,
-            env: spec
-                .env
-                .iter()
-                .map(|(k, v)| format!("{k}={v}").into())
-                .collect(),
-            argv: spec.argv.iter().map(Into::into).collect(),
-        };
         let started = Instant::now();
         *container.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(child.id());
         if let Some(mut stdin) = child.stdin.take() {
             use std::io::Write;
             // A helper that died while primed has closed its end; its report says why.
-            let _ = stdin.write_all(&job.to_words());
+            let _ = stdin.write_all(&words);
         }
         let out = child
             .stdout

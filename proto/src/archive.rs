@@ -192,6 +192,7 @@ pub fn unpack(
     let mut archive = tar::Archive::new(counted);
     let mut done = Unpacked::default();
     let mut entries_seen = 0u64;
+    let mut links = Vec::new();
     let entries = archive.entries().map_err(read_error(limits))?;
     for entry in entries {
         let mut entry = entry.map_err(read_error(limits))?;
@@ -259,6 +260,7 @@ pub fn unpack(
                     io::ErrorKind::AlreadyExists => ArchiveError::Duplicate(rel.clone()),
                     _ => write_err(e),
                 })?;
+                links.push((rel, link));
             }
             tar::EntryType::Link => {
                 let link = entry
@@ -286,6 +288,14 @@ pub fn unpack(
                     kind: format!("{other:?}"),
                 })
             }
+        }
+    }
+    // Each link stays inside on its own, but one may lead through others: with `s -> .`,
+    // `l -> s/..` names the destination's parent. Only the whole tree can tell (found by
+    // `fuzz/`).
+    for (path, target) in links {
+        if !resolves_inside(dest, &path) {
+            return Err(ArchiveError::EscapingLink { path, target });
         }
     }
     Ok(done)
@@ -384,6 +394,44 @@ pub fn link_stays_inside(rel: &Path, target: &Path) -> bool {
         }
     }
     !target.as_os_str().is_empty()
+}
+
+/// Whether `rel` below `dest` resolves inside it, following the symlinks on the way as the
+/// kernel does: a link's target is walked from the link's directory, and a `..` after a link
+/// leaves what the link points at. A missing component counts as a directory (a `..` after
+/// it is still checked), and a path that needs more than 40 links is not inside.
+fn resolves_inside(dest: &Path, rel: &Path) -> bool {
+    // What is left to walk, next component last; where the walk is, in real directories.
+    let mut todo: Vec<std::ffi::OsString> = rel.iter().rev().map(Into::into).collect();
+    let mut at = dest.to_path_buf();
+    let mut depth = 0usize;
+    let mut hops = 0;
+    while let Some(part) = todo.pop() {
+        if part == "." {
+            continue;
+        }
+        if part == ".." {
+            if depth == 0 {
+                return false;
+            }
+            at.pop();
+            depth -= 1;
+            continue;
+        }
+        at.push(&part);
+        match fs::read_link(&at) {
+            Ok(target) => {
+                hops += 1;
+                if hops > 40 || target.is_absolute() {
+                    return false;
+                }
+                at.pop();
+                todo.extend(target.iter().rev().map(Into::into));
+            }
+            Err(_) => depth += 1,
+        }
+    }
+    true
 }
 
 const LIMIT_MARK: &str = "kiln-archive-limit";

@@ -417,6 +417,15 @@ fn hostile_toolchain_archives_are_refused_by_the_builder_and_touch_nothing() {
             "leaves the archive",
         ),
         (
+            "symlink escaping through another",
+            archive(&[
+                (Directory, "a", "", 0o755, b""),
+                (Symlink, "a/s", "..", 0o777, b""),
+                (Symlink, "a/l", "s/../../escaped", 0o777, b""),
+            ]),
+            "leaves the archive",
+        ),
+        (
             "file below a symlink",
             archive(&[
                 (Directory, "usr", "", 0o755, b""),
@@ -575,6 +584,27 @@ fn paths_outside_the_jail_are_refused() {
             message.contains(words) && message.contains("inside the jail"),
             "{what}: {message}"
         );
+    }
+    // The jail helper reads the job as NUL-separated words: a NUL in the environment or an
+    // argument would let the job set its own uid (here root) and limits.
+    let smuggled = ["x", "--uid", "0", "--timeout-ms", "99999999"].join("\0");
+    let with = |change: &dyn Fn(&mut JobSpec)| {
+        let mut spec = spec_for(&toolchain, 1, vec![]);
+        if let Some(from_client::Msg::Spec(s)) = &mut spec.msg {
+            change(s);
+        }
+        spec
+    };
+    let env = with(&|s| {
+        s.env.push(kiln_proto::v1::EnvVar {
+            name: "LANG".into(),
+            value: smuggled.clone(),
+        })
+    });
+    let arg = with(&|s| s.argv.push(smuggled.clone()));
+    for (what, spec) in [("variable", env), ("argument", arg)] {
+        let message = refused_message(run_job(&farm, spec, HashMap::new()));
+        assert!(message.contains("holds a NUL byte"), "{what}: {message}");
     }
     assert_eq!(farm.status()["builders"].as_array().unwrap().len(), 1);
 }

@@ -155,8 +155,10 @@ pub struct Job {
 }
 
 impl Job {
-    /// The job as NUL-separated words: flags, `--env NAME=VALUE`s, `--`, the command.
-    pub fn to_words(&self) -> Vec<u8> {
+    /// The job as NUL-separated words: flags, `--env NAME=VALUE`s, `--`, the command. A word
+    /// holding a NUL is refused: it would arrive as several words, and a job's environment or
+    /// working directory could then set `--uid` or the limits itself (found by `fuzz/`).
+    pub fn to_words(&self) -> Result<Vec<u8>, String> {
         let mut words: Vec<OsString> = Vec::new();
         let mut push = |k: &str, v: OsString| {
             words.push(k.into());
@@ -177,10 +179,13 @@ impl Job {
         words.extend(self.argv.iter().cloned());
         let mut out = Vec::new();
         for w in words {
+            if w.as_bytes().contains(&0) {
+                return Err(format!("a job word holds a NUL byte: {w:?}"));
+            }
             out.extend_from_slice(w.as_bytes());
             out.push(0);
         }
-        out
+        Ok(out)
     }
 
     pub fn parse(bytes: &[u8]) -> Result<Job, String> {
@@ -638,20 +643,50 @@ mod tests {
             ],
             ..Job::default()
         };
-        assert_eq!(Job::parse(&job.to_words()).unwrap(), job);
+        assert_eq!(Job::parse(&job.to_words().unwrap()).unwrap(), job);
         let root = Job {
             uid: 0,
             ..job.clone()
         };
-        assert!(Job::parse(&root.to_words()).is_err());
+        assert!(Job::parse(&root.to_words().unwrap()).is_err());
         let no_command = Job {
             argv: vec![],
             ..job.clone()
         };
-        assert!(Job::parse(&no_command.to_words()).is_err());
+        assert!(Job::parse(&no_command.to_words().unwrap()).is_err());
         assert!(Job::parse(b"--uid\x005").is_err(), "unterminated");
         assert!(Job::parse(b"--env\0NOEQUALS\0--\0/x\0").is_err());
         assert!(Job::parse(b"--uid\0x\0--\0/x\0").is_err());
+    }
+
+    #[test]
+    fn jobs_refuse_words_that_would_split() {
+        // An environment value with NULs once became extra words: here, a uid and a time limit
+        // of the job's choosing.
+        let job = Job {
+            uid: 1000,
+            gid: 1000,
+            cwd: "/w".into(),
+            timeout_ms: 5,
+            env: vec![["A=x", "--uid", "1", "--timeout-ms", "99999999"]
+                .join("\0")
+                .into()],
+            argv: vec!["/bin/cc".into()],
+            ..Job::default()
+        };
+        assert!(job.to_words().is_err());
+        let clean = Job {
+            env: vec!["A=x".into()],
+            ..job
+        };
+        assert!(clean.to_words().is_ok());
+        for cwd in [["/w", "--uid", "1"].join("\0"), "/w\0".into()] {
+            let job = Job {
+                cwd: cwd.clone().into(),
+                ..clean.clone()
+            };
+            assert!(job.to_words().is_err(), "{cwd:?}");
+        }
     }
 
     #[test]

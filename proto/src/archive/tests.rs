@@ -294,6 +294,36 @@ fn garbage_is_a_read_error_not_a_panic() {
 }
 
 #[test]
+fn refuses_links_that_escape_through_other_links() {
+    let sym = tar::EntryType::Symlink;
+    // Each stays inside on its own; together `l` is the destination's parent. In either order.
+    let dot_then_up = Raw::new()
+        .entry(sym, "s", ".", 0o777, b"")
+        .entry(sym, "l", "s/..", 0o777, b"")
+        .bytes();
+    let up_then_dot = Raw::new()
+        .entry(sym, "a/l", "s/../../x", 0o777, b"")
+        .entry(sym, "a/s", "..", 0o777, b"")
+        .bytes();
+    for archive in [dot_then_up, up_then_dot] {
+        assert!(matches!(
+            refused(&archive),
+            ArchiveError::EscapingLink { .. }
+        ));
+    }
+    // Chains that stay inside, a dangling link and a `..` through a real directory still do.
+    let inside = Raw::new()
+        .entry(tar::EntryType::Directory, "d/e", "", 0o755, b"")
+        .entry(sym, "d/up", "..", 0o777, b"")
+        .entry(sym, "d/e/l", "../up/d/e", 0o777, b"")
+        .entry(sym, "x", "d/e/../../missing", 0o777, b"")
+        .entry(sym, "lib64", "d/e/l", 0o777, b"")
+        .bytes();
+    let (_dir, result) = unpack_into(&inside, &Limits::default());
+    result.unwrap();
+}
+
+#[test]
 fn link_containment_is_lexical() {
     assert!(link_stays_inside(Path::new("a/b/l"), Path::new("../c")));
     assert!(link_stays_inside(Path::new("a/b/l"), Path::new("../../c")));
