@@ -56,7 +56,7 @@ BenchError = lc.BenchError
 log, banner, loud, run_cmd = lc.log, lc.banner, lc.loud, lc.run_cmd
 
 ALL_PROJECTS = ("lua", "leveldb")
-DIST_TOOLS = ("sccache-dist", "distcc", "distcc-pump", "icecc", "kiln")
+DIST_TOOLS = ("sccache-dist", "distcc", "distcc-pump", "icecc", "kiln", "kiln-plaintext")
 LUA_FLAGS = ["-std=gnu99", "-g", "-O2", "-Wall", "-Wextra",
              "-DLUA_COMPAT_5_3", "-DLUA_USE_LINUX", "-c"]
 LUA_EXCLUDE = {"lua.c", "luac.c"}
@@ -831,6 +831,7 @@ def dist_part(obj):
 
 class Kiln(Tool):
     name = "kiln"
+    plaintext = False
     remote = True
 
     def build(self) -> None:
@@ -876,24 +877,29 @@ class Kiln(Tool):
         if h.returncode != 0:
             raise Skip(f"`kiln dist-status` is not a command yet: {(h.stderr or h.stdout).strip()[:200]}")
         port = free_port()
-        # Deployed as a user would: TLS and tokens from `kiln-scheduler init`.
-        secrets = d / "secrets"
-        subprocess.run([str(sched), "init", str(secrets)], check=True, capture_output=True)
-        self.url = f"https://127.0.0.1:{port}"
         denv = clean_env()
-        sp = self.daemon("scheduler", [str(sched), "--listen", f"127.0.0.1:{port}",
-                                       "--tls-cert", str(secrets / "server.pem"), "--tls-key", str(secrets / "server.key"),
-                                       "--client-tokens", str(secrets / "client-tokens"),
-                                       "--builder-tokens", str(secrets / "builder-tokens")],
+        if self.plaintext:
+            self.url = f"http://127.0.0.1:{port}"
+            sched_auth, builder_auth, client_auth = ["--insecure"], ["--insecure"], {}
+        else:
+            # Deployed as a user would: TLS and tokens from `kiln-scheduler init`.
+            secrets = d / "secrets"
+            subprocess.run([str(sched), "init", str(secrets)], check=True, capture_output=True)
+            self.url = f"https://127.0.0.1:{port}"
+            sched_auth = ["--tls-cert", str(secrets / "server.pem"), "--tls-key", str(secrets / "server.key"),
+                          "--client-tokens", str(secrets / "client-tokens"),
+                          "--builder-tokens", str(secrets / "builder-tokens")]
+            builder_auth = ["--ca", str(secrets / "ca.pem"), "--token-file", str(secrets / "builder.token")]
+            client_auth = dict(KILN_CA_FILE=str(secrets / "ca.pem"), KILN_TOKEN_FILE=str(secrets / "client.token"))
+        sp = self.daemon("scheduler", [str(sched), "--listen", f"127.0.0.1:{port}", *sched_auth],
                          d / "scheduler.log", env=denv)
         if not wait_port("127.0.0.1", port, 20, sp):
             raise Skip(f"kiln-scheduler did not listen on 127.0.0.1:{port}:\n{tail(d / 'scheduler.log')}")
         bp = self.daemon("builder", [str(builder), "--scheduler", self.url, "--jail", "linux",
                                      "--slots", str(self.args.slots), "--work-dir", str(d / "builder"),
-                                     "--ca", str(secrets / "ca.pem"), "--token-file", str(secrets / "builder.token")],
+                                     *builder_auth],
                          d / "builder.log", env=denv)
-        self.env.update(KILN_SCHEDULER=self.url, KILN_DIST="1", KILN_CA_FILE=str(secrets / "ca.pem"),
-                        KILN_TOKEN_FILE=str(secrets / "client.token"))
+        self.env.update(KILN_SCHEDULER=self.url, KILN_DIST="1", **client_auth)
         end, last = time.monotonic() + 60, ""
         while time.monotonic() < end:
             if bp.poll() is not None:
@@ -950,8 +956,14 @@ class Kiln(Tool):
                 "dist_stats": part}
 
 
+class KilnPlaintext(Kiln):
+    """kiln's farm with --insecure: no TLS, no tokens. Not a deployment; it prices TLS."""
+    name = "kiln-plaintext"
+    plaintext = True
+
+
 TOOL_CLASSES = {"sccache-dist": SccacheDist, "distcc": Distcc, "distcc-pump": DistccPump,
-                "icecc": Icecc, "kiln": Kiln}
+                "icecc": Icecc, "kiln": Kiln, "kiln-plaintext": KilnPlaintext}
 
 
 # --------------------------------------------------------------------------
@@ -1307,8 +1319,9 @@ def parse_args(argv=None):
                "2 setup error.  Object differences are reported, not errors.")
     ap.add_argument("--work", default="/tmp/kiln-bench", type=Path,
                     help="work directory; sources are shared with local-cache.py (default: %(default)s)")
-    ap.add_argument("--tools", type=csv_list(DIST_TOOLS), default=list(DIST_TOOLS),
-                    help="tools to measure, comma separated (default: all: %(default)s); plain always runs")
+    ap.add_argument("--tools", type=csv_list(DIST_TOOLS), default=[t for t in DIST_TOOLS if t != "kiln-plaintext"],
+                    help="tools to measure, comma separated (default: %(default)s); plain always runs; "
+                         "kiln-plaintext is kiln's farm without TLS and tokens, to price them")
     ap.add_argument("--projects", type=csv_list(ALL_PROJECTS), default=list(ALL_PROJECTS),
                     help="projects, comma separated (default: lua,leveldb)")
     ap.add_argument("--jobs", type=int_list, default=[1, 4],
