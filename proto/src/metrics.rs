@@ -68,6 +68,7 @@ impl Exposition {
     ) {
         self.family(name, help, "counter");
         for (v, n) in values {
+            let v = escape_label(v);
             let _ = writeln!(self.out, "{name}{{{label}=\"{v}\"}} {n}");
         }
     }
@@ -94,9 +95,27 @@ impl Exposition {
     }
 }
 
+/// A label value as the exposition format quotes it: backslash, quote and newline escaped.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut e = Exposition::default();
+        e.labelled_counter("a_total", "A.", "who", &[("x\"y\\z\nw", 1)]);
+        let text = e.finish();
+        assert!(
+            text.lines().any(|l| l == r#"a_total{who="x\"y\\z\nw"} 1"#),
+            "{text}"
+        );
+    }
 
     #[test]
     fn families_are_typed_and_buckets_cumulative() {

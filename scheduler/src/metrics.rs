@@ -2,9 +2,12 @@
 //!
 //! Counters and histograms are atomics bumped on the job path (no lock); gauges (builders,
 //! slots, toolchains kept) are read from the registry when scraped. Labels come from fixed sets
-//! (outcomes, directions), never from a client or builder name, so the series stay bounded.
+//! (outcomes, directions) or from the names in the client tokens file, which the operator
+//! writes; never from what a client or builder says, so the series stay bounded.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use kiln_proto::metrics::{Exposition, Histogram};
 
@@ -64,6 +67,8 @@ pub struct Metrics {
     pub placement: Histogram,
     /// From a job's arrival to the builder's result.
     pub job: Histogram,
+    /// Jobs received, by the name of the client's token (`anyone` on an open farm).
+    clients: Mutex<BTreeMap<String, u64>>,
 }
 
 /// The registry's side of a scrape.
@@ -85,9 +90,21 @@ impl Metrics {
         self.outcomes[i].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A job arrived from the client whose token is named `client`.
+    pub fn received_from(&self, client: &str) {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        *clients.entry(client.to_owned()).or_default() += 1;
+    }
+
     /// The exposition text.
     pub fn render(&self, g: Gauges) -> String {
         let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        let clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let clients: Vec<(&str, u64)> = clients.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         let outcomes: Vec<(&str, u64)> = Outcome::ALL
             .iter()
             .zip(&self.outcomes)
@@ -99,6 +116,12 @@ impl Metrics {
             "Jobs that left the scheduler, by outcome.",
             "outcome",
             &outcomes,
+        );
+        e.labelled_counter(
+            "kiln_scheduler_client_jobs_total",
+            "Jobs received, by the name of the client's token in the tokens file.",
+            "client",
+            &clients,
         );
         e.counter(
             "kiln_scheduler_job_retries_total",
@@ -169,6 +192,9 @@ mod tests {
         m.count(Outcome::Finished);
         m.count(Outcome::Finished);
         m.count(Outcome::NoCapacity);
+        m.received_from("ci");
+        m.received_from("alice");
+        m.received_from("ci");
         let text = m.render(Gauges {
             builders: 2,
             slots: 8,
@@ -179,6 +205,8 @@ mod tests {
             "kiln_scheduler_jobs_total{outcome=\"finished\"} 2",
             "kiln_scheduler_jobs_total{outcome=\"no_capacity\"} 1",
             "kiln_scheduler_jobs_total{outcome=\"abandoned\"} 0",
+            "kiln_scheduler_client_jobs_total{client=\"ci\"} 2",
+            "kiln_scheduler_client_jobs_total{client=\"alice\"} 1",
             "kiln_scheduler_job_seconds_count 0",
             "kiln_scheduler_slots 8",
             "kiln_scheduler_slots_busy 3",

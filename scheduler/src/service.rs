@@ -84,12 +84,16 @@ struct Job {
     bytes: u64,
     /// Counts against its client's jobs in flight until the job is dropped.
     _held: Option<Held>,
+    /// The name of the client's token.
+    caller: String,
 }
 
 /// A job that is over, for the dashboard.
 #[derive(Debug, Clone)]
 struct Recent {
     label: String,
+    /// The name of the client's token.
+    client: String,
     builder: String,
     ms: u64,
     outcome: &'static str,
@@ -126,6 +130,7 @@ impl Job {
         let at = Instant::now();
         Recent {
             label: self.spec.label.clone(),
+            client: self.caller.clone(),
             builder: self.builder.clone(),
             ms: at.duration_since(self.started).as_millis() as u64,
             outcome,
@@ -362,6 +367,7 @@ impl Scheduler {
                 .map(|r| {
                     serde_json::json!({
                         "label": r.label,
+                        "client": r.client,
                         "builder": r.builder,
                         "ms": r.ms,
                         "outcome": r.outcome,
@@ -1002,6 +1008,7 @@ impl SchedulerRpc for Scheduler {
         let (tx, rx) = mpsc::channel(64);
         let id = self.inner.next_job.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(job = id, label = %spec.label, client = %caller.name, "job received");
+        self.inner.metrics.received_from(&caller.name);
         self.lock().jobs.insert(
             id,
             Job {
@@ -1015,6 +1022,7 @@ impl SchedulerRpc for Scheduler {
                 finished: false,
                 bytes: 0,
                 _held: held,
+                caller: caller.name,
             },
         );
         self.place(id).await;

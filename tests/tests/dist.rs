@@ -529,6 +529,11 @@ fn the_schedulers_metrics_count_the_jobs_it_ran() {
             .unwrap_or_else(|| panic!("no {k} in {m:?}"))
     };
     assert_eq!(get("kiln_scheduler_jobs_total{outcome=\"finished\"}"), 3.0);
+    // By the name of the client's token: `init` names the first one `clients`.
+    assert_eq!(
+        get("kiln_scheduler_client_jobs_total{client=\"clients\"}"),
+        3.0
+    );
     assert_eq!(get("kiln_scheduler_jobs_total{outcome=\"abandoned\"}"), 0.0);
     assert_eq!(
         get("kiln_scheduler_jobs_total{outcome=\"no_capacity\"}"),
@@ -658,6 +663,7 @@ fn the_dashboard_shows_the_builders_and_jobs_in_a_real_browser() {
         "{api}"
     );
     assert_eq!(recent[0]["outcome"], "finished");
+    assert_eq!(recent[0]["client"], "clients", "{api}");
     assert!(recent[0]["bytes"].as_u64().unwrap() > 0, "{api}");
     let per_10s: u64 = api["finished_per_10s"]
         .as_array()
@@ -683,6 +689,7 @@ fn the_dashboard_shows_the_builders_and_jobs_in_a_real_browser() {
         "map.cc",
         "finished",
         "2 builders",
+        "<td>clients</td>",
     ] {
         assert!(dom.contains(shown), "{shown} is not on the page: {dom}");
     }
