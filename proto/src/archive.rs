@@ -159,6 +159,8 @@ pub enum ArchiveError {
     },
     #[error("archive has more than {0} entries")]
     TooManyEntries(u64),
+    #[error("archive's symlinks lead through each other for more than {0} steps")]
+    TangledLinks(u64),
     #[error("archive expands past the limit of {0} bytes")]
     TooLarge(u64),
     #[error("reading the archive: {0}")]
@@ -250,6 +252,15 @@ pub fn unpack(
                     .map_err(read_error(limits))?
                     .ok_or_else(|| ArchiveError::EmptyPath(rel.clone()))?
                     .into_owned();
+                // Capped like entry names: resolving a long target costs a step per part.
+                let len = link.as_os_str().len();
+                if len > limits.max_path {
+                    return Err(ArchiveError::PathTooLong {
+                        path: rel,
+                        len,
+                        max: limits.max_path,
+                    });
+                }
                 if !link_stays_inside(&rel, &link) {
                     return Err(ArchiveError::EscapingLink {
                         path: rel,
@@ -292,14 +303,22 @@ pub fn unpack(
     }
     // Each link stays inside on its own, but one may lead through others: with `s -> .`,
     // `l -> s/..` names the destination's parent. Only the whole tree can tell (found by
-    // `fuzz/`).
+    // `fuzz/`). Each walk is capped at 40 links, and all of them share one budget of steps, so
+    // that links leading through each other cannot make the check itself the attack.
+    let mut steps = LINK_STEPS;
     for (path, target) in links {
-        if !resolves_inside(dest, &path) {
-            return Err(ArchiveError::EscapingLink { path, target });
+        match resolves_inside(dest, &path, &mut steps) {
+            Some(true) => {}
+            Some(false) => return Err(ArchiveError::EscapingLink { path, target }),
+            None => return Err(ArchiveError::TangledLinks(LINK_STEPS)),
         }
     }
     Ok(done)
 }
+
+/// Path components the link check may walk for a whole archive: each costs a `readlink`
+/// (about a microsecond). A real toolchain's links take a few thousand.
+const LINK_STEPS: u64 = 1_000_000;
 
 fn read_error(limits: &Limits) -> impl Fn(io::Error) -> ArchiveError + '_ {
     move |e| {
@@ -399,20 +418,22 @@ pub fn link_stays_inside(rel: &Path, target: &Path) -> bool {
 /// Whether `rel` below `dest` resolves inside it, following the symlinks on the way as the
 /// kernel does: a link's target is walked from the link's directory, and a `..` after a link
 /// leaves what the link points at. A missing component counts as a directory (a `..` after
-/// it is still checked), and a path that needs more than 40 links is not inside.
-fn resolves_inside(dest: &Path, rel: &Path) -> bool {
+/// it is still checked), and a path that needs more than 40 links is not inside. `None` once
+/// `steps` (components walked, shared by every call) run out.
+fn resolves_inside(dest: &Path, rel: &Path, steps: &mut u64) -> Option<bool> {
     // What is left to walk, next component last; where the walk is, in real directories.
     let mut todo: Vec<std::ffi::OsString> = rel.iter().rev().map(Into::into).collect();
     let mut at = dest.to_path_buf();
     let mut depth = 0usize;
     let mut hops = 0;
     while let Some(part) = todo.pop() {
+        *steps = steps.checked_sub(1)?;
         if part == "." {
             continue;
         }
         if part == ".." {
             if depth == 0 {
-                return false;
+                return Some(false);
             }
             at.pop();
             depth -= 1;
@@ -423,7 +444,7 @@ fn resolves_inside(dest: &Path, rel: &Path) -> bool {
             Ok(target) => {
                 hops += 1;
                 if hops > 40 || target.is_absolute() {
-                    return false;
+                    return Some(false);
                 }
                 at.pop();
                 todo.extend(target.iter().rev().map(Into::into));
@@ -431,7 +452,7 @@ fn resolves_inside(dest: &Path, rel: &Path) -> bool {
             Err(_) => depth += 1,
         }
     }
-    true
+    Some(true)
 }
 
 const LIMIT_MARK: &str = "kiln-archive-limit";

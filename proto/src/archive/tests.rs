@@ -323,6 +323,53 @@ fn refuses_links_that_escape_through_other_links() {
     result.unwrap();
 }
 
+/// An archive of `(name, target)` symlinks, with GNU long names for targets over 100 bytes.
+fn symlinks(dirs: &[&str], links: &[(String, String)]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
+    for d in dirs {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        tar.append_data(&mut h, d, io::empty()).unwrap();
+    }
+    for (name, target) in links {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_size(0);
+        tar.append_link(&mut h, name, target).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap()
+}
+
+#[test]
+fn links_that_take_too_long_to_follow_are_refused() {
+    // A long target costs a step per part when the links are followed: capped like names.
+    let long = symlinks(&["d"], &[("l".into(), "d/./".repeat(300))]);
+    assert!(matches!(
+        refused(&long),
+        ArchiveError::PathTooLong { len: 1200, .. }
+    ));
+    // Each link stays within 40 hops of ~400 parts, yet a hundred of them would walk 1.5
+    // million parts: the check's budget runs out and the archive is refused, quickly.
+    let mut links: Vec<(String, String)> = (0..38)
+        .map(|i| {
+            (
+                format!("L{i}"),
+                format!("{}L{}", "d/../".repeat(200), i + 1),
+            )
+        })
+        .collect();
+    links.push(("L38".into(), "d".into()));
+    let chain = symlinks(&["d"], &links);
+    let (_dir, result) = unpack_into(&chain, &Limits::default());
+    result.expect("one chain of 40 links is fine");
+    links.extend((0..100).map(|j| (format!("M{j}"), "L0".into())));
+    let tangled = symlinks(&["d"], &links);
+    assert!(matches!(refused(&tangled), ArchiveError::TangledLinks(_)));
+}
+
 #[test]
 fn link_containment_is_lexical() {
     assert!(link_stays_inside(Path::new("a/b/l"), Path::new("../c")));
