@@ -31,7 +31,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
@@ -174,7 +173,7 @@ def main(argv=None) -> int:
     lc.run_pass(plain, compiles)
 
     results: dict[str, dict[str, list[float]]] = {}
-    medians: dict[str, list[float]] = {}
+    per_compile: dict[str, list[float]] = {}   # remote-hit compile times, every round
     problems: list[str] = []
     for rnd in range(1, args.rounds + 1):
         banner(f"plain (round {rnd})")
@@ -208,7 +207,7 @@ def main(argv=None) -> int:
                     t = lc.run_pass(m, compiles)
                     results.setdefault(tool, {}).setdefault(phase, []).append(sum(t))
                     if phase == "remote-hit":
-                        medians.setdefault(tool, []).extend(t)
+                        per_compile.setdefault(tool, []).extend(t)
                     c = m.counters()
                     hits, errors = c["hits"], c["errors"]
                     log(f"  {phase:10}: {sum(t):7.2f} s  (median {statistics.median(t) * 1000:.1f} ms; "
@@ -238,7 +237,7 @@ def main(argv=None) -> int:
     for tool in args.tools:
         if tool in med and "remote-hit" in med[tool]:
             log(f"{tool:12} {med[tool]['fill']:8.2f} {med[tool]['remote-hit']:11.2f} "
-                f"{statistics.median(medians[tool]) * 1000:9.1f} ms")
+                f"{statistics.median(per_compile[tool]) * 1000:9.1f} ms")
 
     def ratio(a: str, b: str, phase_a: str = "remote-hit", phase_b: str = "remote-hit") -> None:
         if phase_a in med.get(a, {}) and phase_b in med.get(b, {}):

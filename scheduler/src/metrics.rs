@@ -99,11 +99,7 @@ impl Metrics {
     /// The exposition text.
     pub fn render(&self, g: Gauges) -> String {
         let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
-        let clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         let clients: Vec<(&str, u64)> = clients.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         let outcomes: Vec<(&str, u64)> = Outcome::ALL
             .iter()
