@@ -19,6 +19,7 @@
 //! itself only mounts and unmounts tmpfs; nothing untrusted ever runs in its process.
 
 pub mod helper;
+mod seccomp;
 
 use std::fs;
 use std::io::Read;
@@ -30,6 +31,9 @@ use std::time::Instant;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::{Backend, JailError, Limits, Outcome, RunSpec};
+
+/// The work directory's parts: see the module docs.
+const SUBDIRS: [&str; 4] = ["images", "containers", "inputs", "status"];
 
 /// Compiler output kept per stream; the rest is dropped and the truncation noted.
 const MAX_STREAM: usize = 16 << 20;
@@ -58,6 +62,9 @@ pub struct Container {
     dir: PathBuf,
     inputs: PathBuf,
     image: PathBuf,
+    /// Where the helper writes how the job ended: on the builder's disk, not in the tmpfs the
+    /// job can fill.
+    status: PathBuf,
     /// The helper waiting for this container's next job.
     primed: std::sync::Mutex<Option<std::process::Child>>,
     /// The helper of the job running in it, so a reset can stop a job its builder gave up on.
@@ -110,7 +117,7 @@ impl LinuxJail {
                     .into(),
             });
         }
-        for sub in ["images", "containers", "inputs"] {
+        for sub in SUBDIRS {
             fs::create_dir_all(work.join(sub)).map_err(JailError::io(format!(
                 "creating {}",
                 work.join(sub).display()
@@ -150,7 +157,7 @@ impl LinuxJail {
             lower: vec![c.inputs.clone(), c.image.clone()],
             upper: c.upper(),
             work: c.dir.join("work"),
-            status: c.dir.join("status"),
+            status: c.status.clone(),
             cgroup: c
                 .dir
                 .file_name()
@@ -169,6 +176,17 @@ impl LinuxJail {
             .map_err(JailError::io(format!("starting {}", self.helper.display())))?;
         *c.primed.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
         Ok(())
+    }
+
+    /// Whether the job used up its layer (bytes or inodes), so that its failure is the disk
+    /// limit's.
+    fn layer_full(&self, c: &Container) -> bool {
+        let Ok(st) = nix::sys::statvfs::statvfs(&c.dir) else {
+            return false;
+        };
+        let free = st.blocks_available() * st.fragment_size();
+        // A write that fails for want of room leaves less than a page or so behind.
+        free < 64 << 10 || st.files_available() == 0
     }
 
     fn unmount_container(&self, c: &Container) -> Result<(), JailError> {
@@ -250,7 +268,7 @@ impl Backend for LinuxJail {
                 removed += 1;
             }
         }
-        for sub in ["images", "containers", "inputs"] {
+        for sub in SUBDIRS {
             let dir = self.work.join(sub);
             let entries =
                 fs::read_dir(&dir).map_err(JailError::io(format!("listing {}", dir.display())))?;
@@ -326,6 +344,7 @@ impl Backend for LinuxJail {
             fs::create_dir(d).map_err(JailError::io(format!("creating {}", d.display())))?;
         }
         let container = Container {
+            status: self.work.join("status").join(&id),
             dir,
             inputs,
             image: image.dir.clone(),
@@ -379,8 +398,8 @@ impl Backend for LinuxJail {
         }
         .to_words()
         .map_err(JailError::Setup)?;
-        let status_file = container.dir.join("status");
-        let _ = fs::remove_file(&status_file);
+        let status_file = &container.status;
+        let _ = fs::remove_file(status_file);
         let primed = container
             .primed
             .lock()
@@ -420,7 +439,7 @@ impl Backend for LinuxJail {
         let elapsed = started.elapsed();
         let stdout = out.and_then(|t| t.join().ok()).unwrap_or_default();
         let stderr = err.and_then(|t| t.join().ok()).unwrap_or_default();
-        let report = fs::read_to_string(&status_file).unwrap_or_default();
+        let report = fs::read_to_string(status_file).unwrap_or_default();
         let mut outcome = Outcome {
             stdout,
             stderr,
@@ -428,7 +447,14 @@ impl Backend for LinuxJail {
             ..Outcome::default()
         };
         match helper::Report::parse(&report) {
-            Some(helper::Report::Exit(code)) => outcome.exit_code = Some(code),
+            Some(helper::Report::Exit(code)) => {
+                outcome.exit_code = Some(code);
+                // A job that filled its layer failed for that reason, whatever the compiler
+                // made of the error: say which limit it was.
+                if code != 0 && self.layer_full(container) {
+                    outcome.killed = Some(format!("disk limit ({} bytes)", self.limits.disk));
+                }
+            }
             Some(helper::Report::Signal(sig, killed)) => {
                 outcome.signal = Some(sig);
                 outcome.killed = killed;
@@ -447,7 +473,8 @@ impl Backend for LinuxJail {
     fn reset(&self, container: &Container, _image: &Image) -> Result<(), JailError> {
         container.stop_job();
         self.unmount_container(container)?;
-        for sub in ["upper", "work", "root", "status"] {
+        let _ = fs::remove_file(&container.status);
+        for sub in ["upper", "work", "root", "lower"] {
             let path = container.dir.join(sub);
             if path.is_dir() {
                 let _ = fs::remove_dir(&path);
@@ -466,7 +493,7 @@ impl Backend for LinuxJail {
         if let Some(name) = container.dir.file_name().and_then(|n| n.to_str()) {
             helper::remove_cgroups(name);
         }
-        let _ = fs::remove_file(container.dir.join("status"));
+        let _ = fs::remove_file(&container.status);
         let _ = fs::remove_dir_all(&container.inputs);
         fs::remove_dir_all(&container.dir)
             .or_else(|e| match e.kind() {

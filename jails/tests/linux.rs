@@ -424,3 +424,158 @@ async fn inputs_linked_from_the_builder_are_never_written_through() {
     assert_eq!(written.as_deref(), Some(&b""[..]));
     f.pool.checkin(lease);
 }
+
+/// The lines of the probe's `escape` report, as (call, how it ended).
+fn escape_report(stdout: &str) -> std::collections::HashMap<String, String> {
+    stdout
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_job_gets_eperm_for_namespaces_mounts_keyrings_and_kernel_interfaces() {
+    const UID: u32 = 64_110;
+    let f = fixture(1);
+    let (outcome, _) = run_once(&f, UID, &["escape"], Duration::from_secs(20)).await;
+    assert_eq!(outcome.exit_code, Some(0), "{outcome:?}");
+    let report = escape_report(&text(&outcome.stdout));
+    for call in [
+        "unshare-user",
+        "unshare-net",
+        "clone-newuser",
+        "setns",
+        "mount",
+        "keyctl",
+        "bpf",
+        "perf_event_open",
+        "ptrace",
+        "userfaultfd",
+    ] {
+        assert_eq!(
+            report.get(call).map(String::as_str),
+            Some("Operation not permitted"),
+            "{call}: {report:?}"
+        );
+    }
+    // clone3's flags cannot be filtered: it is sent back to clone, whose flags are.
+    assert_eq!(
+        report.get("clone3").map(String::as_str),
+        Some("Function not implemented")
+    );
+    // What compilers do still works.
+    assert_eq!(report.get("fork").map(String::as_str), Some("ok"));
+    assert_eq!(report.get("thread").map(String::as_str), Some("ok"));
+}
+
+#[tokio::test]
+async fn keyrings_and_ipc_objects_do_not_pass_from_one_job_to_the_next() {
+    // Both jobs as one slot's uid, as two clients' jobs in one slot would be.
+    const UID: u32 = 64_111;
+    let f = fixture(1);
+    let (put, _) = run_once(
+        &f,
+        UID,
+        &["key-put", "alice-token"],
+        Duration::from_secs(20),
+    )
+    .await;
+    let (ipc, _) = run_once(
+        &f,
+        UID,
+        &["ipc-put", "alice-token"],
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(
+        text(&ipc.stdout).contains("shmget ok"),
+        "the job could not make its own IPC objects: {ipc:?}"
+    );
+    let (keys, _) = run_once(&f, UID, &["key-get"], Duration::from_secs(20)).await;
+    let (shm, _) = run_once(&f, UID, &["ipc-get"], Duration::from_secs(20)).await;
+    for later in [&keys, &shm] {
+        assert!(
+            !text(&later.stdout).contains("alice-token"),
+            "a later job read an earlier one's secret: {}\n(the earlier job: {})",
+            text(&later.stdout),
+            text(&put.stdout)
+        );
+    }
+    assert!(
+        text(&put.stdout).contains("add_key Operation not permitted"),
+        "{put:?}"
+    );
+    let shm = text(&shm.stdout);
+    assert!(shm.contains("shmget No such file"), "{shm}");
+    assert!(shm.contains("mq_open No such file"), "{shm}");
+}
+
+#[tokio::test]
+async fn the_mount_table_and_proc_show_nothing_of_the_builder() {
+    const UID: u32 = 64_112;
+    let f = fixture(1);
+    let (outcome, _) = run_once(
+        &f,
+        UID,
+        &["cat", "/proc/self/mountinfo", "/proc/keys"],
+        Duration::from_secs(20),
+    )
+    .await;
+    let seen = text(&outcome.stdout);
+    assert!(seen.contains(" / / "), "no root mount listed: {seen}");
+    let work = f.work.to_str().unwrap();
+    assert!(!seen.contains(work), "the builder's paths show: {seen}");
+    let pid = format!("{}-", std::process::id());
+    assert!(!seen.contains(&pid), "the builder's pid shows: {seen}");
+    // Keys are not namespaced: /proc/keys is /dev/null in the jail.
+    assert!(seen.contains(" /null /proc/keys "), "{seen}");
+}
+
+#[tokio::test]
+async fn tmp_stays_writable_when_the_inputs_live_under_it() {
+    const UID: u32 = 64_113;
+    let f = fixture(1);
+    let source = f.work.parent().unwrap().join("x.c");
+    std::fs::write(&source, b"int x;\n").unwrap();
+    f.pool.prepare("probe", f.archive.clone()).await.unwrap();
+    let lease = f.pool.checkout("probe").await.unwrap();
+    let root = Root::open(lease.root()).unwrap();
+    let mut placer = Placer::new(&root, f.pool.backend().links_inputs());
+    placer
+        .link_or_copy(Path::new("/tmp/proj/x.c"), &source, false)
+        .unwrap();
+    drop(placer);
+    root.chown_dir(Path::new("/tmp/proj"), UID, UID).unwrap();
+    let mut run = spec(
+        UID,
+        &["write", "/tmp/ccTemp.s", "/tmp/proj/x.o"],
+        Duration::from_secs(20),
+    );
+    run.cwd = "/tmp/proj".into();
+    let outcome = f.pool.run(&lease, run).await.unwrap();
+    let stdout = text(&outcome.stdout);
+    // gcc writes its temporary files to /tmp, whoever made the directory.
+    assert!(stdout.contains("/tmp/ccTemp.s ok"), "{stdout}");
+    assert!(stdout.contains("/tmp/proj/x.o ok"), "{stdout}");
+    f.pool.checkin(lease);
+}
+
+#[tokio::test]
+async fn a_job_that_fills_its_disk_fails_as_itself_and_the_container_goes_on() {
+    const UID: u32 = 64_114;
+    let f = fixture(1);
+    let (outcome, _) = run_once(&f, UID, &["fill", "/job/big"], Duration::from_secs(20)).await;
+    assert_eq!(outcome.exit_code, Some(1), "{outcome:?}");
+    assert_eq!(
+        outcome.killed.as_deref(),
+        Some(format!("disk limit ({} bytes)", 64 << 20).as_str()),
+        "{}",
+        text(&outcome.stdout)
+    );
+    // The next job in the same container finds it reset and runs.
+    let (next, out) = run_once(&f, UID, &["hello"], Duration::from_secs(20)).await;
+    assert_eq!(next.exit_code, Some(3), "{next:?}");
+    assert_eq!(next.killed, None);
+    assert!(out.is_some());
+}

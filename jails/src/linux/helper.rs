@@ -12,8 +12,8 @@
 //!    and waits for the job. Then it mounts the container's overlay (the job's inputs and the
 //!    toolchain image below, the container's tmpfs above), `/proc` and a minimal `/dev`, pivots
 //!    into it, sets the hostname and rlimits, drops to the job's uid and gid (which clears every
-//!    capability), sets `no_new_privs`, starts a new session and execs the command with
-//!    exactly the job's environment.
+//!    capability), sets `no_new_privs`, starts a new session, installs the system call filter
+//!    (see `seccomp`) and execs the command with exactly the job's environment.
 //!
 //! The overlay is mounted by stage 2, after the builder has placed the inputs, because
 //! overlayfs forbids changing a lower layer while it is mounted; it lives in stage 2's mount
@@ -403,22 +403,53 @@ fn stage2(setup: &Setup) -> Result<(), String> {
 
 enum Never {}
 
-fn enter(setup: &Setup, job: &Job) -> Result<Never, String> {
-    let root = &setup.root;
-    let lower = setup
-        .lower
-        .iter()
-        .map(|l| l.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join(":");
+/// Files of `/proc` a job sees as empty (bind mounts of `/dev/null`).
+const MASKED_PROC: [&str; 5] = ["keys", "key-users", "kcore", "timer_list", "sched_debug"];
+
+/// Where the overlay's layers are named from, below the upper layer's parent (the container's
+/// own tmpfs, which the job cannot see).
+const LAYER_LINKS: &str = "lower";
+
+/// Mounts the container's overlay on `setup.root`. Its options are named relative to the
+/// container's directory, through links made here, because `/proc/self/mountinfo` shows them
+/// to the job: it must not learn the builder's paths, its pid (in the container's name) or
+/// which of the builder's input directories it was given.
+fn mount_overlay(setup: &Setup) -> Result<(), String> {
+    let base = setup
+        .upper
+        .parent()
+        .filter(|b| setup.work.parent() == Some(*b))
+        .ok_or("the upper and work directories must share a parent")?;
+    let links = base.join(LAYER_LINKS);
+    match fs::create_dir(&links) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("creating {}: {e}", links.display())),
+    }
+    let mut lower = Vec::new();
+    for (i, layer) in setup.lower.iter().enumerate() {
+        let link = links.join(i.to_string());
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(layer, &link)
+            .map_err(|e| format!("naming layer {}: {e}", layer.display()))?;
+        lower.push(format!("{LAYER_LINKS}/{i}"));
+    }
+    let name = |p: &Path| {
+        p.file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    };
     let options = format!(
-        "lowerdir={lower},upperdir={},workdir={}",
-        setup.upper.display(),
-        setup.work.display()
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        name(&setup.upper),
+        name(&setup.work)
     );
+    nix::unistd::chdir(base).map_err(|e| format!("entering {}: {e}", base.display()))?;
     mount(
         Some("overlay"),
-        root,
+        &setup.root,
         Some("overlay"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some(options.as_str()),
@@ -426,9 +457,25 @@ fn enter(setup: &Setup, job: &Job) -> Result<Never, String> {
     .map_err(|e| {
         format!(
             "mounting the container's overlay on {}: {e}",
-            root.display()
+            setup.root.display()
         )
-    })?;
+    })
+}
+
+fn enter(setup: &Setup, job: &Job) -> Result<Never, String> {
+    let root = &setup.root;
+    mount_overlay(setup)?;
+    // The image's /tmp is world-writable, but a job whose inputs live under /tmp has it as a
+    // directory of the inputs layer, made by the builder (0755, root). Setting it here copies
+    // it up into the job's own layer.
+    let tmp = root.join("tmp");
+    if fs::symlink_metadata(&tmp).is_ok_and(|m| m.is_dir()) {
+        use std::os::unix::fs::PermissionsExt;
+        nix::unistd::chown(&tmp, Some(Uid::from_raw(0)), Some(Gid::from_raw(0)))
+            .map_err(|e| format!("owning /tmp: {e}"))?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777))
+            .map_err(|e| format!("making /tmp writable: {e}"))?;
+    }
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount(
         Some("proc"),
@@ -438,6 +485,21 @@ fn enter(setup: &Setup, job: &Job) -> Result<Never, String> {
         None::<&str>,
     )
     .map_err(|e| format!("mounting /proc: {e}"))?;
+    // Not namespaced, and none of a compiler's business: keys the builder's session can see,
+    // kernel memory, and the scheduler's view of every process on the host.
+    for file in MASKED_PROC {
+        let target = root.join("proc").join(file);
+        if target.exists() {
+            mount(
+                Some("/dev/null"),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| format!("masking /proc/{file}: {e}"))?;
+        }
+    }
     let dev = root.join("dev");
     mount(
         Some("kiln-dev"),
@@ -497,6 +559,8 @@ fn enter(setup: &Setup, job: &Job) -> Result<Never, String> {
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| format!("pdeathsig: {e}"))?;
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
     nix::unistd::chdir(&job.cwd).map_err(|e| format!("entering {}: {e}", job.cwd.display()))?;
+    // Last, so the helper's own set-up above is not filtered; it holds across every exec.
+    super::seccomp::install()?;
 
     let env = job.env.iter().filter_map(|e| {
         let (k, v) = e
