@@ -453,21 +453,28 @@ async fn run_in_jail(
         let root_path = root_path.clone();
         tokio::task::spawn_blocking(move || -> Result<(), JobError> {
             let root = Root::open(&root_path)?;
-            for dir in &dirs {
-                root.make_dirs(dir, None)?;
-            }
             let backend = worker.pool.backend();
             let mut placer = Placer::new(&root, backend.links_inputs());
             let sources: Vec<(PathBuf, PathBuf, bool)> = files
                 .iter()
                 .map(|(path, digest, exec)| (path.clone(), worker.inputs.path(digest), *exec))
                 .collect();
+            // The directories this job needs: those it named, its working directory and its
+            // outputs' directories. A kept inputs layer holds these and nothing of earlier jobs.
+            let mut needed = dirs;
+            needed.push(cwd.clone());
+            needed.extend(outputs.iter().filter_map(|o| o.parent().map(PathBuf::from)));
             let placed = if backend.keeps_inputs() {
-                placer.sync(&sources).map(|_| ())
+                placer.sync(&sources, &needed).map(|_| ())
             } else {
-                sources
+                needed
                     .iter()
-                    .try_for_each(|(path, source, exec)| placer.link_or_copy(path, source, *exec))
+                    .try_for_each(|dir| root.make_dirs(dir, None).map(|_| ()))
+                    .and_then(|()| {
+                        sources.iter().try_for_each(|(path, source, exec)| {
+                            placer.link_or_copy(path, source, *exec)
+                        })
+                    })
             };
             if let Err(e) = placed {
                 // An input evicted since it was checked is not the job's fault.

@@ -313,19 +313,43 @@ impl<'r> Placer<'r> {
     }
 
     /// Makes the root hold exactly `files` (a jail path, the builder's file to link or copy
-    /// there, executable): a file already linked to the same source is kept, any other listed
-    /// one is placed, and files not listed are removed. Directories stay. For a root that keeps
-    /// a container's inputs from one job to the next, which only the builder ever writes (a
-    /// lower layer of the job's overlay): consecutive jobs of one project share most of their
-    /// headers, and a link kept costs a `stat` where a new one costs a journalled write.
-    pub fn sync(&mut self, files: &[(PathBuf, PathBuf, bool)]) -> Result<Synced, JailError> {
+    /// there, executable) and `dirs`, with the directories they need and nothing else: a file
+    /// already linked to the same source is kept, any other listed one is placed, and files
+    /// and directories not wanted are removed. Kept directories are given back to the builder
+    /// with mode 0755, whatever an earlier job's placement made of them.
+    ///
+    /// For a root that keeps a container's inputs from one job to the next, which only the
+    /// builder ever writes (a lower layer of the job's overlay): consecutive jobs of one project
+    /// share most of their headers, and a link kept costs a `stat` where a new one costs a
+    /// journalled write. What the next job sees is still a function of its own request only:
+    /// no directory named after another client's paths, and none where the toolchain image has
+    /// a file.
+    pub fn sync(
+        &mut self,
+        files: &[(PathBuf, PathBuf, bool)],
+        dirs: &[PathBuf],
+    ) -> Result<Synced, JailError> {
         use std::os::unix::fs::MetadataExt;
         let mut synced = Synced::default();
-        let wanted: std::collections::HashSet<PathBuf> = files
-            .iter()
-            .map(|(path, _, _)| Path::new("/").join(path))
-            .collect();
-        synced.removed = remove_unlisted(&self.root.path, Path::new("/"), &wanted)?;
+        let slash = |p: &Path| Path::new("/").join(p);
+        let wanted = Wanted {
+            files: files.iter().map(|(path, _, _)| slash(path)).collect(),
+            dirs: files
+                .iter()
+                .filter_map(|(path, _, _)| path.parent())
+                .chain(dirs.iter().map(PathBuf::as_path))
+                .flat_map(Path::ancestors)
+                .map(slash)
+                .collect(),
+            owner: (nix::unistd::geteuid(), nix::unistd::getegid()),
+        };
+        synced.removed = remove_unwanted(&self.root.path, Path::new("/"), &wanted)?;
+        for dir in dirs {
+            if !self.dirs.contains_key(dir) {
+                let fd = self.root.make_dirs(dir, None)?;
+                self.dirs.insert(dir.clone(), fd);
+            }
+        }
         for (path, source, executable) in files {
             if self.links && !*executable {
                 let (dir, name) = self.dir_of(path)?;
@@ -375,13 +399,18 @@ pub struct Synced {
     pub removed: usize,
 }
 
-/// Removes the files under `host_root` whose jail paths (below `at`) are not in `wanted`.
-/// Never follows a link: the tree is the builder's own, but it holds what jobs asked for.
-fn remove_unlisted(
-    host_root: &Path,
-    at: &Path,
-    wanted: &std::collections::HashSet<PathBuf>,
-) -> Result<usize, JailError> {
+/// What [`Placer::sync`] keeps: jail paths, and the owner of kept directories.
+struct Wanted {
+    files: std::collections::HashSet<PathBuf>,
+    dirs: std::collections::HashSet<PathBuf>,
+    owner: (nix::unistd::Uid, nix::unistd::Gid),
+}
+
+/// Removes what is under `host_root` (below the jail path `at`) and not wanted, and resets the
+/// directories that stay. Never follows a link: the tree is the builder's own, but it holds
+/// what jobs asked for.
+fn remove_unwanted(host_root: &Path, at: &Path, wanted: &Wanted) -> Result<usize, JailError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = host_root.join(at.strip_prefix("/").unwrap_or(at));
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,
@@ -392,14 +421,28 @@ fn remove_unlisted(
     for entry in entries {
         let entry = entry.map_err(JailError::io(format!("listing {}", dir.display())))?;
         let jail_path = at.join(entry.file_name());
-        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-        if is_dir {
-            removed += remove_unlisted(host_root, &jail_path, wanted)?;
-        } else if !wanted.contains(&jail_path) {
-            std::fs::remove_file(entry.path()).map_err(JailError::io(format!(
-                "removing {}",
-                entry.path().display()
-            )))?;
+        let host = entry.path();
+        let meta = entry
+            .metadata()
+            .map_err(JailError::io(format!("reading {}", host.display())))?;
+        if meta.is_dir() && wanted.dirs.contains(&jail_path) {
+            let (uid, gid) = wanted.owner;
+            if (meta.uid(), meta.gid()) != (uid.as_raw(), gid.as_raw()) {
+                nix::unistd::chown(&host, Some(uid), Some(gid))
+                    .map_err(JailError::sys(format!("chown {}", host.display())))?;
+            }
+            if meta.mode() & 0o7777 != 0o755 {
+                std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o755))
+                    .map_err(JailError::io(format!("chmod {}", host.display())))?;
+            }
+            removed += remove_unwanted(host_root, &jail_path, wanted)?;
+        } else if meta.is_dir() {
+            std::fs::remove_dir_all(&host)
+                .map_err(JailError::io(format!("removing {}", host.display())))?;
+            removed += 1;
+        } else if !wanted.files.contains(&jail_path) {
+            std::fs::remove_file(&host)
+                .map_err(JailError::io(format!("removing {}", host.display())))?;
             removed += 1;
         }
     }
@@ -530,7 +573,7 @@ mod tests {
             (PathBuf::from("/src/b.h"), b.clone(), false),
             (PathBuf::from("/src/sub/gone.h"), c.clone(), false),
         ];
-        let done = Placer::new(&root, true).sync(&first).unwrap();
+        let done = Placer::new(&root, true).sync(&first, &[]).unwrap();
         assert_eq!((done.kept, done.placed, done.removed), (0, 3, 0));
 
         // The next job: a.h shared, b.h changed (another source), gone.h not wanted, and a
@@ -541,7 +584,7 @@ mod tests {
             (PathBuf::from("/src/b.h"), b2, false),
             (PathBuf::from("/src/sub"), c, false),
         ];
-        let done = Placer::new(&root, true).sync(&next).unwrap();
+        let done = Placer::new(&root, true).sync(&next, &[]).unwrap();
         assert_eq!((done.kept, done.placed, done.removed), (1, 2, 1));
         assert_eq!(std::fs::read(root_dir.join("src/b.h")).unwrap(), b"B2");
         assert_eq!(std::fs::read(root_dir.join("src/sub")).unwrap(), b"C");
@@ -558,5 +601,62 @@ mod tests {
             std::fs::metadata(&a).unwrap().ino(),
             "inputs are links to the builder's files"
         );
+    }
+
+    #[test]
+    fn sync_leaves_only_this_jobs_directories() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let host = tempfile::tempdir().unwrap();
+        let source = host.path().join("x.c");
+        std::fs::write(&source, "int x;").unwrap();
+        let root_dir = host.path().join("root");
+        std::fs::create_dir(&root_dir).unwrap();
+        let root = Root::open(&root_dir).unwrap();
+        // An earlier client's job: its paths say who it was and what it built, and it asked
+        // for a directory where the toolchain has a program.
+        let alice = vec![(
+            PathBuf::from("/home/alice/secret-merger/x.c"),
+            source.clone(),
+            false,
+        )];
+        let dirs = [
+            PathBuf::from("/home/alice/secret-merger/build"),
+            PathBuf::from("/usr/libexec/gcc/cc1"),
+        ];
+        Placer::new(&root, true).sync(&alice, &dirs).unwrap();
+        assert!(root_dir.join("usr/libexec/gcc/cc1").is_dir());
+        root.chown_dir(Path::new("/home/alice/secret-merger"), 4242, 4242)
+            .unwrap();
+        std::fs::set_permissions(
+            root_dir.join("home"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+
+        let bob = vec![(PathBuf::from("/home/bob/x.c"), source, false)];
+        let done = Placer::new(&root, true)
+            .sync(&bob, &[PathBuf::from("/home/bob/out")])
+            .unwrap();
+        assert_eq!(done.placed, 1);
+        let mut left: Vec<String> = Vec::new();
+        let mut stack = vec![root_dir.clone()];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                left.push(p.strip_prefix(&root_dir).unwrap().display().to_string());
+                if p.is_dir() {
+                    stack.push(p);
+                }
+            }
+        }
+        left.sort();
+        assert_eq!(left, ["home", "home/bob", "home/bob/out", "home/bob/x.c"]);
+        let home = std::fs::metadata(root_dir.join("home")).unwrap();
+        assert_eq!(
+            home.mode() & 0o7777,
+            0o755,
+            "a kept directory keeps its old mode"
+        );
+        assert_eq!(home.uid(), nix::unistd::geteuid().as_raw());
     }
 }

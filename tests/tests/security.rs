@@ -954,3 +954,94 @@ fn a_gzip_bomb_toolchain_stops_at_the_builders_cap_and_leaves_nothing() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// The jail tests' probe, built static: a "compiler" that reports what it sees.
+fn probe() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("probe");
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../jails/tests/probe.c");
+    let built = std::process::Command::new("gcc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("gcc builds the probe");
+    assert!(built.success());
+    std::fs::read(out).unwrap()
+}
+
+/// A job running the probe with `args`, in `cwd`, asking for `dirs`.
+fn probe_job(digest: &Digest, size: u64, cwd: &str, dirs: &[&str], args: &[&str]) -> FromClient {
+    let mut spec = spec_with(digest, size, vec![], cwd, vec![format!("{cwd}/x.o")]);
+    if let Some(from_client::Msg::Spec(s)) = &mut spec.msg {
+        s.argv = std::iter::once("/usr/bin/cc")
+            .chain(args.iter().copied())
+            .map(String::from)
+            .collect();
+        s.dirs = dirs.iter().map(|d| d.to_string()).collect();
+    }
+    spec
+}
+
+#[test]
+fn a_job_sees_nothing_of_an_earlier_clients_directories() {
+    let farm = Farm::start(1, 1);
+    let probe = probe();
+    let bytes = archive(&[
+        (tar::EntryType::Directory, "usr/bin", "", 0o755, b""),
+        (tar::EntryType::Regular, "usr/bin/cc", "", 0o755, &probe),
+        (tar::EntryType::Directory, "etc", "", 0o755, b""),
+        (
+            tar::EntryType::Regular,
+            "etc/motd",
+            "",
+            0o644,
+            b"from the image\n",
+        ),
+    ]);
+    let digest = Digest::of(&bytes);
+    let size = bytes.len() as u64;
+    let blobs = HashMap::from([(digest, bytes)]);
+    // Alice's job: its directories are named after her project and branch, and one of them
+    // stands where the toolchain has a file.
+    let alice = probe_job(
+        &digest,
+        size,
+        "/home/alice/merger-secret",
+        &["/home/alice/merger-secret/branch-layoffs", "/etc/motd"],
+        &["hello"],
+    );
+    let end = run_job(&farm, alice, blobs.clone());
+    assert!(matches!(end, to_client::Msg::Finished(_)), "{end:?}");
+    // Bob's job runs in the same container once it is back in the pool.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while farm
+        .builder_metrics(0)
+        .get("kiln_builder_containers_ready")
+        .copied()
+        .unwrap_or(0.0)
+        < 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no container came back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let bob = probe_job(&digest, size, "/w", &[], &["ls", "/", "/home", "/etc"]);
+    let seen = match run_job(&farm, bob, blobs.clone()) {
+        to_client::Msg::Finished(f) => String::from_utf8_lossy(&f.stdout).into_owned(),
+        other => panic!("bob's job did not run: {other:?}"),
+    };
+    assert!(!seen.contains("alice"), "bob sees alice's paths: {seen}");
+    assert!(seen.contains("/etc/motd"), "{seen}");
+    let bob = probe_job(&digest, size, "/w", &[], &["cat", "/etc/motd"]);
+    match run_job(&farm, bob, blobs) {
+        to_client::Msg::Finished(f) => assert_eq!(
+            String::from_utf8_lossy(&f.stdout),
+            "from the image\n",
+            "an earlier job's directory hides the image's file"
+        ),
+        other => panic!("bob's job did not run: {other:?}"),
+    }
+}
