@@ -59,6 +59,10 @@ struct Args {
     /// Memory per job, like 4G.
     #[arg(long, default_value = "4G", value_parser = size)]
     memory: u64,
+    /// Disk per job, like 4G: everything it writes, its outputs and /tmp included. A job that
+    /// fills it fails with "disk limit" and its client compiles locally.
+    #[arg(long, default_value = "4G", value_parser = size)]
+    disk: u64,
     /// The most a toolchain archive may expand to when unpacked: a bigger one (a gzip bomb) is
     /// refused as soon as it passes this.
     #[arg(long, default_value = "4G", value_parser = size)]
@@ -202,6 +206,7 @@ fn main() -> anyhow::Result<()> {
     config.input_cache = args.input_cache;
     config.limits.timeout = Duration::from_secs(args.timeout.max(1));
     config.limits.memory = args.memory;
+    config.limits.disk = args.disk;
     config.limits.toolchain_unpacked = args.max_toolchain_unpacked;
     config.uid_base = args.uid_base;
     let runtime = tokio::runtime::Runtime::new()?;

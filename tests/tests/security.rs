@@ -1045,3 +1045,38 @@ fn a_job_sees_nothing_of_an_earlier_clients_directories() {
         other => panic!("bob's job did not run: {other:?}"),
     }
 }
+
+#[test]
+fn a_job_that_fills_its_disk_is_its_own_failure_not_the_builders() {
+    let mut farm = Farm::start(0, 1);
+    farm.start_builder_with(0, |c| c.limits.disk = 16 << 20);
+    farm.wait_for_builders(1);
+    let probe = probe();
+    let bytes = archive(&[
+        (tar::EntryType::Directory, "usr/bin", "", 0o755, b""),
+        (tar::EntryType::Regular, "usr/bin/cc", "", 0o755, &probe),
+    ]);
+    let digest = Digest::of(&bytes);
+    let size = bytes.len() as u64;
+    let blobs = HashMap::from([(digest, bytes)]);
+    let job = probe_job(&digest, size, "/w", &[], &["fill", "/w/x.o"]);
+    match run_job(&farm, job, blobs.clone()) {
+        to_client::Msg::Finished(f) => {
+            assert_eq!(
+                f.killed,
+                format!("disk limit ({} bytes)", 16 << 20),
+                "{f:?}"
+            );
+            assert_eq!(f.exit_code, 1);
+        }
+        other => panic!("the job was not its own failure: {other:?}"),
+    }
+    let retried = farm.metrics()["kiln_scheduler_job_retries_total"];
+    assert_eq!(retried, 0.0, "a job's own failure was retried elsewhere");
+    // And the builder goes on.
+    let job = probe_job(&digest, size, "/w", &[], &["write", "/w/x.o"]);
+    match run_job(&farm, job, blobs) {
+        to_client::Msg::Finished(f) => assert_eq!(f.exit_code, 0, "{f:?}"),
+        other => panic!("{other:?}"),
+    }
+}
