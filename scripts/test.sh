@@ -29,3 +29,14 @@ if ! python3 -c 'import waflib, urllib3' 2>/dev/null; then
 fi
 
 cargo test --workspace "$@"
+
+# The jail tests again as an ordinary user, as a rootless builder runs them: `nobody`, root only
+# in a user namespace of its own (with a mount namespace it owns, as kiln-builder makes itself).
+jail_tests=$(cargo test -p kiln-jails --test linux --no-run 2>&1 | grep -o 'target/[^ )]*/deps/linux-[0-9a-f]*' | tail -1)
+echo "== jail tests without root ($jail_tests as nobody)"
+as_nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
+if ! as_nobody test -x "$jail_tests"; then
+  echo "nobody cannot run $jail_tests: the rootless tests need the checkout readable by others (chmod o+rx on it and its parents)" >&2
+  exit 1
+fi
+as_nobody unshare --user --map-root-user --mount -- "$jail_tests"

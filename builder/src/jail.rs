@@ -58,8 +58,17 @@ impl Jail {
     /// How the builder names its jails to the scheduler.
     pub fn kind(&self) -> &'static str {
         match self {
+            Jail::Linux(j) if j.rootless() => "linux-rootless",
             Jail::Linux(_) => "linux",
             Jail::Pot(_) => "pot",
+        }
+    }
+
+    /// Who owns the directories the job in `uid` writes to ([`LinuxJail::owner`]).
+    pub fn owner(&self, uid: u32) -> (u32, u32) {
+        match self {
+            Jail::Linux(j) => j.owner(uid),
+            Jail::Pot(_) => (uid, uid),
         }
     }
 

@@ -486,10 +486,11 @@ async fn run_in_jail(
                 }
                 return Err(e.into());
             }
-            root.chown_dir(&cwd, uid, uid)?;
+            let (owner, group) = backend.owner(uid);
+            root.chown_dir(&cwd, owner, group)?;
             for output in &outputs {
                 if let Some(parent) = output.parent() {
-                    root.chown_dir(parent, uid, uid)?;
+                    root.chown_dir(parent, owner, group)?;
                 }
             }
             Ok(())

@@ -148,9 +148,20 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     kiln_proto::logging::init(args.log_format, std::env::var("KILN_LOG").ok().as_deref());
     if args.jail == "linux" {
+        // Without root, the builder is root in a user namespace of its own (rootless mode).
+        // Done before the runtime starts threads: a threaded process can unshare neither its
+        // user namespace nor its mounts.
+        #[cfg(target_os = "linux")]
+        if !kiln_jails::linux::is_real_root() {
+            kiln_jails::linux::enter_user_namespace()
+                .context("running without root needs a user namespace")?;
+            tracing::info!(
+                "rootless mode: jobs run as this user in user namespaces of their own; \
+                 memory is limited per process (RLIMIT_AS) unless a memory cgroup is delegated"
+            );
+        }
         // Mounts made from here on are this process's alone and vanish with it, even if it is
-        // killed. Done before the runtime starts threads: a threaded process cannot unshare its
-        // mounts.
+        // killed.
         if let Err(e) = kiln_jails::linux::private_mounts() {
             tracing::warn!("{e}; containers are mounted in the host's namespace");
         }

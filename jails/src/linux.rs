@@ -44,6 +44,8 @@ pub struct LinuxJail {
     work: PathBuf,
     helper: PathBuf,
     limits: Limits,
+    /// In a user namespace of an ordinary user (see [`enter_user_namespace`]), not root.
+    rootless: bool,
 }
 
 /// Names containers and temporary images uniquely within this process (the pid covers other
@@ -127,7 +129,27 @@ impl LinuxJail {
             work: work.to_path_buf(),
             helper: helper.to_path_buf(),
             limits,
+            rootless: !is_real_root(),
         })
+    }
+
+    /// Whether this builder runs without root, in a user namespace of its own.
+    pub fn rootless(&self) -> bool {
+        self.rootless
+    }
+
+    /// The owner of what the builder makes for the job in `uid` (its working directory): the
+    /// job's own uid, or on a rootless builder the builder's own ids, which are the only ones
+    /// mapped and which the job's user namespace maps to the job's.
+    pub fn owner(&self, uid: u32) -> (u32, u32) {
+        if self.rootless {
+            (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            )
+        } else {
+            (uid, uid)
+        }
     }
 
     fn mount_container(&self, c: &Container) -> Result<(), JailError> {
@@ -203,6 +225,31 @@ impl LinuxJail {
         }
         Ok(())
     }
+}
+
+/// Whether this process is root in the host's user namespace (not merely in one of its own).
+pub fn is_real_root() -> bool {
+    nix::unistd::geteuid().is_root()
+        && fs::read_to_string("/proc/self/uid_map")
+            .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"])
+}
+
+/// For a builder started by an ordinary user: a user namespace in which that user is root, so
+/// the builder can mount its containers' tmpfs and overlays and make the jobs' namespaces
+/// (kernels from 5.11 allow overlayfs there). Only the user's own ids are mapped, so every job
+/// runs as that user on the host, in a user namespace of its own in which it has no
+/// capabilities. Call it before starting threads, then [`private_mounts`].
+pub fn enter_user_namespace() -> Result<(), JailError> {
+    let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)
+        .map_err(JailError::sys("creating a user namespace (are unprivileged user namespaces allowed? see user.max_user_namespaces)"))?;
+    let write = |file: &str, text: String| {
+        fs::write(Path::new("/proc/self").join(file), text)
+            .map_err(JailError::io(format!("writing /proc/self/{file}")))
+    };
+    write("uid_map", format!("0 {uid} 1\n"))?;
+    write("setgroups", "deny\n".into())?;
+    write("gid_map", format!("0 {gid} 1\n"))
 }
 
 /// Gives the calling process a mount namespace of its own, with every mount private, so the
@@ -389,6 +436,8 @@ impl Backend for LinuxJail {
             processes: u64::from(limits.processes),
             file_size: limits.file_size,
             open_files: limits.open_files,
+            address_space: 0,
+            userns: self.rootless,
             env: spec
                 .env
                 .iter()

@@ -89,7 +89,7 @@ async fn run_once(
     f.pool.prepare("probe", f.archive.clone()).await.unwrap();
     let lease = f.pool.checkout("probe").await.unwrap();
     let root = Root::open(lease.root()).unwrap();
-    root.chown_dir(Path::new("/job"), uid, uid).unwrap();
+    give(&f.pool, &root, "/job", uid);
     let outcome = f.pool.run(&lease, spec(uid, args, timeout)).await.unwrap();
     let out = Root::open(lease.outputs())
         .unwrap()
@@ -99,11 +99,20 @@ async fn run_once(
     (outcome, out)
 }
 
+/// Gives the directory `path` to the job that runs as `uid`: that uid, or on a rootless jail the
+/// builder's own, which the job's user namespace maps to it.
+fn give(pool: &Pool<LinuxJail>, root: &Root, path: &str, uid: u32) {
+    let (owner, group) = pool.backend().owner(uid);
+    root.chown_dir(Path::new(path), owner, group).unwrap();
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn processes_of(uid: u32) -> usize {
+/// How many processes carry `tag` in their command line: a job's, found whatever uid the host
+/// sees them as (on a rootless jail, the builder's own).
+fn processes_tagged(tag: &str) -> usize {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -114,12 +123,10 @@ fn processes_of(uid: u32) -> usize {
                 .all(|c| c.is_ascii_digit())
         })
         .filter(|e| {
-            std::fs::read_to_string(e.path().join("status"))
+            std::fs::read(e.path().join("cmdline"))
                 .unwrap_or_default()
-                .lines()
-                .any(|l| {
-                    l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&uid.to_string())
-                })
+                .split(|b| *b == 0)
+                .any(|word| word == tag.as_bytes())
         })
         .count()
 }
@@ -204,11 +211,27 @@ async fn cannot_see_host_files_or_write_outside_its_layer() {
     )
     .await;
     let stdout = text(&outcome.stdout);
-    assert!(stdout.contains("/etc/motd Permission denied"), "{stdout}");
-    assert!(
-        stdout.contains("/usr/bin/evil Permission denied"),
-        "{stdout}"
-    );
+    if f.pool.backend().rootless() {
+        // On a rootless jail the image is the builder's, whose id the job's user namespace
+        // maps to the job: it may change its own copy of it, in its own layer, and nothing else.
+        assert!(stdout.contains("/etc/motd ok"), "{stdout}");
+        let images = f.work.join("images");
+        for image in std::fs::read_dir(&images).unwrap() {
+            let motd = image.unwrap().path().join("etc/motd");
+            let len = std::fs::metadata(&motd).unwrap().len();
+            assert!(
+                len > 0,
+                "the job wrote through to the image: {}",
+                motd.display()
+            );
+        }
+    } else {
+        assert!(stdout.contains("/etc/motd Permission denied"), "{stdout}");
+        assert!(
+            stdout.contains("/usr/bin/evil Permission denied"),
+            "{stdout}"
+        );
+    }
     assert!(stdout.contains("/tmp/scratch ok"), "{stdout}");
     assert!(stdout.contains("/job/fine ok"), "{stdout}");
     assert!(!Path::new(&planted).exists(), "a job wrote to the host");
@@ -221,7 +244,7 @@ async fn a_fork_bomb_is_bounded_and_everything_dies_at_the_limit() {
     const UID: u32 = 64103;
     let f = fixture(1);
     let started = std::time::Instant::now();
-    let (outcome, _) = run_once(&f, UID, &["forkbomb"], Duration::from_secs(2)).await;
+    let (outcome, _) = run_once(&f, UID, &["forkbomb", "bomb-64103"], Duration::from_secs(2)).await;
     let stdout = text(&outcome.stdout);
     let forked: usize = stdout
         .trim()
@@ -239,14 +262,18 @@ async fn a_fork_bomb_is_bounded_and_everything_dies_at_the_limit() {
         "{outcome:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert_eq!(processes_of(UID), 0, "processes of the job outlived it");
+    assert_eq!(
+        processes_tagged("bomb-64103"),
+        0,
+        "processes of the job outlived it"
+    );
 }
 
 #[tokio::test]
 async fn a_job_past_its_time_is_killed_with_its_detached_children() {
     const UID: u32 = 64104;
     let f = fixture(1);
-    let (outcome, _) = run_once(&f, UID, &["spin"], Duration::from_millis(500)).await;
+    let (outcome, _) = run_once(&f, UID, &["spin", "spin-64104"], Duration::from_millis(500)).await;
     assert_eq!(outcome.exit_code, None);
     assert!(
         outcome
@@ -256,7 +283,11 @@ async fn a_job_past_its_time_is_killed_with_its_detached_children() {
             .starts_with("time limit"),
         "{outcome:?}"
     );
-    assert_eq!(processes_of(UID), 0, "a setsid child escaped the kill");
+    assert_eq!(
+        processes_tagged("spin-64104"),
+        0,
+        "a setsid child escaped the kill"
+    );
 }
 
 #[tokio::test]
@@ -266,7 +297,7 @@ async fn an_output_link_out_of_the_jail_is_refused() {
     f.pool.prepare("probe", f.archive.clone()).await.unwrap();
     let lease = f.pool.checkout("probe").await.unwrap();
     let root = Root::open(lease.root()).unwrap();
-    root.chown_dir(Path::new("/job"), UID, UID).unwrap();
+    give(&f.pool, &root, "/job", UID);
     let outcome = f
         .pool
         .run(
@@ -339,16 +370,25 @@ async fn a_job_over_its_memory_limit_is_killed_and_reported() {
     f.pool.prepare("probe", f.archive.clone()).await.unwrap();
     let lease = f.pool.checkout("probe").await.unwrap();
     let root = Root::open(lease.root()).unwrap();
-    root.chown_dir(Path::new("/job"), UID, UID).unwrap();
+    give(&f.pool, &root, "/job", UID);
     let mut small = spec(UID, &["alloc", "256"], Duration::from_secs(20));
     small.limits.memory = 64 << 20;
     let outcome = f.pool.run(&lease, small).await.unwrap();
-    assert_eq!(outcome.signal, Some(9), "{outcome:?}");
-    assert_eq!(
-        outcome.killed.as_deref(),
-        Some("memory limit"),
-        "{outcome:?}"
-    );
+    if f.pool.backend().rootless() {
+        // No memory cgroup is delegated here: the address space is bounded per process, and
+        // the allocation fails instead.
+        assert!(
+            text(&outcome.stdout).starts_with("malloc failed"),
+            "{outcome:?}"
+        );
+    } else {
+        assert_eq!(outcome.signal, Some(9), "{outcome:?}");
+        assert_eq!(
+            outcome.killed.as_deref(),
+            Some("memory limit"),
+            "{outcome:?}"
+        );
+    }
     // Within the limit, the same job runs.
     let mut fits = spec(UID, &["alloc", "16"], Duration::from_secs(20));
     fits.limits.memory = 64 << 20;
@@ -364,18 +404,29 @@ async fn a_job_given_up_on_is_killed_when_its_container_is_reset() {
     f.pool.prepare("probe", f.archive.clone()).await.unwrap();
     let lease = f.pool.checkout("probe").await.unwrap();
     let root = Root::open(lease.root()).unwrap();
-    root.chown_dir(Path::new("/job"), UID, UID).unwrap();
-    // The builder stops waiting (its client went away): the run is dropped mid-way.
-    tokio::select! {
-        _ = f.pool.run(&lease, spec(UID, &["spin"], Duration::from_secs(60))) => {
-            panic!("a spinning job finished")
+    give(&f.pool, &root, "/job", UID);
+    // The builder stops waiting (its client went away): the run is dropped mid-way, once the
+    // job is seen running.
+    const TAG: &str = "given-up-64108";
+    let mut run = Box::pin(
+        f.pool
+            .run(&lease, spec(UID, &["spin", TAG], Duration::from_secs(60))),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while processes_tagged(TAG) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never started"
+        );
+        tokio::select! {
+            _ = &mut run => panic!("a spinning job finished"),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
-        _ = tokio::time::sleep(Duration::from_millis(300)) => {}
     }
-    assert!(processes_of(UID) > 0, "the job never started");
+    drop(run);
     f.pool.checkin(lease);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while processes_of(UID) > 0 {
+    while processes_tagged(TAG) > 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the abandoned job kept running"
@@ -402,7 +453,7 @@ async fn inputs_linked_from_the_builder_are_never_written_through() {
         .link_or_copy(Path::new("/job/kept.h"), &kept, false)
         .unwrap();
     drop(placer);
-    root.chown_dir(Path::new("/job"), UID, UID).unwrap();
+    give(&f.pool, &root, "/job", UID);
     let outcome = f
         .pool
         .run(
@@ -546,7 +597,7 @@ async fn tmp_stays_writable_when_the_inputs_live_under_it() {
         .link_or_copy(Path::new("/tmp/proj/x.c"), &source, false)
         .unwrap();
     drop(placer);
-    root.chown_dir(Path::new("/tmp/proj"), UID, UID).unwrap();
+    give(&f.pool, &root, "/tmp/proj", UID);
     let mut run = spec(
         UID,
         &["write", "/tmp/ccTemp.s", "/tmp/proj/x.o"],

@@ -1080,3 +1080,121 @@ fn a_job_that_fills_its_disk_is_its_own_failure_not_the_builders() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A `kiln-builder` process run by an ordinary user (`nobody`), killed when dropped.
+struct RootlessBuilder {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl RootlessBuilder {
+    fn start(farm: &Farm) -> RootlessBuilder {
+        use std::os::unix::fs::{chown, PermissionsExt};
+        const NOBODY: u32 = 65_534;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+        for name in ["ca.pem", "builder.token"] {
+            let copy = dir.path().join(name);
+            std::fs::copy(farm.secret(name), &copy).unwrap();
+            chown(&copy, Some(NOBODY), Some(NOBODY)).unwrap();
+        }
+        let child = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(kiln_tests::program("kiln-builder"))
+            .args([
+                "--scheduler",
+                &farm.url(),
+                "--slots",
+                "1",
+                "--name",
+                "rootless",
+            ])
+            .arg("--ca")
+            .arg(dir.path().join("ca.pem"))
+            .arg("--token-file")
+            .arg(dir.path().join("builder.token"))
+            .arg("--work-dir")
+            .arg(dir.path().join("work"))
+            .arg("--jail-helper")
+            .arg(kiln_tests::jail_helper())
+            .env_clear()
+            .env("KILN_LOG", "info")
+            .spawn()
+            .expect("setpriv (util-linux) starts the builder as nobody");
+        RootlessBuilder { child, _dir: dir }
+    }
+}
+
+impl Drop for RootlessBuilder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_builder_run_by_an_ordinary_user_keeps_jobs_jailed_and_objects_identical() {
+    let farm = Farm::start(0, 1);
+    let _builder = RootlessBuilder::start(&farm);
+    farm.wait_for_builders(1);
+    assert_eq!(
+        farm.status()["builders"][0]["jail"],
+        "linux-rootless",
+        "{}",
+        farm.status()
+    );
+    // A real compile, byte-identical to the local one.
+    let p = project(&farm);
+    kiln_tests::sample::remote_matches_local(
+        &p,
+        &[
+            "gcc",
+            "-g",
+            "-O2",
+            "-c",
+            "src/main.c",
+            "-o",
+            "main.o",
+            "-Iinc",
+        ],
+        "main.o",
+    );
+    assert_eq!(
+        kiln_tests::sample::stat(&p, "dist_compiles"),
+        1,
+        "{}",
+        p.stats()
+    );
+
+    // A hostile job: the same refusals as on a root builder.
+    let probe = probe();
+    let bytes = archive(&[
+        (tar::EntryType::Directory, "usr/bin", "", 0o755, b""),
+        (tar::EntryType::Regular, "usr/bin/cc", "", 0o755, &probe),
+    ]);
+    let digest = Digest::of(&bytes);
+    let size = bytes.len() as u64;
+    let blobs = HashMap::from([(digest, bytes)]);
+    let job = probe_job(&digest, size, "/w", &[], &["escape"]);
+    let report = match run_job(&farm, job, blobs.clone()) {
+        to_client::Msg::Finished(f) => String::from_utf8_lossy(&f.stdout).into_owned(),
+        other => panic!("the probe did not run: {other:?}"),
+    };
+    for call in ["unshare-user", "mount", "keyctl", "ptrace", "bpf"] {
+        assert!(
+            report.contains(&format!("{call} Operation not permitted")),
+            "{call}: {report}"
+        );
+    }
+    assert!(report.contains("fork ok"), "{report}");
+    let job = probe_job(&digest, size, "/w", &[], &["hello"]);
+    match run_job(&farm, job, blobs) {
+        to_client::Msg::Finished(f) => {
+            let out = String::from_utf8_lossy(&f.stdout).into_owned();
+            assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
+            assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

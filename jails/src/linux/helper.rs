@@ -149,6 +149,12 @@ pub struct Job {
     pub processes: u64,
     pub file_size: u64,
     pub open_files: u64,
+    /// Address space per process (`RLIMIT_AS`), 0 for none: the memory limit where no memory
+    /// cgroup could be joined (set by stage 1, which knows).
+    pub address_space: u64,
+    /// Rootless builders: the job gets a user namespace of its own in which `uid` and `gid`
+    /// are the helper's own ids, since no other id is mapped.
+    pub userns: bool,
     /// `NAME=VALUE`, the command's whole environment.
     pub env: Vec<OsString>,
     pub argv: Vec<OsString>,
@@ -172,6 +178,8 @@ impl Job {
         push("--processes", self.processes.to_string().into());
         push("--file-size", self.file_size.to_string().into());
         push("--open-files", self.open_files.to_string().into());
+        push("--address-space", self.address_space.to_string().into());
+        push("--userns", u8::from(self.userns).to_string().into());
         for e in &self.env {
             push("--env", e.clone());
         }
@@ -218,6 +226,8 @@ impl Job {
                 "--processes" => j.processes = num()?,
                 "--file-size" => j.file_size = num()?,
                 "--open-files" => j.open_files = num()?,
+                "--address-space" => j.address_space = num()?,
+                "--userns" => j.userns = num()? != 0,
                 "--env" if value.as_bytes().contains(&b'=') => j.env.push(value),
                 "--env" => return Err(format!("--env {text}: not NAME=VALUE")),
                 _ => return Err(format!("unknown job option {flag}")),
@@ -335,7 +345,7 @@ fn stage1(setup: &Setup) -> Result<Option<Report>, String> {
         }
         Err(e) => Err(e),
     };
-    let (job, bytes) = match job {
+    let (mut job, mut bytes) = match job {
         Ok(found) => found,
         Err(e) => {
             let _ = child.kill();
@@ -344,6 +354,12 @@ fn stage1(setup: &Setup) -> Result<Option<Report>, String> {
         }
     };
     cgroups.limit(job.memory, job.processes);
+    if !cgroups.limits_memory() {
+        // No memory cgroup (a rootless builder without delegation, or no controller): each
+        // process's address space is bounded instead, which is weaker but still a bound.
+        job.address_space = job.memory;
+        bytes = job.to_words()?;
+    }
     // A container's cgroups outlive its jobs (creating memory cgroups is slow): count this
     // job's OOM kills from here.
     let oom_before = cgroups.oom_kills();
@@ -538,6 +554,12 @@ fn enter(setup: &Setup, job: &Job) -> Result<Never, String> {
     nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
     let _ = nix::unistd::sethostname("kiln-jail");
 
+    let (uid, gid) = (Uid::from_raw(job.uid), Gid::from_raw(job.gid));
+    // Before the limits: a new user namespace takes its process limit from its creator's,
+    // and checks it against every process of the builder's user, not only the job's.
+    if job.userns {
+        own_user_namespace(job)?;
+    }
     let limits = [
         (Resource::RLIMIT_CORE, 0),
         (Resource::RLIMIT_FSIZE, job.file_size),
@@ -548,9 +570,15 @@ fn enter(setup: &Setup, job: &Job) -> Result<Never, String> {
     for (resource, value) in limits {
         setrlimit(resource, value, value).map_err(|e| format!("setrlimit {resource:?}: {e}"))?;
     }
+    if job.address_space > 0 {
+        let value = job.address_space;
+        setrlimit(Resource::RLIMIT_AS, value, value)
+            .map_err(|e| format!("setrlimit RLIMIT_AS: {e}"))?;
+    }
 
-    let (uid, gid) = (Uid::from_raw(job.uid), Gid::from_raw(job.gid));
-    nix::unistd::setgroups(&[gid]).map_err(|e| format!("setgroups: {e}"))?;
+    if !job.userns {
+        nix::unistd::setgroups(&[gid]).map_err(|e| format!("setgroups: {e}"))?;
+    }
     nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("setresgid: {e}"))?;
     // Leaving uid 0 clears the permitted, effective and ambient capability sets.
     nix::unistd::setresuid(uid, uid, uid).map_err(|e| format!("setresuid: {e}"))?;
@@ -575,6 +603,21 @@ fn enter(setup: &Setup, job: &Job) -> Result<Never, String> {
         .stdin(Stdio::null())
         .exec();
     Err(format!("running {}: {err}", job.argv[0].to_string_lossy()))
+}
+
+/// On a rootless builder, where only the builder's own id is mapped: a user namespace in which
+/// the job's uid and gid are that id, so that the change of user below drops every capability
+/// as it does for a real unprivileged uid. Supplementary groups cannot be changed here (an
+/// unprivileged user namespace denies `setgroups`); they are the builder user's, unmapped.
+fn own_user_namespace(job: &Job) -> Result<(), String> {
+    unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| format!("creating a user namespace: {e}"))?;
+    let write = |file: &str, text: String| {
+        fs::write(Path::new("/proc/self").join(file), text)
+            .map_err(|e| format!("writing /proc/self/{file}: {e}"))
+    };
+    write("uid_map", format!("{} 0 1\n", job.uid))?;
+    write("setgroups", "deny\n".into())?;
+    write("gid_map", format!("{} 0 1\n", job.gid))
 }
 
 /// The job's cgroups: memory and process limits where the kernel offers them. Best effort:
@@ -647,6 +690,13 @@ impl Cgroups {
                 let _ = fs::write(dir.join(file), value);
             }
         }
+    }
+
+    /// Whether a memory controller bounds the job.
+    fn limits_memory(&self) -> bool {
+        self.dirs
+            .iter()
+            .any(|d| self.v2 || d.starts_with(Path::new(CGROUP_ROOT).join("memory")))
     }
 
     fn oom_kills(&self) -> u64 {
