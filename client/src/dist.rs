@@ -612,7 +612,7 @@ pub fn status_json(s: &StatusReply) -> serde_json::Value {
             "connected_ms": b.connected_ms,
             "toolchains_received": b.toolchains_received,
             "suspect": (!b.suspect.is_empty()).then_some(&b.suspect),
-            "toolchains": b.toolchains.iter().filter_map(|d| digest_of(d).ok()).map(|d| d.to_hex()).collect::<Vec<_>>(),
+            "toolchains": b.toolchains_held,
         })).collect::<Vec<_>>(),
         "jobs": s.jobs.iter().map(|j| serde_json::json!({
             "id": j.id,
@@ -647,7 +647,7 @@ pub fn status_text(s: &StatusReply) -> String {
             b.jail,
             b.slots,
             b.running,
-            b.toolchains.len(),
+            b.toolchains_held,
             b.jobs_done
         ));
         if !b.suspect.is_empty() {

@@ -12,7 +12,7 @@ use kiln_proto::v1::{
     FromClient, JobCancel, JobChunk, JobStart, JobStatus, Need, Placed, Refused, ReportReply,
     StatusReply, StatusRequest, SuspectReport, ToBuilder, ToClient, Welcome,
 };
-use kiln_proto::{digest_of, version_mismatch, wire_digest, Digest, MAX_MESSAGE, PROTOCOL_VERSION};
+use kiln_proto::{digest_of, version_mismatch, Digest, MAX_MESSAGE, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -308,7 +308,9 @@ impl Scheduler {
                 jail: b.jail.clone(),
                 slots: b.slots,
                 running: b.running,
-                toolchains: b.toolchains.iter().map(|d| wire_digest(d, 0)).collect(),
+                // Digests are capabilities (see the field's comment): counted, not listed.
+                toolchains: Vec::new(),
+                toolchains_held: b.toolchains.len() as u32,
                 jobs_done: b.jobs_done,
                 jobs_failed: b.jobs_failed,
                 connected_ms: now.duration_since(b.connected).as_millis() as u64,

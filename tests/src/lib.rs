@@ -665,6 +665,22 @@ impl Farm {
         self.start_builder_with(i, |_| {});
     }
 
+    /// The toolchains builder `i` keeps, read from its disk: the scheduler does not tell clients
+    /// their digests.
+    pub fn toolchains_on(&self, i: usize) -> Vec<kiln_proto::Digest> {
+        let dir = self.builder_dir(i).join("toolchains");
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".tar.gz")?.parse().ok()
+            })
+            .collect()
+    }
+
     /// Builder `i`'s work directory: its toolchains, inputs and images.
     pub fn builder_dir(&self, i: usize) -> std::path::PathBuf {
         self.dir.path().join(format!("builder{i}"))

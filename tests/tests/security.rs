@@ -532,11 +532,12 @@ fn paths_outside_the_jail_are_refused() {
     let p = project(&farm);
     // A real toolchain, so only the paths are at fault.
     ok(&p.kiln(&["gcc", "-c", "src/main.c", "-o", "a.o", "-Iinc"]));
-    let toolchain: Digest = farm.status()["builders"][0]["toolchains"][0]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let toolchain = farm.toolchains_on(0)[0];
+    // Clients learn how many toolchains a builder holds, never their digests: a digest is
+    // what a job names to run on a toolchain.
+    let status = kiln_client::dist::status(&farm.client()).unwrap();
+    assert_eq!(status.builders[0].toolchains_held, 1);
+    assert!(status.builders[0].toolchains.is_empty(), "{status:?}");
     let header = InputFile {
         path: "/w/../../etc/cron.d/x".into(),
         digest: Some(kiln_proto::wire_digest(

@@ -413,6 +413,8 @@ pub struct BuilderStatus {
     pub slots: u32,
     #[prost(uint32, tag = "7")]
     pub running: u32,
+    /// Empty in answers to clients: a toolchain's digest is what a job names to run on it, so one
+    /// client must not learn another's. toolchains_held counts them.
     #[prost(message, repeated, tag = "8")]
     pub toolchains: ::prost::alloc::vec::Vec<Digest>,
     #[prost(uint64, tag = "9")]
@@ -427,6 +429,8 @@ pub struct BuilderStatus {
     /// Why a cross-check marked it suspect; empty while it is trusted.
     #[prost(string, tag = "13")]
     pub suspect: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "14")]
+    pub toolchains_held: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
