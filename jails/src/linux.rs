@@ -309,7 +309,7 @@ impl Backend for LinuxJail {
     type Container = Container;
 
     fn cleanup_leftovers(&self) -> Result<usize, JailError> {
-        let mut removed = 0;
+        let mut removed = helper::remove_stale_cgroups();
         for target in mounts_below(&self.work) {
             if umount2(&target, MntFlags::MNT_DETACH).is_ok() {
                 removed += 1;

@@ -30,6 +30,9 @@ struct Shared<B: Backend> {
     making: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     recyclers: Arc<Semaphore>,
     recycler_count: u32,
+    /// Containers checked in and not yet back in the pool or destroyed, so that shutdown
+    /// waits for every one of them, not only for the resets already under way.
+    checking_in: tokio::sync::watch::Sender<usize>,
     /// Ready containers kept per image.
     keep: usize,
 }
@@ -90,6 +93,15 @@ impl<B: Backend> Shared<B> {
     }
 }
 
+/// One container's check-in, counted until it is over however it ends.
+struct CheckingIn<B: Backend>(Arc<Shared<B>>);
+
+impl<B: Backend> Drop for CheckingIn<B> {
+    fn drop(&mut self) {
+        self.0.checking_in.send_modify(|n| *n -= 1);
+    }
+}
+
 fn join_error(e: tokio::task::JoinError) -> JailError {
     JailError::Setup(format!("jail task failed: {e}"))
 }
@@ -106,6 +118,7 @@ impl<B: Backend> Pool<B> {
                 making: Mutex::new(HashMap::new()),
                 recyclers: Arc::new(Semaphore::new(recyclers as usize)),
                 recycler_count: recyclers,
+                checking_in: tokio::sync::watch::Sender::new(0),
                 keep,
             }),
         }
@@ -213,7 +226,9 @@ impl<B: Backend> Pool<B> {
     pub fn checkin(&self, lease: Lease<B>) {
         let shared = self.shared.clone();
         let pool = self.clone();
+        shared.checking_in.send_modify(|n| *n += 1);
         tokio::spawn(async move {
+            let _counted = CheckingIn(shared.clone());
             // The permit bounds concurrent resets and lets shutdown wait for them.
             let Ok(_permit) = shared.recyclers.clone().acquire_owned().await else {
                 return;
@@ -312,8 +327,11 @@ impl<B: Backend> Pool<B> {
         .map_err(join_error)?
     }
 
-    /// Waits for resets in flight, then destroys every ready container and every image.
+    /// Waits for containers being checked in, then destroys every ready container and every
+    /// image.
     pub async fn shutdown(&self) {
+        let mut checking_in = self.shared.checking_in.subscribe();
+        let _ = checking_in.wait_for(|n| *n == 0).await;
         let _all = self
             .shared
             .recyclers

@@ -716,11 +716,57 @@ impl Cgroups {
     }
 }
 
-/// Removes a container's cgroups (they are empty once its last job's stage 1 has exited).
+/// Removes a container's cgroups. Its helper has been killed, but the jail's init dies of that
+/// a moment later (a parent-death signal): whatever is still inside is killed, and removal is
+/// tried again for up to a second.
 pub fn remove_cgroups(name: &str) {
     for dir in cgroup_dirs(name) {
-        let _ = fs::remove_dir(dir);
+        for _ in 0..100 {
+            match fs::remove_dir(&dir) {
+                Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
+                    for pid in fs::read_to_string(dir.join("cgroup.procs"))
+                        .unwrap_or_default()
+                        .lines()
+                        .filter_map(|p| p.trim().parse::<i32>().ok())
+                    {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            Signal::SIGKILL,
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                _ => break,
+            }
+        }
     }
+}
+
+/// Removes the empty cgroups left under kiln's by builders that died: a live container's
+/// cgroup holds its waiting helper, and the kernel refuses to remove a cgroup that is not
+/// empty, so other builders on the host keep theirs. Returns how many it removed.
+pub fn remove_stale_cgroups() -> usize {
+    let root = Path::new(CGROUP_ROOT);
+    let parents: Vec<PathBuf> = if root.join("cgroup.controllers").exists() {
+        vec![root.join("kiln")]
+    } else {
+        ["memory", "pids"]
+            .iter()
+            .map(|c| root.join(c).join("kiln"))
+            .collect()
+    };
+    let mut removed = 0;
+    for parent in parents {
+        let Ok(entries) = fs::read_dir(&parent) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) && fs::remove_dir(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
 }
 
 #[cfg(test)]
