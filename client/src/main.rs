@@ -320,7 +320,13 @@ fn run_subcommand(env: &Env, cli: Cli) -> anyhow::Result<()> {
         Command::DistStatus { json } => {
             let farm = kiln_client::dist::Farm::from_config(&config)
                 .context("no scheduler is configured: set KILN_SCHEDULER=https://HOST:PORT")?;
-            let status = kiln_client::dist::status(&farm)?;
+            let status =
+                kiln_client::dist::status(&farm).map_err(
+                    |e| match kiln_proto::tls::handshake_hint(&e.to_string()) {
+                        Some(hint) => e.context(hint),
+                        None => e,
+                    },
+                )?;
             if json {
                 println!(
                     "{}",
