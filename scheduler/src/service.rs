@@ -885,7 +885,11 @@ impl SchedulerRpc for Scheduler {
         &self,
         request: Request<Streaming<FromBuilder>>,
     ) -> Result<Response<Self::JoinStream>, Status> {
-        let caller = self.inner.config.auth.check(&request, Role::Builder)?;
+        let caller = self
+            .inner
+            .config
+            .auth
+            .check(&request, Role::Builder, "builders need")?;
         let peer = request
             .extensions()
             .get::<kiln_proto::tls::Peer>()
@@ -910,6 +914,11 @@ impl SchedulerRpc for Scheduler {
             return Err(Status::invalid_argument(
                 "a builder must register a platform and at least one slot",
             ));
+        }
+        if let Some(e) = reg.toolchains.iter().find_map(|d| digest_of(d).err()) {
+            return Err(Status::invalid_argument(format!(
+                "Register lists a toolchain by a {e}"
+            )));
         }
         let id = format!(
             "b{}",
@@ -986,7 +995,11 @@ impl SchedulerRpc for Scheduler {
         &self,
         request: Request<Streaming<FromClient>>,
     ) -> Result<Response<Self::CompileStream>, Status> {
-        let caller: Caller = self.inner.config.auth.check(&request, Role::Client)?;
+        let caller: Caller = self
+            .inner
+            .config
+            .auth
+            .check(&request, Role::Client, "jobs need")?;
         let held = self.inner.in_flight.take(&caller)?;
         let mut incoming = request.into_inner();
         let first = incoming
@@ -1042,6 +1055,14 @@ impl SchedulerRpc for Scheduler {
                         }
                     }
                     Ok(Some(_)) => {}
+                    Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                        // A message that does not decode: the client hears why its job ended.
+                        let client = this.lock().jobs.get(&id).map(|j| j.client.clone());
+                        if let Some(client) = client {
+                            let _ = client.send(Err(status)).await;
+                        }
+                        break;
+                    }
                     Ok(None) | Err(_) => break,
                 }
             }
@@ -1054,7 +1075,11 @@ impl SchedulerRpc for Scheduler {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusReply>, Status> {
-        self.inner.config.auth.check_any(&request)?;
+        // The status names every builder and job: a client's view, never a builder's.
+        self.inner
+            .config
+            .auth
+            .check(&request, Role::Client, "status calls need")?;
         Ok(Response::new(self.status_reply()))
     }
 
@@ -1062,7 +1087,11 @@ impl SchedulerRpc for Scheduler {
         &self,
         request: Request<SuspectReport>,
     ) -> Result<Response<ReportReply>, Status> {
-        let caller = self.inner.config.auth.check(&request, Role::Client)?;
+        let caller =
+            self.inner
+                .config
+                .auth
+                .check(&request, Role::Client, "suspect reports need")?;
         let r = request.into_inner();
         if r.protocol_version != PROTOCOL_VERSION {
             return Err(Status::failed_precondition(version_mismatch(

@@ -69,10 +69,46 @@ fn calls_without_the_right_token_are_refused_naming_the_credential() {
                 .await
                 .map(|_| ())
                 .err();
-            if credential == Credential::None {
-                assert_eq!(err.map(|e| e.code()), Some(tonic::Code::Unauthenticated));
+            match &credential {
+                Credential::None => {
+                    assert_eq!(err.map(|e| e.code()), Some(tonic::Code::Unauthenticated));
+                }
+                // The status names every builder and job: it is for clients only.
+                c if *c == builder_token => {
+                    let err = err.expect("a builder token read the status");
+                    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+                    assert!(
+                        err.message().contains(
+                            "is builder token \"builders\": status calls need a client token"
+                        ),
+                        "{}",
+                        err.message()
+                    );
+                }
+                _ => {}
             }
         }
+        // Nor does a builder's certificate, which needs no token to join.
+        let certified = kiln_proto::tls::ClientFiles {
+            ca: Some(farm.secret("ca.pem")),
+            identity: Some((farm.secret("builder.pem"), farm.secret("builder.key"))),
+        };
+        let channel = kiln_proto::tls::endpoint(&farm.url(), &certified)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let err = kiln_proto::v1::scheduler_client::SchedulerClient::new(channel)
+            .status(kiln_proto::v1::StatusRequest {})
+            .await
+            .expect_err("a builder's certificate read the status");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        assert!(
+            err.message()
+                .contains("a builder's certificate and no token: status calls need a client token"),
+            "{}",
+            err.message()
+        );
         // A client's token does not make a builder.
         let mut client = farm.grpc_with(client_token).await;
         let register = kiln_proto::v1::FromBuilder {
@@ -823,13 +859,58 @@ fn malformed_and_oversized_messages_get_errors_and_the_scheduler_goes_on() {
         assert!(kiln_proto::v1::FromClient::decode(garbage.encode_to_vec().as_slice()).is_err());
         let err = grpc
             .streaming::<_, Raw, kiln_proto::v1::ToClient, _>(
-                tonic::Request::new(tokio_stream::iter(vec![garbage])),
+                tonic::Request::new(tokio_stream::iter(vec![garbage.clone()])),
                 "/kiln.v1.Scheduler/Compile".parse().unwrap(),
                 tonic_prost::ProstCodec::<Raw, kiln_proto::v1::ToClient>::default(),
             )
             .await
             .expect_err("garbage was accepted");
-        assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+        // The sender's fault, named as such: not INTERNAL, a fault of the scheduler's.
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("malformed FromClient"), "{err:?}");
+        // The same for a unary call: a length-delimited field 1 where a number is expected.
+        assert!(kiln_proto::v1::SuspectReport::decode(garbage.encode_to_vec().as_slice()).is_err());
+        grpc.ready().await.unwrap();
+        let err = grpc
+            .unary::<Raw, kiln_proto::v1::ReportReply, _>(
+                tonic::Request::new(garbage.clone()),
+                "/kiln.v1.Scheduler/Report".parse().unwrap(),
+                tonic_prost::ProstCodec::<Raw, kiln_proto::v1::ReportReply>::default(),
+            )
+            .await
+            .expect_err("garbage was accepted");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("malformed SuspectReport"), "{err:?}");
+
+        // A builder registering a toolchain by a digest that is not one.
+        let mut builder = farm
+            .grpc_with(Credential::File(farm.secret("builder.token")))
+            .await;
+        let register = kiln_proto::v1::FromBuilder {
+            msg: Some(kiln_proto::v1::from_builder::Msg::Register(
+                kiln_proto::v1::Register {
+                    protocol_version: kiln_proto::PROTOCOL_VERSION,
+                    name: "odd".into(),
+                    os: "linux".into(),
+                    arch: "x86_64".into(),
+                    slots: 1,
+                    toolchains: vec![kiln_proto::v1::Digest {
+                        blake3: vec![1u8; 5].into(),
+                        size: 1,
+                    }],
+                    ..Default::default()
+                },
+            )),
+        };
+        let err = builder
+            .join(tokio_stream::iter(vec![register]))
+            .await
+            .expect_err("a malformed digest was accepted");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().contains("malformed digest: 5 bytes"),
+            "{err:?}"
+        );
 
         // One message over the 16 MiB limit.
         let client = farm.grpc().await;
@@ -969,6 +1050,42 @@ fn curl(ca: &std::path::Path, args: &[&str]) -> (u16, String) {
         return (0, String::from_utf8_lossy(&out.stderr).into_owned());
     }
     (code, body.to_owned())
+}
+
+#[test]
+fn kiln_cache_calls_a_malformed_message_an_invalid_argument() {
+    use prost::Message;
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Raw {
+        #[prost(bytes = "vec", tag = "1")]
+        data: Vec<u8>,
+    }
+    let store = tempfile::tempdir().unwrap();
+    let server = kiln_tests::CacheServer::start(store.path(), &[]);
+    runtime().block_on(async {
+        let channel = kiln_proto::tls::endpoint(&server.url(), &Default::default())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        // A length-delimited field 1 where CacheGet has its protocol version, a number.
+        let garbage = Raw {
+            data: b"not a number".to_vec(),
+        };
+        assert!(kiln_proto::v1::CacheGet::decode(garbage.encode_to_vec().as_slice()).is_err());
+        grpc.ready().await.unwrap();
+        let err = grpc
+            .unary::<Raw, kiln_proto::v1::CacheEntry, _>(
+                tonic::Request::new(garbage),
+                "/kiln.v1.Cache/Get".parse().unwrap(),
+                tonic_prost::ProstCodec::<Raw, kiln_proto::v1::CacheEntry>::default(),
+            )
+            .await
+            .expect_err("garbage was accepted");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("malformed CacheGet"), "{err:?}");
+    });
 }
 
 #[test]
