@@ -57,7 +57,8 @@ enum Command {
     Cleanup,
     /// Remove every cached result.
     Clear,
-    /// Show the compile farm: builders, their slots, load and toolchains, and jobs in flight.
+    /// Show the compile farm: builders (with their ids when two share a name), their slots,
+    /// load, toolchains and health, and jobs in flight.
     DistStatus {
         /// Print a JSON document (with a `builders` list).
         #[arg(long)]

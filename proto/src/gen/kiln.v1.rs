@@ -427,12 +427,22 @@ pub struct BuilderStatus {
     /// Why a cross-check marked it suspect; empty while it is trusted.
     #[prost(string, tag = "13")]
     pub suspect: ::prost::alloc::string::String,
+    /// How long ago it last failed a job, in ms; unset if it never has.
+    #[prost(uint64, optional, tag = "14")]
+    pub last_failure_ms: ::core::option::Option<u64>,
+    /// "ok", "failed recently" (placement puts it last) or "suspect" (placement skips it).
+    #[prost(string, tag = "15")]
+    pub health: ::prost::alloc::string::String,
+    /// Its name for people: the name, with the id after it when another builder has the same name.
+    #[prost(string, tag = "16")]
+    pub label: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct JobStatus {
     #[prost(uint64, tag = "1")]
     pub id: u64,
+    /// The builder's label (BuilderStatus.label).
     #[prost(string, tag = "2")]
     pub builder: ::prost::alloc::string::String,
     #[prost(string, tag = "3")]
@@ -441,6 +451,9 @@ pub struct JobStatus {
     pub running_ms: u64,
     #[prost(uint32, tag = "5")]
     pub attempt: u32,
+    /// The builder's id (BuilderStatus.id).
+    #[prost(string, tag = "6")]
+    pub builder_id: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
