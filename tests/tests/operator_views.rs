@@ -86,3 +86,70 @@ fn two_builders_with_one_name_are_told_apart_and_their_health_is_shown() {
     let json = farm.status();
     assert_eq!(json["builders"][0]["label"], "builder0", "{json}");
 }
+
+/// A read-only bind mount of `path` over itself, undone when dropped (needs root, as CI has).
+struct ReadOnly(std::path::PathBuf);
+
+impl ReadOnly {
+    fn mount(path: &std::path::Path) -> ReadOnly {
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("mount")
+                .args(args)
+                .arg(path)
+                .arg(path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "a read-only bind mount needs root: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&["--bind"]);
+        let guard = ReadOnly(path.to_owned());
+        run(&["-o", "remount,bind,ro"]);
+        guard
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_cache_directory_kiln_cannot_write_is_reported_once_and_the_compile_goes_on() {
+    let p = kiln_tests::Project::new();
+    p.write("hit.c", "int hit(void) { return 1; }\n");
+    p.write("miss.c", "int miss(void) { return 2; }\n");
+    kiln_tests::settle();
+    ok(&p.kiln(&["gcc", "-c", "hit.c", "-o", "hit.o"]));
+    assert_eq!(p.stat("misses"), 1, "{}", p.stats());
+    let _ro = ReadOnly::mount(&p.cache);
+
+    let warned = |out: &std::process::Output| {
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("kiln")).collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert!(
+            lines[0].starts_with("kiln: warning: cannot write to the cache directory")
+                && lines[0].contains(&p.cache.display().to_string())
+                && lines[0].contains("Read-only file system")
+                && lines[0].contains("Set KILN_DIR"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("dependency list"), "{stderr}");
+        lines[0].to_owned()
+    };
+    // A miss: the compiler cannot write kiln's dependency list there; it runs as asked.
+    let out = ok(&p.kiln(&["gcc", "-c", "miss.c", "-o", "miss.o"])).clone();
+    assert!(warned(&out).contains("compiling without the cache"));
+    ok(&p.bare(&["gcc", "-c", "miss.c", "-o", "bare.o"]));
+    assert_eq!(p.read("miss.o"), p.read("bare.o"));
+    // A hit is still served, but not counted: said once, too.
+    std::fs::remove_file(p.path("hit.o")).unwrap();
+    let out = ok(&p.kiln(&["gcc", "-c", "hit.c", "-o", "hit.o"])).clone();
+    assert!(warned(&out).contains("keeps no statistics"));
+    assert!(p.path("hit.o").exists());
+}
