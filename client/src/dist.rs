@@ -602,6 +602,9 @@ pub fn status_json(s: &StatusReply) -> serde_json::Value {
         "builders": s.builders.iter().map(|b| serde_json::json!({
             "id": b.id,
             "name": b.name,
+            "label": label(b),
+            "health": b.health,
+            "last_failure_ms": b.last_failure_ms,
             "os": b.os,
             "arch": b.arch,
             "jail": b.jail,
@@ -617,11 +620,22 @@ pub fn status_json(s: &StatusReply) -> serde_json::Value {
         "jobs": s.jobs.iter().map(|j| serde_json::json!({
             "id": j.id,
             "builder": j.builder,
+            "builder_id": j.builder_id,
             "label": j.label,
             "running_ms": j.running_ms,
             "attempt": j.attempt,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// A builder's name for people: the scheduler's label (the name, and the id when two builders
+/// share the name), or the name from a scheduler that sends none.
+fn label(b: &kiln_proto::v1::BuilderStatus) -> &str {
+    if b.label.is_empty() {
+        &b.name
+    } else {
+        &b.label
+    }
 }
 
 /// The status as a table for people.
@@ -635,20 +649,27 @@ pub fn status_text(s: &StatusReply) -> String {
     );
     if !s.builders.is_empty() {
         out.push_str(&format!(
-            "\n{:<24} {:<14} {:<6} {:>5} {:>8} {:>10} {:>7}\n",
+            "\n{:<24} {:<14} {:<6} {:>5} {:>8} {:>10} {:>7}  HEALTH\n",
             "BUILDER", "PLATFORM", "JAIL", "SLOTS", "RUNNING", "TOOLCHAINS", "DONE"
         ));
     }
     for b in &s.builders {
+        let health = match b.last_failure_ms {
+            Some(ms) if b.health != "suspect" => {
+                format!("{} (last failure {} s ago)", b.health, ms / 1000)
+            }
+            _ => b.health.clone(),
+        };
         out.push_str(&format!(
-            "{:<24} {:<14} {:<6} {:>5} {:>8} {:>10} {:>7}\n",
-            b.name,
+            "{:<24} {:<14} {:<6} {:>5} {:>8} {:>10} {:>7}  {}\n",
+            label(b),
             format!("{}/{}", b.os, b.arch),
             b.jail,
             b.slots,
             b.running,
             b.toolchains_held,
-            b.jobs_done
+            b.jobs_done,
+            health
         ));
         if !b.suspect.is_empty() {
             out.push_str(&format!("  SUSPECT, no jobs placed: {}\n", b.suspect));
@@ -672,6 +693,48 @@ pub fn status_text(s: &StatusReply) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_status_table_shows_each_builders_label_and_health() {
+        let builder = |id: &str, label: &str, health: &str, failed: Option<u64>| {
+            kiln_proto::v1::BuilderStatus {
+                id: id.into(),
+                name: "host".into(),
+                label: label.into(),
+                os: "linux".into(),
+                arch: "x86_64".into(),
+                jail: "linux".into(),
+                slots: 4,
+                health: health.into(),
+                last_failure_ms: failed,
+                ..Default::default()
+            }
+        };
+        let reply = StatusReply {
+            builders: vec![
+                builder("b1", "host (b1)", "failed recently", Some(4_200)),
+                builder("b2", "host (b2)", "ok", None),
+                // A scheduler that sends no label: the name.
+                builder("b3", "", "ok", Some(90_000)),
+            ],
+            ..Default::default()
+        };
+        let text = status_text(&reply);
+        let rows: Vec<&str> = text.lines().skip(3).collect();
+        assert!(
+            rows[0].starts_with("host (b1) ")
+                && rows[0].ends_with("  failed recently (last failure 4 s ago)"),
+            "{text}"
+        );
+        assert!(
+            rows[1].starts_with("host (b2) ") && rows[1].ends_with("  ok"),
+            "{text}"
+        );
+        assert!(
+            rows[2].starts_with("host ") && rows[2].ends_with("  ok (last failure 90 s ago)"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn paths_with_dotdot_are_placed_where_they_lead_and_their_prefixes_exist() {

@@ -57,7 +57,8 @@ enum Command {
     Cleanup,
     /// Remove every cached result.
     Clear,
-    /// Show the compile farm: builders, their slots, load and toolchains, and jobs in flight.
+    /// Show the compile farm: builders (with their ids when two share a name), their slots,
+    /// load, toolchains and health, and jobs in flight.
     DistStatus {
         /// Print a JSON document (with a `builders` list).
         #[arg(long)]
@@ -320,7 +321,13 @@ fn run_subcommand(env: &Env, cli: Cli) -> anyhow::Result<()> {
         Command::DistStatus { json } => {
             let farm = kiln_client::dist::Farm::from_config(&config)
                 .context("no scheduler is configured: set KILN_SCHEDULER=https://HOST:PORT")?;
-            let status = kiln_client::dist::status(&farm)?;
+            let status =
+                kiln_client::dist::status(&farm).map_err(
+                    |e| match kiln_proto::tls::handshake_hint(&e.to_string()) {
+                        Some(hint) => e.context(hint),
+                        None => e,
+                    },
+                )?;
             if json {
                 println!(
                     "{}",

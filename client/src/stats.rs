@@ -28,12 +28,66 @@ fn dir(cache_dir: &Path) -> PathBuf {
     cache_dir.join("stats")
 }
 
-/// Applies `f` to this process's counter file; a failure only loses statistics.
+/// Applies `f` to this process's counter file; a failure only loses statistics, and a cache
+/// directory kiln cannot write is reported (once).
 fn bump(cache_dir: &Path, f: impl FnOnce(&mut Counters)) {
     let shard = dir(cache_dir).join((std::process::id() % SHARDS).to_string());
     if let Err(e) = Counters::update(&shard, f) {
-        tracing::debug!(error = %e, "cannot update statistics");
+        if unwritable(&e) {
+            warn_unwritable(
+                cache_dir,
+                &e,
+                "kiln keeps no statistics and stores no results",
+            );
+        } else {
+            tracing::debug!(error = %e, "cannot update statistics");
+        }
     }
+}
+
+/// Whether `e` says the cache directory cannot be written at all (its permissions, a
+/// read-only file system), rather than that one write failed.
+pub fn unwritable(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+    )
+}
+
+/// Tells the user, on stderr and once per process, that kiln cannot write its cache directory:
+/// compiles go on without the cache, but nothing is stored or counted, which would otherwise
+/// go unnoticed (every compile still succeeds).
+/// `then` says what kiln does about it, as in `compiling without the cache`.
+pub fn warn_unwritable(cache_dir: &Path, e: &dyn std::fmt::Display, then: &str) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        eprintln!(
+            "kiln: warning: cannot write to the cache directory {} ({e}); {then}. Set KILN_DIR \
+             to a directory kiln can write, or make this one writable (its permissions, a \
+             read-only mount, a full disk)",
+            cache_dir.display()
+        );
+    });
+}
+
+/// [`warn_unwritable`] for a compiler that could not write kiln's dependency list (at `ours`,
+/// in the cache directory), with the reason the compiler gave: its message's last words, as
+/// in `…/x.d: Read-only file system`.
+pub fn warn_unwritable_deps(cache_dir: &Path, stderr: &[u8], ours: &str) {
+    let stderr = String::from_utf8_lossy(stderr);
+    let reason = stderr
+        .lines()
+        .find(|l| l.contains(ours))
+        .and_then(|l| l.rsplit_once(": "))
+        .map_or(
+            "the compiler could not write its dependency list there",
+            |(_, r)| r.trim(),
+        );
+    warn_unwritable(
+        cache_dir,
+        &reason,
+        "compiling without the cache, and keeping no statistics",
+    );
 }
 
 /// Counts one outcome, plus `corrupt` damaged entries met on the way.

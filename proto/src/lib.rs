@@ -7,6 +7,7 @@
 
 pub mod archive;
 pub mod auth;
+pub mod codec;
 pub mod content;
 pub mod logging;
 pub mod metrics;

@@ -455,3 +455,102 @@ pub fn endpoint(url: &str, files: &ClientFiles) -> Result<tonic::transport::Endp
         .tls_config(tls)
         .map_err(|e| TlsError::Config(e.to_string()))
 }
+
+/// What to do about a failed handshake, given the error's text (tonic hands the client rustls's
+/// verdict only as text): `None` when there is nothing to add.
+pub fn handshake_hint(error: &str) -> Option<&'static str> {
+    // rustls's words for a certificate whose extended key usage does not allow serving.
+    if error.contains("extended key usage for server authentication")
+        || error.contains("InvalidPurpose")
+    {
+        return Some(
+            "the server presented a certificate that may not serve (no serverAuth usage), such \
+             as a builder's: kiln refuses it, since a builder's key could otherwise pose as the \
+             scheduler or the cache; start the server with the server.pem and server.key that \
+             kiln-scheduler init wrote",
+        );
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+
+    /// A CA, and a certificate for 127.0.0.1 signed by it with `usages` only; both PEM files
+    /// are written into `dir`, as `ca.pem`, `leaf.pem` and `leaf.key`.
+    fn issue(dir: &Path, usages: Vec<ExtendedKeyUsagePurpose>) {
+        let mut ca = CertificateParams::new(Vec::new()).unwrap();
+        ca.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = rcgen::CertifiedIssuer::self_signed(ca, ca_key).unwrap();
+        let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        leaf.extended_key_usages = usages;
+        let key = KeyPair::generate().unwrap();
+        let cert = leaf.signed_by(&key, &ca).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("leaf.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("leaf.key"), key.serialize_pem()).unwrap();
+    }
+
+    /// Serves `dir/leaf.pem` and connects to it as kiln's clients do, trusting `dir/ca.pem`.
+    async fn connect(dir: &Path) -> Result<(), String> {
+        let listen = Listen::Tls(
+            server_config(&ServerFiles {
+                cert: dir.join("leaf.pem"),
+                key: dir.join("leaf.key"),
+                client_ca: None,
+            })
+            .unwrap(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_http(listener, listen, axum::Router::new(), async {
+            let _ = stopped.await;
+        }));
+        let files = ClientFiles {
+            ca: Some(dir.join("ca.pem")),
+            identity: None,
+        };
+        let result = endpoint(&format!("https://{addr}"), &files)
+            .unwrap()
+            .connect()
+            .await
+            .map(drop)
+            .map_err(|e| {
+                let mut text = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    text = format!("{text}: {c}");
+                    cause = c.source();
+                }
+                text
+            });
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+        result
+    }
+
+    #[tokio::test]
+    async fn clients_refuse_a_server_whose_certificate_may_not_serve() {
+        // The same CA and names either way: only the extended key usage differs, so the
+        // refusal can only come from the serverAuth check.
+        let serving = tempfile::tempdir().unwrap();
+        issue(serving.path(), vec![ExtendedKeyUsagePurpose::ServerAuth]);
+        connect(serving.path()).await.unwrap();
+
+        let client_only = tempfile::tempdir().unwrap();
+        issue(
+            client_only.path(),
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        );
+        let error = connect(client_only.path()).await.unwrap_err();
+        assert!(
+            error.contains("extended key usage for server authentication"),
+            "{error}"
+        );
+        assert!(handshake_hint(&error).is_some(), "{error}");
+    }
+}

@@ -55,19 +55,26 @@ impl Auth {
         }
     }
 
-    /// Checks `request`'s credentials for `role`.
-    pub fn check<T>(&self, request: &Request<T>, role: Role) -> Result<Caller, Status> {
-        if role == Role::Builder && self.builder_certs {
-            let certified = request
+    /// Checks `request`'s credentials for `role`. `needs` names the call for a refusal, with
+    /// its verb: `jobs need`, `status calls need`.
+    pub fn check<T>(
+        &self,
+        request: &Request<T>,
+        role: Role,
+        needs: &str,
+    ) -> Result<Caller, Status> {
+        // A verified client certificate is a builder's: the listener's client CA is the
+        // --builder-ca, and clients present tokens only.
+        let certified = self.builder_certs
+            && request
                 .extensions()
                 .get::<Peer>()
                 .is_some_and(|p| p.certs.as_ref().is_some_and(|c| !c.is_empty()));
-            if certified {
-                return Ok(Caller {
-                    name: "certificate".into(),
-                    max_jobs: None,
-                });
-            }
+        if role == Role::Builder && certified {
+            return Ok(Caller {
+                name: "certificate".into(),
+                max_jobs: None,
+            });
         }
         let token = request
             .metadata()
@@ -80,6 +87,12 @@ impl Auth {
                     name: "anyone".into(),
                     max_jobs: None,
                 });
+            }
+            if certified {
+                return Err(Status::permission_denied(format!(
+                    "the caller presented a builder's certificate and no token: {needs} a \
+                     client token"
+                )));
             }
             return Err(Status::unauthenticated(match role {
                 Role::Client => {
@@ -123,11 +136,11 @@ impl Auth {
         if let Some(grant) = self.tokens(other).and_then(|t| t.check(&token)) {
             return Err(Status::permission_denied(match role {
                 Role::Client => format!(
-                    "the token presented is builder token {:?}: jobs need a client token",
+                    "the token presented is builder token {:?}: {needs} a client token",
                     grant.name
                 ),
                 Role::Builder => format!(
-                    "the token presented is client token {:?}: builders need a builder token",
+                    "the token presented is client token {:?}: {needs} a builder token",
                     grant.name
                 ),
             }));
@@ -136,12 +149,6 @@ impl Auth {
             Role::Client => "the client token is not in the scheduler's --client-tokens (revoked, or the wrong file?)",
             Role::Builder => "the builder token is not in the scheduler's --builder-tokens (revoked, or the wrong file?)",
         }))
-    }
-
-    /// Checks a caller of read-only calls (status): a client or a builder.
-    pub fn check_any<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        self.check(request, Role::Client)
-            .or_else(|client| self.check(request, Role::Builder).map_err(|_| client))
     }
 }
 

@@ -88,6 +88,11 @@ enum Command {
         /// builders dial. Repeat for each.
         #[arg(long = "name", value_name = "HOST")]
         names: Vec<String>,
+        /// Replace only server.pem and server.key in DIR, for the --name given now, signed with
+        /// DIR/ca.key; the CA, builder certificate and tokens stay, so only the servers need
+        /// the new files (and a restart).
+        #[arg(long)]
+        reissue_server: bool,
     },
     /// Make a new token: write it to OUT and add its hash to a tokens file.
     Token {
@@ -112,9 +117,28 @@ fn size(text: &str) -> Result<u64, String> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match &args.command {
-        Some(Command::Init { dir, names }) => {
+        Some(Command::Init {
+            dir,
+            names,
+            reissue_server: true,
+        }) => {
+            kiln_scheduler::init::reissue_server(dir, names)?;
+            println!(
+                "wrote a new {} and {} covering {}: give them to the scheduler and kiln-cache, \
+                 and restart them",
+                dir.join(kiln_scheduler::init::SERVER_CERT).display(),
+                dir.join(kiln_scheduler::init::SERVER_KEY).display(),
+                kiln_scheduler::init::server_names(names).join(", ")
+            );
+            return Ok(());
+        }
+        Some(Command::Init {
+            dir,
+            names,
+            reissue_server: false,
+        }) => {
             kiln_scheduler::init::farm(dir, names)?;
-            println!("{}", kiln_scheduler::init::next_steps(dir));
+            println!("{}", kiln_scheduler::init::next_steps(dir, names));
             return Ok(());
         }
         Some(Command::Token {

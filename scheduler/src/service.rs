@@ -1,6 +1,6 @@
 //! The gRPC service: builder links, job relay, retries, status.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -143,13 +143,8 @@ impl Job {
 impl State {
     fn ended(&mut self, mut recent: Recent) {
         let now = recent.at;
-        // Builders are listed by name.
-        recent.builder = self
-            .registry
-            .builders
-            .get(&recent.builder)
-            .map(|b| b.name.clone())
-            .unwrap_or_default();
+        // Builders are listed by label, as in the builders' table.
+        recent.builder = label(&self.registry.builders, &recent.builder).unwrap_or_default();
         let outcome = recent.outcome;
         if self.recent.len() == RECENT {
             self.recent.pop_front();
@@ -296,6 +291,16 @@ impl Scheduler {
     pub fn status_reply(&self) -> StatusReply {
         let now = Instant::now();
         let st = self.lock();
+        // Names shared by more than one builder, counted once for the whole reply.
+        let mut named: HashMap<&str, usize> = HashMap::new();
+        for b in st.registry.builders.values() {
+            *named.entry(b.name.as_str()).or_default() += 1;
+        }
+        let label = |id: &str| match st.registry.builders.get(id) {
+            Some(b) if named[b.name.as_str()] > 1 => format!("{} ({id})", b.name),
+            Some(b) => b.name.clone(),
+            None => String::new(),
+        };
         let builders = st
             .registry
             .builders
@@ -303,6 +308,11 @@ impl Scheduler {
             .map(|(id, b)| BuilderStatus {
                 id: id.clone(),
                 name: b.name.clone(),
+                label: label(id),
+                last_failure_ms: b
+                    .last_failure
+                    .map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                health: health(b, now).into(),
                 os: b.os.clone(),
                 arch: b.arch.clone(),
                 jail: b.jail.clone(),
@@ -323,12 +333,8 @@ impl Scheduler {
             .iter()
             .map(|(id, j)| JobStatus {
                 id: *id,
-                builder: st
-                    .registry
-                    .builders
-                    .get(&j.builder)
-                    .map(|b| b.name.clone())
-                    .unwrap_or_default(),
+                builder: label(&j.builder),
+                builder_id: j.builder.clone(),
                 label: j.spec.label.clone(),
                 running_ms: now.duration_since(j.started).as_millis() as u64,
                 attempt: j.attempt,
@@ -349,19 +355,9 @@ impl Scheduler {
     /// jobs finished per 10 seconds over the last five minutes (oldest first).
     pub fn dashboard_json(&self) -> serde_json::Value {
         let status = self.status_reply();
-        let (recent, per_bucket, hit_rate, failed_ago) = {
+        let (recent, per_bucket, hit_rate) = {
             let st = self.lock();
             let now = Instant::now();
-            // When each builder last failed a job, in ms, by id.
-            let failed_ago: HashMap<String, u64> = st
-                .registry
-                .builders
-                .iter()
-                .filter_map(|(id, b)| {
-                    let ms = now.duration_since(b.last_failure?).as_millis() as u64;
-                    Some((id.clone(), ms))
-                })
-                .collect();
             let recent: Vec<serde_json::Value> = st
                 .recent
                 .iter()
@@ -398,14 +394,14 @@ impl Scheduler {
                 .iter()
                 .map(|(h, m)| (h + m > 0).then(|| *h as f64 / (h + m) as f64))
                 .collect();
-            (recent, per_bucket, hit_rate, failed_ago)
+            (recent, per_bucket, hit_rate)
         };
         serde_json::json!({
             "uptime_ms": status.uptime_ms,
             "jobs_done": status.jobs_done,
             "jobs_failed": status.jobs_failed,
             "builders": status.builders.iter().map(|b| serde_json::json!({
-                "name": b.name,
+                "name": b.label,
                 "platform": format!("{}/{}", b.os, b.arch),
                 "jail": b.jail,
                 "slots": b.slots,
@@ -414,13 +410,8 @@ impl Scheduler {
                 "jobs_done": b.jobs_done,
                 "jobs_failed": b.jobs_failed,
                 "connected_ms": b.connected_ms,
-                "last_failure_ms": failed_ago.get(&b.id),
-                // Placement puts a builder that failed within the penalty last.
-                "health": match failed_ago.get(&b.id) {
-                    _ if !b.suspect.is_empty() => "suspect",
-                    Some(ms) if *ms < placement::FAILURE_PENALTY.as_millis() as u64 => "failed recently",
-                    _ => "ok",
-                },
+                "last_failure_ms": b.last_failure_ms,
+                "health": b.health,
                 "suspect": b.suspect,
             })).collect::<Vec<_>>(),
             "jobs": status.jobs.iter().map(|j| serde_json::json!({
@@ -863,6 +854,35 @@ impl Scheduler {
     }
 }
 
+/// A builder's health for people: `suspect` (placement skips it), `failed recently` (placement
+/// puts it last, for [`placement::FAILURE_PENALTY`]) or `ok`.
+fn health(b: &BuilderState, now: Instant) -> &'static str {
+    if b.suspect.is_some() {
+        "suspect"
+    } else if b
+        .last_failure
+        .is_some_and(|t| now.saturating_duration_since(t) < placement::FAILURE_PENALTY)
+    {
+        "failed recently"
+    } else {
+        "ok"
+    }
+}
+
+/// Builder `id`'s label: its name, or `name (id)` when another joined builder has the same
+/// name (two builders on one host both default to its host name), so that people can tell them
+/// apart in `kiln dist-status` and on the dashboard. No allocation but the label's: it runs
+/// as each job ends.
+fn label(builders: &BTreeMap<String, BuilderState>, id: &str) -> Option<String> {
+    let b = builders.get(id)?;
+    let twins = builders.values().filter(|o| o.name == b.name).count();
+    Some(if twins > 1 {
+        format!("{} ({id})", b.name)
+    } else {
+        b.name.clone()
+    })
+}
+
 fn validate(spec: &kiln_proto::v1::JobSpec) -> Result<Digest, String> {
     let toolchain = spec
         .toolchain
@@ -887,7 +907,11 @@ impl SchedulerRpc for Scheduler {
         &self,
         request: Request<Streaming<FromBuilder>>,
     ) -> Result<Response<Self::JoinStream>, Status> {
-        let caller = self.inner.config.auth.check(&request, Role::Builder)?;
+        let caller = self
+            .inner
+            .config
+            .auth
+            .check(&request, Role::Builder, "builders need")?;
         let peer = request
             .extensions()
             .get::<kiln_proto::tls::Peer>()
@@ -912,6 +936,11 @@ impl SchedulerRpc for Scheduler {
             return Err(Status::invalid_argument(
                 "a builder must register a platform and at least one slot",
             ));
+        }
+        if let Some(e) = reg.toolchains.iter().find_map(|d| digest_of(d).err()) {
+            return Err(Status::invalid_argument(format!(
+                "Register lists a toolchain by a {e}"
+            )));
         }
         let id = format!(
             "b{}",
@@ -988,7 +1017,11 @@ impl SchedulerRpc for Scheduler {
         &self,
         request: Request<Streaming<FromClient>>,
     ) -> Result<Response<Self::CompileStream>, Status> {
-        let caller: Caller = self.inner.config.auth.check(&request, Role::Client)?;
+        let caller: Caller = self
+            .inner
+            .config
+            .auth
+            .check(&request, Role::Client, "jobs need")?;
         let held = self.inner.in_flight.take(&caller)?;
         let mut incoming = request.into_inner();
         let first = incoming
@@ -1044,6 +1077,14 @@ impl SchedulerRpc for Scheduler {
                         }
                     }
                     Ok(Some(_)) => {}
+                    Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                        // A message that does not decode: the client hears why its job ended.
+                        let client = this.lock().jobs.get(&id).map(|j| j.client.clone());
+                        if let Some(client) = client {
+                            let _ = client.send(Err(status)).await;
+                        }
+                        break;
+                    }
                     Ok(None) | Err(_) => break,
                 }
             }
@@ -1056,7 +1097,11 @@ impl SchedulerRpc for Scheduler {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusReply>, Status> {
-        self.inner.config.auth.check_any(&request)?;
+        // The status names every builder and job: a client's view, never a builder's.
+        self.inner
+            .config
+            .auth
+            .check(&request, Role::Client, "status calls need")?;
         Ok(Response::new(self.status_reply()))
     }
 
@@ -1064,7 +1109,11 @@ impl SchedulerRpc for Scheduler {
         &self,
         request: Request<SuspectReport>,
     ) -> Result<Response<ReportReply>, Status> {
-        let caller = self.inner.config.auth.check(&request, Role::Client)?;
+        let caller =
+            self.inner
+                .config
+                .auth
+                .check(&request, Role::Client, "suspect reports need")?;
         let r = request.into_inner();
         if r.protocol_version != PROTOCOL_VERSION {
             return Err(Status::failed_precondition(version_mismatch(

@@ -69,10 +69,46 @@ fn calls_without_the_right_token_are_refused_naming_the_credential() {
                 .await
                 .map(|_| ())
                 .err();
-            if credential == Credential::None {
-                assert_eq!(err.map(|e| e.code()), Some(tonic::Code::Unauthenticated));
+            match &credential {
+                Credential::None => {
+                    assert_eq!(err.map(|e| e.code()), Some(tonic::Code::Unauthenticated));
+                }
+                // The status names every builder and job: it is for clients only.
+                c if *c == builder_token => {
+                    let err = err.expect("a builder token read the status");
+                    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+                    assert!(
+                        err.message().contains(
+                            "is builder token \"builders\": status calls need a client token"
+                        ),
+                        "{}",
+                        err.message()
+                    );
+                }
+                _ => {}
             }
         }
+        // Nor does a builder's certificate, which needs no token to join.
+        let certified = kiln_proto::tls::ClientFiles {
+            ca: Some(farm.secret("ca.pem")),
+            identity: Some((farm.secret("builder.pem"), farm.secret("builder.key"))),
+        };
+        let channel = kiln_proto::tls::endpoint(&farm.url(), &certified)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let err = kiln_proto::v1::scheduler_client::SchedulerClient::new(channel)
+            .status(kiln_proto::v1::StatusRequest {})
+            .await
+            .expect_err("a builder's certificate read the status");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        assert!(
+            err.message()
+                .contains("a builder's certificate and no token: status calls need a client token"),
+            "{}",
+            err.message()
+        );
         // A client's token does not make a builder.
         let mut client = farm.grpc_with(client_token).await;
         let register = kiln_proto::v1::FromBuilder {
@@ -178,6 +214,193 @@ fn tls_refuses_plain_text_and_servers_signed_by_another_ca() {
         ));
     });
     farm.wait_for_builders(2);
+}
+
+/// Starts the real `kiln-scheduler` on 127.0.0.1 serving `cert` and `key`, with `secrets`'
+/// tokens files; returns it and its `https://` URL, read from the line it prints.
+fn scheduler_serving(
+    secrets: &std::path::Path,
+    cert: &str,
+    key: &str,
+) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(kiln_tests::program("kiln-scheduler"))
+        .args(["--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(secrets.join(cert))
+        .arg("--tls-key")
+        .arg(secrets.join(key))
+        .arg("--client-tokens")
+        .arg(secrets.join("client-tokens"))
+        .arg("--builder-tokens")
+        .arg(secrets.join("builder-tokens"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start kiln-scheduler");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("https://"))
+        .unwrap_or_else(|| panic!("kiln-scheduler did not say where it listens: {line:?}"))
+        .to_owned();
+    (child, url)
+}
+
+#[test]
+fn a_server_presenting_a_builders_certificate_is_refused_by_kiln() {
+    let secrets = tempfile::tempdir().unwrap();
+    kiln_scheduler::init::farm(secrets.path(), &[]).unwrap();
+    let s = |n: &str| secrets.path().join(n).display().to_string();
+    let client = |url: &str| {
+        let mut p = Project::new();
+        p.env.push(("KILN_SCHEDULER".into(), url.into()));
+        p.env.push(("KILN_CA_FILE".into(), s("ca.pem")));
+        p.env.push(("KILN_TOKEN_FILE".into(), s("client.token")));
+        p
+    };
+
+    // The scheduler with its own certificate answers kiln dist-status...
+    let (mut real, url) = scheduler_serving(secrets.path(), "server.pem", "server.key");
+    ok(&client(&url).kiln(&["dist-status"]));
+    real.kill().unwrap();
+    real.wait().unwrap();
+
+    // ...and one that shows a builder's certificate (a builder's key posing as the scheduler,
+    // to collect client tokens) is refused at the handshake, saying why and what to do.
+    let (mut fake, url) = scheduler_serving(secrets.path(), "builder.pem", "builder.key");
+    let out = client(&url).kiln(&["dist-status"]);
+    fake.kill().unwrap();
+    fake.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "kiln accepted a builder's certificate"
+    );
+    assert!(
+        stderr.contains("extended key usage for server authentication")
+            && stderr.contains("server.pem"),
+        "{stderr}"
+    );
+
+    // The same for kiln-cache: the remote tier is refused and the compile goes on locally.
+    let store = tempfile::tempdir().unwrap();
+    let cache = kiln_tests::CacheServer::start(
+        store.path(),
+        &[
+            "--tls-cert",
+            &s("builder.pem"),
+            "--tls-key",
+            &s("builder.key"),
+            "--tokens",
+            &s("client-tokens"),
+        ],
+    );
+    let mut p = Project::with_remote(&format!("https://{}", cache.addr));
+    p.env.push(("KILN_CA_FILE".into(), s("ca.pem")));
+    p.env.push(("KILN_TOKEN_FILE".into(), s("client.token")));
+    // Warnings name what the remote tier failed on.
+    p.env.push(("KILN_LOG".into(), "warn".into()));
+    p.write("a.c", "int a(void) { return 1; }\n");
+    kiln_tests::settle();
+    let out = ok(&p.kiln(&["gcc", "-c", "a.c", "-o", "a.o"])).clone();
+    assert!(p.path("a.o").exists());
+    assert_eq!(p.stat("remote_hits"), 0);
+    assert!(p.stat("remote_errors") >= 1, "{}", p.stats());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("extended key usage for server authentication"),
+        "{stderr}"
+    );
+}
+
+/// Whether `pem`'s first certificate names `host` (DNS names are stored as plain ASCII).
+fn certificate_names(pem: &std::path::Path, host: &str) -> bool {
+    let certs = kiln_proto::tls::read_certs("certificate", pem).unwrap();
+    certs[0].windows(host.len()).any(|w| w == host.as_bytes())
+}
+
+#[test]
+fn init_prints_next_steps_that_work_for_the_names_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let farm = dir.path().join("farm");
+    let init = |args: &[&str]| {
+        std::process::Command::new(kiln_tests::program("kiln-scheduler"))
+            .arg("init")
+            .arg(&farm)
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    let out = ok(&init(&["--name", "schedhost"])).clone();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // The addresses are the name given, and the servers listen beyond loopback for it.
+    assert!(
+        text.contains("--scheduler https://schedhost:7878"),
+        "{text}"
+    );
+    assert!(
+        text.contains("KILN_SCHEDULER=https://schedhost:7878"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kiln-scheduler --listen 0.0.0.0:7878"),
+        "{text}"
+    );
+    assert!(!text.contains("HOST:7878"), "{text}");
+    assert!(text.contains("schedhost. For more names"), "{text}");
+
+    // The command it gives for more names runs, keeps schedhost, and signs with the farm's CA.
+    let reissue = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("kiln-scheduler init"))
+        .unwrap_or_else(|| panic!("no reissue command in {text}"))
+        .replace("HOST", "newhost");
+    let words: Vec<&str> = reissue.split_whitespace().skip(3).collect();
+    assert_eq!(words[0], "--reissue-server", "{reissue}");
+    let before = std::fs::read(farm.join("client.token")).unwrap();
+    ok(&init(&words));
+    assert!(certificate_names(&farm.join("server.pem"), "newhost"));
+    assert!(certificate_names(&farm.join("server.pem"), "schedhost"));
+    assert_eq!(std::fs::read(farm.join("client.token")).unwrap(), before);
+    let (mut scheduler, url) = scheduler_serving(&farm, "server.pem", "server.key");
+    let mut p = Project::new();
+    p.env.push(("KILN_SCHEDULER".into(), url));
+    p.env.push((
+        "KILN_CA_FILE".into(),
+        farm.join("ca.pem").display().to_string(),
+    ));
+    p.env.push((
+        "KILN_TOKEN_FILE".into(),
+        farm.join("client.token").display().to_string(),
+    ));
+    let status = p.kiln(&["dist-status"]);
+    scheduler.kill().unwrap();
+    scheduler.wait().unwrap();
+    ok(&status);
+
+    // init on the same directory refuses, and says how to reissue or start over; the commands
+    // it gives work.
+    let out = init(&["--name", "schedhost"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(text.contains("--reissue-server --name HOST"), "{text}");
+    let start_over = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("cd "))
+        .unwrap_or_else(|| panic!("no command to start over in {text}"));
+    let moved = std::process::Command::new("sh")
+        .args(["-c", start_over])
+        .status()
+        .unwrap();
+    assert!(moved.success(), "{start_over}");
+    ok(&init(&["--name", "schedhost"]));
+    assert_ne!(std::fs::read(farm.join("client.token")).unwrap(), before);
 }
 
 #[test]
@@ -637,13 +860,58 @@ fn malformed_and_oversized_messages_get_errors_and_the_scheduler_goes_on() {
         assert!(kiln_proto::v1::FromClient::decode(garbage.encode_to_vec().as_slice()).is_err());
         let err = grpc
             .streaming::<_, Raw, kiln_proto::v1::ToClient, _>(
-                tonic::Request::new(tokio_stream::iter(vec![garbage])),
+                tonic::Request::new(tokio_stream::iter(vec![garbage.clone()])),
                 "/kiln.v1.Scheduler/Compile".parse().unwrap(),
                 tonic_prost::ProstCodec::<Raw, kiln_proto::v1::ToClient>::default(),
             )
             .await
             .expect_err("garbage was accepted");
-        assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+        // The sender's fault, named as such: not INTERNAL, a fault of the scheduler's.
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("malformed FromClient"), "{err:?}");
+        // The same for a unary call: a length-delimited field 1 where a number is expected.
+        assert!(kiln_proto::v1::SuspectReport::decode(garbage.encode_to_vec().as_slice()).is_err());
+        grpc.ready().await.unwrap();
+        let err = grpc
+            .unary::<Raw, kiln_proto::v1::ReportReply, _>(
+                tonic::Request::new(garbage.clone()),
+                "/kiln.v1.Scheduler/Report".parse().unwrap(),
+                tonic_prost::ProstCodec::<Raw, kiln_proto::v1::ReportReply>::default(),
+            )
+            .await
+            .expect_err("garbage was accepted");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("malformed SuspectReport"), "{err:?}");
+
+        // A builder registering a toolchain by a digest that is not one.
+        let mut builder = farm
+            .grpc_with(Credential::File(farm.secret("builder.token")))
+            .await;
+        let register = kiln_proto::v1::FromBuilder {
+            msg: Some(kiln_proto::v1::from_builder::Msg::Register(
+                kiln_proto::v1::Register {
+                    protocol_version: kiln_proto::PROTOCOL_VERSION,
+                    name: "odd".into(),
+                    os: "linux".into(),
+                    arch: "x86_64".into(),
+                    slots: 1,
+                    toolchains: vec![kiln_proto::v1::Digest {
+                        blake3: vec![1u8; 5].into(),
+                        size: 1,
+                    }],
+                    ..Default::default()
+                },
+            )),
+        };
+        let err = builder
+            .join(tokio_stream::iter(vec![register]))
+            .await
+            .expect_err("a malformed digest was accepted");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().contains("malformed digest: 5 bytes"),
+            "{err:?}"
+        );
 
         // One message over the 16 MiB limit.
         let client = farm.grpc().await;
@@ -783,6 +1051,42 @@ fn curl(ca: &std::path::Path, args: &[&str]) -> (u16, String) {
         return (0, String::from_utf8_lossy(&out.stderr).into_owned());
     }
     (code, body.to_owned())
+}
+
+#[test]
+fn kiln_cache_calls_a_malformed_message_an_invalid_argument() {
+    use prost::Message;
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Raw {
+        #[prost(bytes = "vec", tag = "1")]
+        data: Vec<u8>,
+    }
+    let store = tempfile::tempdir().unwrap();
+    let server = kiln_tests::CacheServer::start(store.path(), &[]);
+    runtime().block_on(async {
+        let channel = kiln_proto::tls::endpoint(&server.url(), &Default::default())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        // A length-delimited field 1 where CacheGet has its protocol version, a number.
+        let garbage = Raw {
+            data: b"not a number".to_vec(),
+        };
+        assert!(kiln_proto::v1::CacheGet::decode(garbage.encode_to_vec().as_slice()).is_err());
+        grpc.ready().await.unwrap();
+        let err = grpc
+            .unary::<Raw, kiln_proto::v1::CacheEntry, _>(
+                tonic::Request::new(garbage),
+                "/kiln.v1.Cache/Get".parse().unwrap(),
+                tonic_prost::ProstCodec::<Raw, kiln_proto::v1::CacheEntry>::default(),
+            )
+            .await
+            .expect_err("garbage was accepted");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("malformed CacheGet"), "{err:?}");
+    });
 }
 
 #[test]

@@ -12,6 +12,8 @@ fn main() {
         .bytes(".")
         // Chunks carry file contents: their Debug is written by hand so bytes never reach logs.
         .skip_debug(["kiln.v1.Chunk"])
+        // prost's codec, except that a message that does not decode is INVALID_ARGUMENT.
+        .codec_path("crate::codec::Codec")
         .compile_protos(&[root.join("kiln/v1/kiln.proto")], &[root.clone()])
         .expect("protoc failed; install protobuf-compiler");
     println!("wrote {}", out.join("kiln.v1.rs").display());

@@ -429,7 +429,16 @@ pub struct BuilderStatus {
     /// Why a cross-check marked it suspect; empty while it is trusted.
     #[prost(string, tag = "13")]
     pub suspect: ::prost::alloc::string::String,
-    #[prost(uint32, tag = "14")]
+    /// How long ago it last failed a job, in ms; unset if it never has.
+    #[prost(uint64, optional, tag = "14")]
+    pub last_failure_ms: ::core::option::Option<u64>,
+    /// "ok", "failed recently" (placement puts it last) or "suspect" (placement skips it).
+    #[prost(string, tag = "15")]
+    pub health: ::prost::alloc::string::String,
+    /// Its name for people: the name, with the id after it when another builder has the same name.
+    #[prost(string, tag = "16")]
+    pub label: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "17")]
     pub toolchains_held: u32,
 }
 #[allow(clippy::all)]
@@ -437,6 +446,7 @@ pub struct BuilderStatus {
 pub struct JobStatus {
     #[prost(uint64, tag = "1")]
     pub id: u64,
+    /// The builder's label (BuilderStatus.label).
     #[prost(string, tag = "2")]
     pub builder: ::prost::alloc::string::String,
     #[prost(string, tag = "3")]
@@ -445,6 +455,9 @@ pub struct JobStatus {
     pub running_ms: u64,
     #[prost(uint32, tag = "5")]
     pub attempt: u32,
+    /// The builder's id (BuilderStatus.id).
+    #[prost(string, tag = "6")]
+    pub builder_id: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -620,7 +633,7 @@ pub mod scheduler_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::Codec::default();
             let path = http::uri::PathAndQuery::from_static("/kiln.v1.Scheduler/Join");
             let mut req = request.into_streaming_request();
             req.extensions_mut().insert(GrpcMethod::new("kiln.v1.Scheduler", "Join"));
@@ -643,7 +656,7 @@ pub mod scheduler_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/kiln.v1.Scheduler/Compile",
             );
@@ -664,7 +677,7 @@ pub mod scheduler_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::Codec::default();
             let path = http::uri::PathAndQuery::from_static("/kiln.v1.Scheduler/Status");
             let mut req = request.into_request();
             req.extensions_mut().insert(GrpcMethod::new("kiln.v1.Scheduler", "Status"));
@@ -684,7 +697,7 @@ pub mod scheduler_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::Codec::default();
             let path = http::uri::PathAndQuery::from_static("/kiln.v1.Scheduler/Report");
             let mut req = request.into_request();
             req.extensions_mut().insert(GrpcMethod::new("kiln.v1.Scheduler", "Report"));
@@ -848,7 +861,7 @@ pub mod scheduler_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = JoinSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -892,7 +905,7 @@ pub mod scheduler_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = CompileSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -935,7 +948,7 @@ pub mod scheduler_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = StatusSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -978,7 +991,7 @@ pub mod scheduler_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ReportSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -1139,7 +1152,7 @@ pub mod cache_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::Codec::default();
             let path = http::uri::PathAndQuery::from_static("/kiln.v1.Cache/Get");
             let mut req = request.into_request();
             req.extensions_mut().insert(GrpcMethod::new("kiln.v1.Cache", "Get"));
@@ -1158,7 +1171,7 @@ pub mod cache_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::Codec::default();
             let path = http::uri::PathAndQuery::from_static("/kiln.v1.Cache/Put");
             let mut req = request.into_request();
             req.extensions_mut().insert(GrpcMethod::new("kiln.v1.Cache", "Put"));
@@ -1177,7 +1190,7 @@ pub mod cache_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::Codec::default();
             let path = http::uri::PathAndQuery::from_static("/kiln.v1.Cache/Stats");
             let mut req = request.into_request();
             req.extensions_mut().insert(GrpcMethod::new("kiln.v1.Cache", "Stats"));
@@ -1320,7 +1333,7 @@ pub mod cache_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -1363,7 +1376,7 @@ pub mod cache_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = PutSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -1406,7 +1419,7 @@ pub mod cache_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = StatsSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
