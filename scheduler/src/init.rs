@@ -288,8 +288,9 @@ pub fn next_steps(dir: &Path, names: &[String]) -> String {
         .map(|n| format!(" --name {n}"))
         .collect::<String>();
     let other_names = if names.is_empty() {
-        "; other machines reach it by a name given to\n\
-         \x20 kiln-scheduler init {dir} --reissue-server --name HOST"
+        ": this machine only. For other machines, add the name they dial\n\
+         \x20 kiln-scheduler init {dir} --reissue-server --name HOST\n\
+         and have the servers listen beyond loopback (--listen 0.0.0.0:7878)."
             .to_string()
     } else {
         ". For more names, keeping everything else:\n\
@@ -323,4 +324,48 @@ pub fn next_steps(dir: &Path, names: &[String]) -> String {
         ctk = f(CLIENT_TOKEN).display(),
         all = server_names(names).join(", "),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_steps_name_the_hosts_given_or_this_machine_alone() {
+        let dir = Path::new("/etc/kiln/farm");
+        let alone = next_steps(dir, &[]);
+        assert!(
+            alone.contains("KILN_SCHEDULER=https://localhost:7878"),
+            "{alone}"
+        );
+        assert!(!alone.contains("kiln-scheduler --listen"), "{alone}");
+        assert!(
+            alone.contains("init /etc/kiln/farm --reissue-server --name HOST"),
+            "{alone}"
+        );
+
+        let names = ["sched.example".to_string(), "10.0.0.5".to_string()];
+        let farm = next_steps(dir, &names);
+        assert!(
+            farm.contains("--scheduler https://sched.example:7878"),
+            "{farm}"
+        );
+        assert!(
+            farm.contains("kiln-scheduler --listen 0.0.0.0:7878"),
+            "{farm}"
+        );
+        assert!(
+            farm.contains("sched.example, 10.0.0.5. For more names"),
+            "{farm}"
+        );
+        assert!(
+            farm.contains(
+                "init /etc/kiln/farm --reissue-server --name sched.example --name 10.0.0.5 --name HOST"
+            ),
+            "{farm}"
+        );
+        // An IPv6 address is bracketed in a URL.
+        let v6 = next_steps(dir, &["fd00::1".to_string()]);
+        assert!(v6.contains("https://[fd00::1]:7878"), "{v6}");
+    }
 }
