@@ -30,6 +30,8 @@ use crate::progress::Progress;
 
 /// How long to wait for the scheduler to answer a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a single call (status, a report) may wait for its answer.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a remote compile may take, transfers included.
 const JOB_TIMEOUT: Duration = Duration::from_secs(900);
 /// The largest output accepted from a builder.
@@ -56,6 +58,9 @@ pub enum Fallback {
     Failed(String),
     /// This compile cannot run elsewhere (it depends on this machine).
     Unsupported(String),
+    /// The builder answered with outputs other than the ones asked for: the result is refused
+    /// whole, nothing of it is written, and the builder is reported suspect.
+    Suspect(String),
 }
 
 impl Fallback {
@@ -71,6 +76,7 @@ impl Fallback {
             Fallback::Inputs(_) => "inputs",
             Fallback::Failed(_) => "failed",
             Fallback::Unsupported(_) => "unsupported",
+            Fallback::Suspect(_) => "suspect",
         }
     }
 
@@ -86,6 +92,7 @@ impl Fallback {
         "inputs",
         "failed",
         "unsupported",
+        "suspect",
     ];
 }
 
@@ -101,7 +108,8 @@ impl std::fmt::Display for Fallback {
             | Fallback::Toolchain(m)
             | Fallback::Inputs(m)
             | Fallback::Failed(m)
-            | Fallback::Unsupported(m) => write!(f, "{}: {m}", self.name().replace('_', " ")),
+            | Fallback::Unsupported(m)
+            | Fallback::Suspect(m) => write!(f, "{}: {m}", self.name().replace('_', " ")),
         }
     }
 }
@@ -348,6 +356,8 @@ async fn exchange(
     let mut client = connect(req.scheduler).await?;
     let (tx, rx) = mpsc::channel::<FromClient>(16);
     let send = |msg: from_client::Msg| FromClient { msg: Some(msg) };
+    // What the builder may give back: exactly these paths, nothing else (issue 16).
+    let requested = spec.outputs.clone();
     let _ = tx.send(send(from_client::Msg::Spec(spec))).await;
     // The source is almost never on the builder yet: send it without waiting to be asked.
     let mut pushed = None;
@@ -447,6 +457,14 @@ async fn exchange(
                 }));
             }
             to_client::Msg::Finished(f) => {
+                if let Err(why) = check_outputs(&requested, &f.outputs) {
+                    let builder = if f.builder.is_empty() {
+                        builder
+                    } else {
+                        f.builder.clone()
+                    };
+                    return Err(suspect(&mut client, &builder, req.source, why).await);
+                }
                 for out in &f.outputs {
                     let wire = out
                         .digest
@@ -529,6 +547,54 @@ async fn exchange(
         sent_toolchain,
         outputs: f.outputs.iter().map(|o| PathBuf::from(&o.path)).collect(),
     })
+}
+
+/// Checks a builder's outputs against the ones the job asked for: each at most once, and no
+/// path that was not asked for. A builder is not trusted (SECURITY.md): one naming `~/.bashrc`
+/// would otherwise have it written. Outputs may be missing (a failed compile writes none).
+fn check_outputs(
+    requested: &[String],
+    returned: &[kiln_proto::v1::OutputFile],
+) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for out in returned {
+        if !requested.contains(&out.path) {
+            return Err(format!(
+                "it returned {:?}, which this compile did not ask for",
+                out.path
+            ));
+        }
+        if !seen.insert(out.path.as_str()) {
+            return Err(format!("it returned {:?} twice", out.path));
+        }
+    }
+    Ok(())
+}
+
+/// A builder whose result broke the protocol's promise: report it to the scheduler (which
+/// places nothing more on it) and fall back. The report is best effort: the local compile
+/// follows whatever it answers.
+async fn suspect(client: &mut Client, builder: &str, source: &Path, why: String) -> Fallback {
+    let reported = tokio::time::timeout(
+        CALL_TIMEOUT,
+        client.report(kiln_proto::v1::SuspectReport {
+            protocol_version: PROTOCOL_VERSION,
+            builder: builder.into(),
+            label: source.to_string_lossy().into_owned(),
+            differing: vec![format!("its outputs ({why})")],
+            checked_by: "the client's output check".into(),
+        }),
+    )
+    .await;
+    let note = match reported {
+        Ok(Ok(_)) => "reported to the scheduler as suspect".to_string(),
+        Ok(Err(s)) => format!("reporting it failed: {}", s.message()),
+        Err(_) => "reporting it timed out".to_string(),
+    };
+    tracing::warn!(builder, %why, "refused a builder's result");
+    Fallback::Suspect(format!(
+        "builder {builder} {why}; nothing of its result was written, {note}"
+    ))
 }
 
 /// gcc's and clang's words for an `#include` that found nothing.
@@ -672,6 +738,43 @@ pub fn status_text(s: &StatusReply) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_builder_gives_back_only_the_outputs_asked_for() {
+        let requested = vec!["/w/a.o".to_string(), "/w/a.d".to_string()];
+        let out = |paths: &[&str]| -> Vec<kiln_proto::v1::OutputFile> {
+            paths
+                .iter()
+                .map(|p| kiln_proto::v1::OutputFile {
+                    path: p.to_string(),
+                    digest: None,
+                })
+                .collect()
+        };
+        let cases: &[(&[&str], Option<&str>)] = &[
+            (&["/w/a.o", "/w/a.d"], None),
+            (&["/w/a.d", "/w/a.o"], None),
+            // A failed compile writes nothing, or only some of them.
+            (&[], None),
+            (&["/w/a.d"], None),
+            (&["/w/a.o", "/home/u/.bashrc"], Some("did not ask for")),
+            (&["/w/a.o", "/w/a.o"], Some("twice")),
+            (&["/w/./a.o"], Some("did not ask for")),
+            (&["/w/x/../a.o"], Some("did not ask for")),
+            (&["/w/a.o\0"], Some("did not ask for")),
+            (&["w/a.o"], Some("did not ask for")),
+        ];
+        for (paths, refused) in cases {
+            let got = check_outputs(&requested, &out(paths));
+            match refused {
+                None => assert_eq!(got, Ok(()), "{paths:?}"),
+                Some(why) => assert!(
+                    got.as_ref().is_err_and(|e| e.contains(why)),
+                    "{paths:?}: {got:?}"
+                ),
+            }
+        }
+    }
 
     #[test]
     fn paths_with_dotdot_are_placed_where_they_lead_and_their_prefixes_exist() {
