@@ -99,27 +99,13 @@ pub(crate) struct Shared {
     /// One lock per toolchain being fetched, so concurrent jobs ask for it once.
     fetching: Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     inputs: inputs::Inputs,
-    free_slots: Mutex<Vec<u32>>,
+    slots: job::Slots,
     metrics: metrics::Metrics,
 }
 
 impl Shared {
     fn toolchains(&self) -> MutexGuard<'_, ToolchainCache> {
         self.toolchains.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn take_slot(&self) -> Option<u32> {
-        self.free_slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-    }
-
-    fn give_slot(&self, slot: u32) {
-        self.free_slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(slot);
     }
 
     /// The uid (and gid) the job in `slot` runs as.
@@ -139,13 +125,9 @@ impl Shared {
         })
     }
 
+    /// Slots whose job has not ended: what the heartbeat and `/metrics` report as running.
     fn running(&self) -> u32 {
-        let free = self
-            .free_slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len() as u32;
-        self.config.slots.saturating_sub(free)
+        self.config.slots.saturating_sub(self.slots.free())
     }
 }
 
@@ -173,7 +155,7 @@ pub async fn serve(
         toolchains: Mutex::new(toolchains),
         fetching: Mutex::new(Default::default()),
         inputs,
-        free_slots: Mutex::new((0..config.slots).rev().collect()),
+        slots: job::Slots::new(config.slots),
         metrics: metrics::Metrics::default(),
         config,
     });
