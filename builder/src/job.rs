@@ -588,18 +588,21 @@ async fn run_in_jail(
         limits,
     };
     // The jail runs on a task of its own that holds the job's resources: aborting this job
-    // stops waiting for it, and the slot comes back when the jail's own limits end the run.
+    // stops waiting for it, and the slot comes back when the jail's own limits end the run
+    // (its owner is the job while the job lives, then those limits).
     let outcome = {
+        use tracing::Instrument;
         let held = held.clone();
         let pool = shared.pool.clone();
-        tokio::spawn(async move {
+        let task = async move {
             let lease = held.lease.lease.as_ref().ok_or(JailError::Setup(
                 "the job's container was already returned".into(),
             ))?;
             pool.run(lease, run).await
-        })
-        .await
-        .map_err(|e| JobError::Retry(e.to_string()))??
+        };
+        tokio::spawn(task.instrument(tracing::info_span!("jail run", job = id)))
+            .await
+            .map_err(|e| JobError::Retry(e.to_string()))??
     };
     let outcome_elapsed = outcome.elapsed;
 
