@@ -36,8 +36,10 @@ use crate::progress::Progress;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// TCP, TLS and HTTP/2 handshakes together.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(6);
-/// How long the scheduler may take to answer a job (its placement or a refusal), and a single
-/// call (status, a report) its reply.
+/// How long the scheduler may take to answer a job (its placement or a refusal). It answers
+/// once it has handed the job to a builder, which a busy builder link can hold up a little.
+const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a single call (status, a report) may wait for its reply.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// While a job runs on a builder the scheduler may say nothing for minutes; HTTP/2 pings show
 /// it is still there. One unanswered this long ends the job as stalled.
@@ -487,20 +489,22 @@ async fn exchange(
     }
     let url = &req.scheduler.url;
     // The scheduler answers a job once it has placed it (or refused it): it must do so soon.
-    let mut incoming =
-        match tokio::time::timeout(CALL_TIMEOUT, client.compile(ReceiverStream::new(rx))).await {
-            Ok(Ok(answer)) => answer.into_inner(),
-            Ok(Err(s)) => {
-                return Err(gone_or_stalled(req.scheduler, status_fallback(url, &s)).await)
-            }
-            Err(_) => {
-                return Err(stalled(
-                    url,
-                    "does not answer: no placement for the job",
-                    CALL_TIMEOUT,
-                ))
-            }
-        };
+    let mut incoming = match tokio::time::timeout(
+        PLACEMENT_TIMEOUT,
+        client.compile(ReceiverStream::new(rx)),
+    )
+    .await
+    {
+        Ok(Ok(answer)) => answer.into_inner(),
+        Ok(Err(s)) => return Err(gone_or_stalled(req.scheduler, status_fallback(url, &s)).await),
+        Err(_) => {
+            return Err(stalled(
+                url,
+                "does not answer: no placement for the job",
+                PLACEMENT_TIMEOUT,
+            ))
+        }
+    };
 
     let mut finished = None;
     let mut builder = String::new();
