@@ -901,11 +901,19 @@ impl SchedulerRpc for Scheduler {
         &self,
         request: Request<Streaming<FromBuilder>>,
     ) -> Result<Response<Self::JoinStream>, Status> {
-        let caller = self.inner.config.auth.check(&request, Role::Builder)?;
         let peer = request
             .extensions()
             .get::<kiln_proto::tls::Peer>()
             .and_then(|p| p.addr);
+        let caller = self
+            .inner
+            .config
+            .auth
+            .check(&request, Role::Builder)
+            .inspect_err(|status| {
+                // As for jobs: an operator sees why a builder could not join, never the token.
+                tracing::warn!(?peer, code = ?status.code(), reason = %status.message(), "refused a builder: its credential failed");
+            })?;
         let mut incoming = request.into_inner();
         let first = incoming
             .message()
