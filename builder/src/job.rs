@@ -73,6 +73,82 @@ impl Jobs {
     }
 }
 
+/// The builder's job slots. A slot is taken as a [`Slot`] guard and comes back when the last
+/// holder of the guard drops it, so a job ends the same way whether it finished, failed or was
+/// aborted (`Jobs::cancel`, `abort_all`): issue 15 saw an interrupted build leave every slot
+/// taken for good when the slot was given back by code after an await.
+#[derive(Debug, Clone)]
+pub(crate) struct Slots(Arc<std::sync::Mutex<Vec<u32>>>);
+
+impl Slots {
+    pub fn new(n: u32) -> Slots {
+        Slots(Arc::new(std::sync::Mutex::new((0..n).rev().collect())))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A free slot, held until the guard is dropped.
+    pub fn take(&self) -> Option<Slot> {
+        let n = self.lock().pop()?;
+        Some(Slot {
+            slots: self.clone(),
+            n,
+        })
+    }
+
+    /// Slots no job holds.
+    pub fn free(&self) -> u32 {
+        self.lock().len() as u32
+    }
+}
+
+/// One taken slot; dropping it frees the slot.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    slots: Slots,
+    n: u32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.lock().push(self.n);
+    }
+}
+
+/// Keeps a toolchain from eviction while a job uses it; dropping it unpins.
+struct Pinned {
+    shared: Arc<Shared>,
+    toolchain: Digest,
+}
+
+impl Pinned {
+    fn new(shared: &Arc<Shared>, toolchain: Digest) -> Pinned {
+        shared.toolchains().pin(toolchain);
+        Pinned {
+            shared: shared.clone(),
+            toolchain,
+        }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        self.shared.toolchains().unpin(&self.toolchain);
+    }
+}
+
+/// Everything a job holds while something may still touch its container: the slot (and so
+/// its uid), the pinned toolchain and the container lease. Work that cannot be stopped halfway
+/// (placing inputs and running the jail, both on blocking threads) holds a clone, so when the
+/// job's task is aborted they come back only once nothing runs in the container any more.
+struct Held {
+    lease: LeaseGuard,
+    _pinned: Pinned,
+    _slot: Arc<Slot>,
+}
+
 /// Why a job did not produce a result.
 enum JobError {
     /// Not the job's fault: another builder may run it.
@@ -107,13 +183,9 @@ async fn run(
     chunks_rx: mpsc::Receiver<Chunk>,
 ) {
     let label = spec.label.clone();
-    let result = match shared.take_slot() {
+    let result = match shared.slots.take() {
         None => Err(JobError::Retry("the builder has no free slot".into())),
-        Some(slot) => {
-            let result = execute(&shared, &out, id, spec, chunks_rx, slot).await;
-            shared.give_slot(slot);
-            result
-        }
+        Some(slot) => execute(&shared, &out, id, spec, chunks_rx, Arc::new(slot)).await,
     };
     let counted = |n: &std::sync::atomic::AtomicU64| {
         n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -246,7 +318,7 @@ async fn execute(
     id: u64,
     spec: JobSpec,
     mut chunks_rx: mpsc::Receiver<Chunk>,
-    slot: u32,
+    slot: Arc<Slot>,
 ) -> Result<(), JobError> {
     let started = Instant::now();
     let checked = check(&spec)?;
@@ -302,10 +374,8 @@ async fn execute(
     }
     drop(fetch_guard);
 
-    shared.toolchains().pin(tc);
-    let result = run_in_jail(shared, out, id, &spec, &checked, slot, started).await;
-    shared.toolchains().unpin(&tc);
-    result
+    let pinned = Pinned::new(shared, tc);
+    run_in_jail(shared, out, id, &spec, &checked, (slot, pinned), started).await
 }
 
 /// Receives the chunks this job asked for, verifying and keeping each piece of content.
@@ -417,9 +487,10 @@ async fn run_in_jail(
     id: u64,
     spec: &JobSpec,
     c: &Checked,
-    slot: u32,
+    (slot, pinned): (Arc<Slot>, Pinned),
     started: Instant,
 ) -> Result<(), JobError> {
+    let slot_n = slot.n;
     let fetched = started.elapsed();
     let key = c.toolchain.to_hex();
     let archive = shared.toolchains().path(&c.toolchain);
@@ -432,26 +503,33 @@ async fn run_in_jail(
         return Err(e.into());
     }
     let lease = shared.pool.checkout(&key).await?;
-    let guard = LeaseGuard {
-        pool: shared.pool.clone(),
-        lease: Some(lease),
-    };
-    let (root_path, outputs_path) = guard
+    let held = Arc::new(Held {
+        lease: LeaseGuard {
+            pool: shared.pool.clone(),
+            lease: Some(lease),
+        },
+        _pinned: pinned,
+        _slot: slot,
+    });
+    let (root_path, outputs_path) = held
+        .lease
         .lease
         .as_ref()
         .map(|l| (l.root().to_path_buf(), l.outputs().to_path_buf()))
         .unwrap_or_default();
     let ready_at = started.elapsed();
 
-    let uid = shared.job_uid(slot);
+    let uid = shared.job_uid(slot_n);
     let placed = {
         let worker = shared.clone();
+        let held = held.clone();
         let files = c.inputs.clone();
         let dirs = c.dirs.clone();
         let cwd = c.cwd.clone();
         let outputs = c.outputs.clone();
         let root_path = root_path.clone();
         tokio::task::spawn_blocking(move || -> Result<(), JobError> {
+            let _held = held;
             let root = Root::open(&root_path)?;
             let backend = worker.pool.backend();
             let mut placer = Placer::new(&root, backend.links_inputs());
@@ -517,13 +595,30 @@ async fn run_in_jail(
         gid: uid,
         limits,
     };
-    let lease = guard.lease.as_ref().ok_or(JobError::Gone)?;
-    let outcome = shared.pool.run(lease, run).await?;
+    // The jail runs on a task of its own that holds the job's resources: aborting this job
+    // stops waiting for it, and the slot comes back when the jail's own limits end the run
+    // (its owner is the job while the job lives, then those limits).
+    let outcome = {
+        use tracing::Instrument;
+        let held = held.clone();
+        let pool = shared.pool.clone();
+        let task = async move {
+            let lease = held.lease.lease.as_ref().ok_or(JailError::Setup(
+                "the job's container was already returned".into(),
+            ))?;
+            pool.run(lease, run).await
+        };
+        tokio::spawn(task.instrument(tracing::info_span!("jail run", job = id)))
+            .await
+            .map_err(|e| JobError::Retry(e.to_string()))??
+    };
     let outcome_elapsed = outcome.elapsed;
 
     let read = {
         let outputs = c.outputs.clone();
+        let held = held.clone();
         tokio::task::spawn_blocking(move || -> Result<Vec<(PathBuf, Bytes)>, JobError> {
+            let _held = held;
             let root = Root::open(&outputs_path)?;
             let mut found = Vec::new();
             for path in outputs {
@@ -536,7 +631,7 @@ async fn run_in_jail(
         .await
         .map_err(|e| JobError::Retry(e.to_string()))?
     };
-    drop(guard);
+    drop(held);
     let outputs = read?;
     let read_at = started.elapsed();
     shared.metrics.run.observe(outcome_elapsed);
@@ -603,6 +698,48 @@ async fn run_in_jail(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_aborted_job_gives_its_slot_back() {
+        let slots = Slots::new(2);
+        let (took_tx, took_rx) = tokio::sync::oneshot::channel();
+        let job = {
+            let slots = slots.clone();
+            tokio::spawn(async move {
+                let slot = slots.take().expect("a free slot");
+                let _ = took_tx.send(());
+                // A compile that never ends, as far as this task knows.
+                std::future::pending::<()>().await;
+                drop(slot);
+            })
+        };
+        took_rx.await.unwrap();
+        assert_eq!(slots.free(), 1);
+        job.abort();
+        assert!(job.await.unwrap_err().is_cancelled());
+        assert_eq!(slots.free(), 2, "the aborted job kept its slot");
+    }
+
+    #[tokio::test]
+    async fn a_slot_held_by_a_running_jail_comes_back_when_the_run_ends() {
+        let slots = Slots::new(1);
+        let slot = Arc::new(slots.take().unwrap());
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = {
+            let slot = slot.clone();
+            tokio::spawn(async move {
+                let _ = end_rx.await;
+                drop(slot);
+            })
+        };
+        // The job's own task goes (aborted), the run it started has not ended yet.
+        drop(slot);
+        assert_eq!(slots.free(), 0, "a slot freed while its jail still runs");
+        assert!(slots.take().is_none());
+        end_tx.send(()).unwrap();
+        run.await.unwrap();
+        assert_eq!(slots.free(), 1);
+    }
 
     #[test]
     fn job_paths_must_stay_absolute_and_inside() {

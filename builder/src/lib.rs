@@ -99,27 +99,13 @@ pub(crate) struct Shared {
     /// One lock per toolchain being fetched, so concurrent jobs ask for it once.
     fetching: Mutex<std::collections::HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     inputs: inputs::Inputs,
-    free_slots: Mutex<Vec<u32>>,
+    slots: job::Slots,
     metrics: metrics::Metrics,
 }
 
 impl Shared {
     fn toolchains(&self) -> MutexGuard<'_, ToolchainCache> {
         self.toolchains.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn take_slot(&self) -> Option<u32> {
-        self.free_slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-    }
-
-    fn give_slot(&self, slot: u32) {
-        self.free_slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(slot);
     }
 
     /// The uid (and gid) the job in `slot` runs as.
@@ -139,13 +125,9 @@ impl Shared {
         })
     }
 
+    /// Slots whose job has not ended: what the heartbeat and `/metrics` report as running.
     fn running(&self) -> u32 {
-        let free = self
-            .free_slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len() as u32;
-        self.config.slots.saturating_sub(free)
+        self.config.slots.saturating_sub(self.slots.free())
     }
 }
 
@@ -173,7 +155,7 @@ pub async fn serve(
         toolchains: Mutex::new(toolchains),
         fetching: Mutex::new(Default::default()),
         inputs,
-        free_slots: Mutex::new((0..config.slots).rev().collect()),
+        slots: job::Slots::new(config.slots),
         metrics: metrics::Metrics::default(),
         config,
     });
@@ -193,14 +175,27 @@ pub async fn serve(
     });
     tokio::pin!(shutdown);
     let mut pause = Duration::from_millis(100);
+    let mut trouble = LinkTrouble::default();
     loop {
-        let session = session(shared.clone());
+        let session = session(shared.clone(), &mut trouble);
         tokio::select! {
             _ = &mut shutdown => break,
             ended = session => {
                 match ended {
                     Ok(()) => pause = Duration::from_millis(100),
-                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "scheduler link failed"),
+                    Err(e) => {
+                        let cause = format!("{e:#}");
+                        match trouble.failed(&cause) {
+                            Some(attempts) => tracing::warn!(
+                                scheduler = %shared.config.scheduler,
+                                error = %cause,
+                                attempts,
+                                "scheduler link failed; retrying (said again when the cause \
+                                 changes, else ever more rarely)"
+                            ),
+                            None => tracing::debug!(error = %cause, "scheduler link failed"),
+                        }
+                    }
                 }
             }
         }
@@ -230,9 +225,42 @@ async fn metrics_page(
     )
 }
 
+/// When a builder speaks of its link to the scheduler failing: at the first failure, when the
+/// cause changes, then after 2, 4, 8, … failed attempts in a row, so a scheduler down for an
+/// hour is not a warning every 5 s (issue 15). Plain data, so the rule is tested without a
+/// network.
+#[derive(Debug, Default)]
+struct LinkTrouble {
+    failures: u32,
+    cause: Option<String>,
+    next_warning: u32,
+}
+
+impl LinkTrouble {
+    /// Counts a failed attempt; returns the failures so far when this one deserves a warning.
+    fn failed(&mut self, cause: &str) -> Option<u32> {
+        self.failures += 1;
+        let changed = self.cause.as_deref() != Some(cause);
+        if changed {
+            self.cause = Some(cause.to_owned());
+        }
+        if changed || self.failures >= self.next_warning {
+            self.next_warning = self.failures.saturating_mul(2);
+            return Some(self.failures);
+        }
+        None
+    }
+
+    /// The link is up: returns how many attempts had failed before, if any.
+    fn joined(&mut self) -> Option<u32> {
+        let failures = std::mem::take(self).failures;
+        (failures > 0).then_some(failures)
+    }
+}
+
 /// One connection to the scheduler, until it ends. Jobs of this session end with it: the
 /// scheduler places them again elsewhere.
-async fn session(shared: Arc<Shared>) -> anyhow::Result<()> {
+async fn session(shared: Arc<Shared>, trouble: &mut LinkTrouble) -> anyhow::Result<()> {
     let config = &shared.config;
     // Both are read at each dial, so a renewed token or CA is picked up without a restart.
     let interceptor = config.token.interceptor().map_err(|e| anyhow::anyhow!(e))?;
@@ -273,7 +301,17 @@ async fn session(shared: Arc<Shared>) -> anyhow::Result<()> {
     if welcome.protocol_version != PROTOCOL_VERSION {
         anyhow::bail!(version_mismatch("the scheduler", welcome.protocol_version));
     }
-    tracing::info!(id = %welcome.builder_id, scheduler = %shared.config.scheduler, "joined the farm");
+    match trouble.joined() {
+        Some(failed) => tracing::info!(
+            id = %welcome.builder_id,
+            scheduler = %shared.config.scheduler,
+            failed,
+            "joined the farm again after failed attempts"
+        ),
+        None => {
+            tracing::info!(id = %welcome.builder_id, scheduler = %shared.config.scheduler, "joined the farm")
+        }
+    }
 
     let heartbeat = Duration::from_millis(welcome.heartbeat_ms.clamp(100, 60_000));
     let beat = {
@@ -320,5 +358,26 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LinkTrouble;
+
+    #[test]
+    fn a_failing_link_is_warned_about_when_it_starts_changes_and_ever_more_rarely() {
+        let mut t = LinkTrouble::default();
+        let warned: Vec<u32> = (0..40)
+            .filter_map(|_| t.failed("connection refused"))
+            .collect();
+        assert_eq!(warned, [1, 2, 4, 8, 16, 32]);
+        // A new cause is said at once, then the same backoff from there.
+        assert_eq!(t.failed("invalid peer certificate"), Some(41));
+        assert_eq!(t.failed("invalid peer certificate"), None);
+        assert_eq!(t.joined(), Some(42));
+        // Up again: the next failure is news.
+        assert_eq!(t.joined(), None);
+        assert_eq!(t.failed("connection refused"), Some(1));
     }
 }

@@ -28,8 +28,23 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::env::{Env, COMPILER_VARS};
 use crate::progress::Progress;
 
-/// How long to wait for the scheduler to answer a connection.
+// Each step of a call has a deadline of its own (issue 15: a scheduler stopped with SIGSTOP
+// still has its kernel accept connections, so only the TCP connect had one, and compiles hung
+// for the 900 s job bound). A step that misses its deadline is `Fallback::Stalled`.
+
+/// How long to wait for the scheduler's TCP connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// TCP, TLS and HTTP/2 handshakes together.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(6);
+/// How long the scheduler may take to answer a job (its placement or a refusal). It answers
+/// once it has handed the job to a builder, which a busy builder link can hold up a little.
+const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a single call (status, a report) may wait for its reply.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// While a job runs on a builder the scheduler may say nothing for minutes; HTTP/2 pings show
+/// it is still there. One unanswered this long ends the job as stalled.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The longest a remote compile may take, transfers included.
 const JOB_TIMEOUT: Duration = Duration::from_secs(900);
 /// The largest output accepted from a builder.
@@ -40,8 +55,14 @@ const MAX_OUTPUT: u64 = 1 << 30;
 pub enum Fallback {
     /// `--dist` without a scheduler address.
     NoScheduler,
-    /// The scheduler did not answer.
+    /// The scheduler could not be reached, or went away mid-job.
     Unreachable(String),
+    /// The scheduler took a connection but stopped answering: a handshake, the answer to the
+    /// job, or a keepalive ping missed its deadline.
+    Stalled(String),
+    /// This client's own configuration is unusable (a CA file that cannot be read, a URL
+    /// that is not one).
+    Config(String),
     NoBuilders(String),
     NoCapacity(String),
     /// Builders were tried and failed.
@@ -56,6 +77,9 @@ pub enum Fallback {
     Failed(String),
     /// This compile cannot run elsewhere (it depends on this machine).
     Unsupported(String),
+    /// The builder answered with outputs other than the ones asked for: the result is refused
+    /// whole, nothing of it is written, and the builder is reported suspect.
+    Suspect(String),
 }
 
 impl Fallback {
@@ -63,6 +87,8 @@ impl Fallback {
         match self {
             Fallback::NoScheduler => "no_scheduler",
             Fallback::Unreachable(_) => "unreachable",
+            Fallback::Stalled(_) => "stalled",
+            Fallback::Config(_) => "config",
             Fallback::NoBuilders(_) => "no_builders",
             Fallback::NoCapacity(_) => "no_capacity",
             Fallback::BuildersFailed(_) => "builders_failed",
@@ -71,6 +97,7 @@ impl Fallback {
             Fallback::Inputs(_) => "inputs",
             Fallback::Failed(_) => "failed",
             Fallback::Unsupported(_) => "unsupported",
+            Fallback::Suspect(_) => "suspect",
         }
     }
 
@@ -78,6 +105,8 @@ impl Fallback {
     pub const NAMES: &'static [&'static str] = &[
         "no_scheduler",
         "unreachable",
+        "stalled",
+        "config",
         "no_builders",
         "no_capacity",
         "builders_failed",
@@ -86,6 +115,7 @@ impl Fallback {
         "inputs",
         "failed",
         "unsupported",
+        "suspect",
     ];
 }
 
@@ -94,6 +124,8 @@ impl std::fmt::Display for Fallback {
         match self {
             Fallback::NoScheduler => f.write_str("no scheduler is configured (KILN_SCHEDULER)"),
             Fallback::Unreachable(m)
+            | Fallback::Stalled(m)
+            | Fallback::Config(m)
             | Fallback::NoBuilders(m)
             | Fallback::NoCapacity(m)
             | Fallback::BuildersFailed(m)
@@ -101,7 +133,8 @@ impl std::fmt::Display for Fallback {
             | Fallback::Toolchain(m)
             | Fallback::Inputs(m)
             | Fallback::Failed(m)
-            | Fallback::Unsupported(m) => write!(f, "{}: {m}", self.name().replace('_', " ")),
+            | Fallback::Unsupported(m)
+            | Fallback::Suspect(m) => write!(f, "{}: {m}", self.name().replace('_', " ")),
         }
     }
 }
@@ -304,38 +337,130 @@ async fn connect(farm: &Farm) -> Result<Client, Fallback> {
     let url = &farm.url;
     let interceptor = farm.token.interceptor().map_err(Fallback::Refused)?;
     let endpoint = kiln_proto::tls::endpoint(url, &farm.tls)
-        .map_err(|e| Fallback::Refused(e.to_string()))?
+        .map_err(|e| Fallback::Config(e.to_string()))?
         .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| Fallback::Unreachable(format!("{url}: {}", error_chain(&e))))?;
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    let channel = match tokio::time::timeout(HANDSHAKE_TIMEOUT, endpoint.connect()).await {
+        Ok(Ok(channel)) => channel,
+        Ok(Err(e)) => {
+            return Err(Fallback::Unreachable(format!(
+                "{url}: {}",
+                explain(url, &error_chain(&e))
+            )))
+        }
+        Err(_) => {
+            return Err(stalled(
+                url,
+                "does not answer: no TLS/HTTP/2 handshake",
+                HANDSHAKE_TIMEOUT,
+            ))
+        }
+    };
     Ok(SchedulerClient::with_interceptor(channel, interceptor)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE))
 }
 
-/// An error with its causes, as one line.
+fn stalled(url: &str, what: &str, after: Duration) -> Fallback {
+    Fallback::Stalled(format!(
+        "the scheduler at {url} {what} within {} s (is it stopped, or overloaded?)",
+        after.as_secs()
+    ))
+}
+
+/// An error with its causes, as one line. A cause whose text is already there is left out:
+/// transport errors often repeat their own text as their source.
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {
-        text = format!("{text}: {s}");
+        let more = s.to_string();
+        if !more.is_empty() && !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
         cur = s.source();
     }
     text
 }
 
-fn status_fallback(s: &tonic::Status) -> Fallback {
+/// `error` from talking to the scheduler at `url`, with what to do for the usual mistakes.
+fn explain(url: &str, error: &str) -> String {
+    if error.contains("UnknownIssuer") {
+        return format!(
+            "{error} (the scheduler's certificate is not signed by a CA this client trusts: \
+             set KILN_CA_FILE, or ca_file in kiln's config, to the farm's CA, the ca.pem \
+             kiln-scheduler init wrote)"
+        );
+    }
+    if url.starts_with("http://") {
+        return format!(
+            "{error} (the scheduler speaks TLS unless it was started with --insecure: use \
+             https:// in KILN_SCHEDULER)"
+        );
+    }
+    error.to_string()
+}
+
+/// A status's message and its causes, each once. (`Status`'s own `Display` repeats them.)
+fn status_message(s: &tonic::Status) -> String {
+    let mut text = s.message().to_string();
+    if let Some(source) = std::error::Error::source(s) {
+        let more = error_chain(source);
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+    }
+    text
+}
+
+/// How long a scheduler whose connection broke has to take a new one before it is taken as
+/// stalled rather than gone.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The connection to the scheduler broke (`Unreachable`). Whether it is gone or frozen shows
+/// in a new handshake: a stopped process still has its kernel accept the connection, but never
+/// answers the TLS handshake; a dead one refuses it or is unreachable. The keepalive pings that
+/// end a frozen scheduler's stream leave no mark of their own on the error.
+async fn gone_or_stalled(farm: &Farm, fallback: Fallback) -> Fallback {
+    let Fallback::Unreachable(why) = &fallback else {
+        return fallback;
+    };
+    let Ok(endpoint) = kiln_proto::tls::endpoint(&farm.url, &farm.tls) else {
+        return fallback;
+    };
+    let endpoint = endpoint.connect_timeout(PROBE_TIMEOUT);
+    match tokio::time::timeout(PROBE_TIMEOUT, endpoint.connect()).await {
+        Err(_) => Fallback::Stalled(format!(
+            "the scheduler at {} stopped answering mid-job, and a new connection got no \
+             handshake within {} s (is it stopped, or overloaded?): {why}",
+            farm.url,
+            PROBE_TIMEOUT.as_secs()
+        )),
+        Ok(_) => fallback,
+    }
+}
+
+fn status_fallback(url: &str, s: &tonic::Status) -> Fallback {
+    let message = status_message(s);
     match s.code() {
         tonic::Code::FailedPrecondition
         | tonic::Code::InvalidArgument
         | tonic::Code::Unauthenticated
         | tonic::Code::PermissionDenied => Fallback::Refused(s.message().to_string()),
         tonic::Code::ResourceExhausted => Fallback::NoCapacity(s.message().to_string()),
-        tonic::Code::Unavailable => Fallback::Unreachable(s.message().to_string()),
-        _ => Fallback::Failed(format!("{:?}: {}", s.code(), s.message())),
+        // The scheduler gone (its shutdown included), or the connection under the call broken.
+        tonic::Code::Unavailable | tonic::Code::Cancelled => {
+            Fallback::Unreachable(format!("{url}: {}", explain(url, &message)))
+        }
+        tonic::Code::Unknown | tonic::Code::Internal
+            if s.message().starts_with("h2 protocol error") || url.starts_with("http://") =>
+        {
+            Fallback::Unreachable(format!("{url}: {}", explain(url, &message)))
+        }
+        _ => Fallback::Failed(format!("{:?}: {}", s.code(), explain(url, &message))),
     }
 }
 
@@ -348,6 +473,8 @@ async fn exchange(
     let mut client = connect(req.scheduler).await?;
     let (tx, rx) = mpsc::channel::<FromClient>(16);
     let send = |msg: from_client::Msg| FromClient { msg: Some(msg) };
+    // What the builder may give back: exactly these paths, nothing else (issue 16).
+    let requested = spec.outputs.clone();
     let _ = tx.send(send(from_client::Msg::Spec(spec))).await;
     // The source is almost never on the builder yet: send it without waiting to be asked.
     let mut pushed = None;
@@ -360,11 +487,24 @@ async fn exchange(
             }
         }
     }
-    let mut incoming = client
-        .compile(ReceiverStream::new(rx))
-        .await
-        .map_err(|s| status_fallback(&s))?
-        .into_inner();
+    let url = &req.scheduler.url;
+    // The scheduler answers a job once it has placed it (or refused it): it must do so soon.
+    let mut incoming = match tokio::time::timeout(
+        PLACEMENT_TIMEOUT,
+        client.compile(ReceiverStream::new(rx)),
+    )
+    .await
+    {
+        Ok(Ok(answer)) => answer.into_inner(),
+        Ok(Err(s)) => return Err(gone_or_stalled(req.scheduler, status_fallback(url, &s)).await),
+        Err(_) => {
+            return Err(stalled(
+                url,
+                "does not answer: no placement for the job",
+                PLACEMENT_TIMEOUT,
+            ))
+        }
+    };
 
     let mut finished = None;
     let mut builder = String::new();
@@ -378,7 +518,7 @@ async fn exchange(
             Ok(Some(ToClient { msg: Some(m) })) => m,
             Ok(Some(_)) => continue,
             Ok(None) => return Err(Fallback::Failed("the scheduler ended the job early".into())),
-            Err(s) => return Err(status_fallback(&s)),
+            Err(s) => return Err(gone_or_stalled(req.scheduler, status_fallback(url, &s)).await),
         };
         match msg {
             to_client::Msg::Placed(p) => {
@@ -447,6 +587,14 @@ async fn exchange(
                 }));
             }
             to_client::Msg::Finished(f) => {
+                if let Err(why) = check_outputs(&requested, &f.outputs) {
+                    let builder = if f.builder.is_empty() {
+                        builder
+                    } else {
+                        f.builder.clone()
+                    };
+                    return Err(suspect(&mut client, &builder, req.source, why).await);
+                }
                 for out in &f.outputs {
                     let wire = out
                         .digest
@@ -531,6 +679,54 @@ async fn exchange(
     })
 }
 
+/// Checks a builder's outputs against the ones the job asked for: each at most once, and no
+/// path that was not asked for. A builder is not trusted (SECURITY.md): one naming `~/.bashrc`
+/// would otherwise have it written. Outputs may be missing (a failed compile writes none).
+fn check_outputs(
+    requested: &[String],
+    returned: &[kiln_proto::v1::OutputFile],
+) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for out in returned {
+        if !requested.contains(&out.path) {
+            return Err(format!(
+                "it returned {:?}, which this compile did not ask for",
+                out.path
+            ));
+        }
+        if !seen.insert(out.path.as_str()) {
+            return Err(format!("it returned {:?} twice", out.path));
+        }
+    }
+    Ok(())
+}
+
+/// A builder whose result broke the protocol's promise: report it to the scheduler (which
+/// places nothing more on it) and fall back. The report is best effort: the local compile
+/// follows whatever it answers.
+async fn suspect(client: &mut Client, builder: &str, source: &Path, why: String) -> Fallback {
+    let reported = tokio::time::timeout(
+        CALL_TIMEOUT,
+        client.report(kiln_proto::v1::SuspectReport {
+            protocol_version: PROTOCOL_VERSION,
+            builder: builder.into(),
+            label: source.to_string_lossy().into_owned(),
+            differing: vec![format!("its outputs ({why})")],
+            checked_by: "the client's output check".into(),
+        }),
+    )
+    .await;
+    let note = match reported {
+        Ok(Ok(_)) => "reported to the scheduler as suspect".to_string(),
+        Ok(Err(s)) => format!("reporting it failed: {}", s.message()),
+        Err(_) => "reporting it timed out".to_string(),
+    };
+    tracing::warn!(builder, %why, "refused a builder's result");
+    Fallback::Suspect(format!(
+        "builder {builder} {why}; nothing of its result was written, {note}"
+    ))
+}
+
 /// gcc's and clang's words for an `#include` that found nothing.
 fn looks_like_missing_file(stderr: &[u8]) -> bool {
     let text = String::from_utf8_lossy(stderr);
@@ -562,15 +758,25 @@ pub fn report_suspect(
         .build()?;
     runtime.block_on(async {
         let mut client = connect(farm).await.map_err(|f| anyhow::anyhow!("{f}"))?;
-        client
-            .report(kiln_proto::v1::SuspectReport {
-                protocol_version: PROTOCOL_VERSION,
-                builder: builder.into(),
-                label: label.into(),
-                differing,
-                checked_by: "local".into(),
-            })
+        let report = client.report(kiln_proto::v1::SuspectReport {
+            protocol_version: PROTOCOL_VERSION,
+            builder: builder.into(),
+            label: label.into(),
+            differing,
+            checked_by: "local".into(),
+        });
+        tokio::time::timeout(CALL_TIMEOUT, report)
             .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "{}",
+                    stalled(
+                        &farm.url,
+                        "does not answer: no reply to the report",
+                        CALL_TIMEOUT
+                    )
+                )
+            })?
             .map_err(|s| anyhow::anyhow!("{}: {}", farm.url, s.message()))?;
         Ok(())
     })
@@ -584,9 +790,18 @@ pub fn status(farm: &Farm) -> anyhow::Result<StatusReply> {
         .build()?;
     runtime.block_on(async {
         let mut client = connect(farm).await.map_err(|f| anyhow::anyhow!("{f}"))?;
-        let reply = client
-            .status(StatusRequest {})
+        let reply = tokio::time::timeout(CALL_TIMEOUT, client.status(StatusRequest {}))
             .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "{}",
+                    stalled(
+                        url,
+                        "does not answer: no reply to the status call",
+                        CALL_TIMEOUT
+                    )
+                )
+            })?
             .map_err(|s| anyhow::anyhow!("{url}: {}", s.message()))?;
         Ok(reply.into_inner())
     })
@@ -693,6 +908,174 @@ pub fn status_text(s: &StatusReply) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error with a cause, as transport errors come.
+    #[derive(Debug)]
+    struct Chained(&'static str, Option<Box<Chained>>);
+
+    impl std::fmt::Display for Chained {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Chained {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    fn chain(texts: &[&'static str]) -> Chained {
+        let mut e = None;
+        for t in texts.iter().rev() {
+            e = Some(Chained(t, e.map(Box::new)));
+        }
+        e.unwrap()
+    }
+
+    #[test]
+    fn error_chains_say_each_cause_once() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &[
+                    "tcp connect error",
+                    "tcp connect error",
+                    "Connection refused (os error 111)",
+                ],
+                "tcp connect error: Connection refused (os error 111)",
+            ),
+            (
+                &[
+                    "transport error",
+                    "invalid peer certificate: UnknownIssuer",
+                    "invalid peer certificate: UnknownIssuer",
+                ],
+                "transport error: invalid peer certificate: UnknownIssuer",
+            ),
+            (&["a", "b", "c"], "a: b: c"),
+        ];
+        for (texts, want) in cases {
+            assert_eq!(error_chain(&chain(texts)), *want);
+        }
+    }
+
+    #[test]
+    fn fallbacks_are_labelled_by_what_went_wrong_and_say_what_to_do() {
+        let https = "https://sched:7070";
+        let http = "http://sched:7070";
+        // The status codes a scheduler or the transport ends a call with.
+        let cases: &[(&str, tonic::Status, &str, &str)] = &[
+            (
+                https,
+                tonic::Status::unauthenticated("no client token"),
+                "refused",
+                "no client token",
+            ),
+            (
+                https,
+                tonic::Status::permission_denied("builder token"),
+                "refused",
+                "builder token",
+            ),
+            (
+                https,
+                tonic::Status::resource_exhausted("all jobs"),
+                "no_capacity",
+                "all jobs",
+            ),
+            // A scheduler shutting down with the job in flight: it is gone, not full.
+            (
+                https,
+                tonic::Status::unavailable("the scheduler is shutting down"),
+                "unreachable",
+                "shutting down",
+            ),
+            (
+                http,
+                tonic::Status::unknown("transport error"),
+                "unreachable",
+                "use https://",
+            ),
+            (
+                http,
+                tonic::Status::internal("h2 protocol error"),
+                "unreachable",
+                "use https://",
+            ),
+            (
+                https,
+                tonic::Status::unavailable("invalid peer certificate: UnknownIssuer"),
+                "unreachable",
+                "set KILN_CA_FILE",
+            ),
+            (https, tonic::Status::internal("oops"), "failed", "oops"),
+        ];
+        for (url, status, name, says) in cases {
+            let f = status_fallback(url, status);
+            assert_eq!(f.name(), *name, "{status:?}");
+            assert!(f.to_string().contains(says), "{status:?}: {f}");
+            assert!(Fallback::NAMES.contains(&f.name()));
+        }
+    }
+
+    #[test]
+    fn a_missing_ca_file_is_the_clients_configuration_not_a_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let farm = Farm {
+            url: "https://127.0.0.1:1".into(),
+            tls: kiln_proto::tls::ClientFiles {
+                ca: Some(dir.path().join("missing-ca.pem")),
+                identity: None,
+            },
+            token: kiln_proto::auth::Credential::None,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let Err(f) = runtime.block_on(connect(&farm)) else {
+            panic!("connected with a missing CA file");
+        };
+        assert_eq!(f.name(), "config", "{f}");
+        assert!(f.to_string().contains("missing-ca.pem"), "{f}");
+    }
+
+    #[test]
+    fn a_builder_gives_back_only_the_outputs_asked_for() {
+        let requested = vec!["/w/a.o".to_string(), "/w/a.d".to_string()];
+        let out = |paths: &[&str]| -> Vec<kiln_proto::v1::OutputFile> {
+            paths
+                .iter()
+                .map(|p| kiln_proto::v1::OutputFile {
+                    path: p.to_string(),
+                    digest: None,
+                })
+                .collect()
+        };
+        let cases: &[(&[&str], Option<&str>)] = &[
+            (&["/w/a.o", "/w/a.d"], None),
+            (&["/w/a.d", "/w/a.o"], None),
+            // A failed compile writes nothing, or only some of them.
+            (&[], None),
+            (&["/w/a.d"], None),
+            (&["/w/a.o", "/home/u/.bashrc"], Some("did not ask for")),
+            (&["/w/a.o", "/w/a.o"], Some("twice")),
+            (&["/w/./a.o"], Some("did not ask for")),
+            (&["/w/x/../a.o"], Some("did not ask for")),
+            (&["/w/a.o\0"], Some("did not ask for")),
+            (&["w/a.o"], Some("did not ask for")),
+        ];
+        for (paths, refused) in cases {
+            let got = check_outputs(&requested, &out(paths));
+            match refused {
+                None => assert_eq!(got, Ok(()), "{paths:?}"),
+                Some(why) => assert!(
+                    got.as_ref().is_err_and(|e| e.contains(why)),
+                    "{paths:?}: {got:?}"
+                ),
+            }
+        }
+    }
 
     #[test]
     fn the_status_table_shows_each_builders_label_and_health() {

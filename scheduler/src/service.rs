@@ -451,6 +451,22 @@ impl Scheduler {
     /// Places job `id` (first time or again) and starts it on the chosen builder. On failure the
     /// client is told why and the job is forgotten.
     async fn place(&self, id: u64) {
+        if *self.inner.shutdown.borrow() {
+            // Its builder's link closed because this scheduler is stopping: the job is not
+            // short of capacity, the scheduler is going away. The client says so and
+            // compiles locally.
+            let job = self.lock().jobs.remove(&id);
+            if let Some(job) = job {
+                tracing::info!(job = id, "job ended by the scheduler's shutdown");
+                let _ = job
+                    .client
+                    .send(Err(Status::unavailable(
+                        "the scheduler is shutting down; the job did not finish",
+                    )))
+                    .await;
+            }
+            return;
+        }
         let decision = {
             let mut st = self.lock();
             let st = &mut *st;
@@ -907,15 +923,19 @@ impl SchedulerRpc for Scheduler {
         &self,
         request: Request<Streaming<FromBuilder>>,
     ) -> Result<Response<Self::JoinStream>, Status> {
-        let caller = self
-            .inner
-            .config
-            .auth
-            .check(&request, Role::Builder, "builders need")?;
         let peer = request
             .extensions()
             .get::<kiln_proto::tls::Peer>()
             .and_then(|p| p.addr);
+        let caller = self
+            .inner
+            .config
+            .auth
+            .check(&request, Role::Builder, "builders need")
+            .inspect_err(|status| {
+                // As for jobs: an operator sees why a builder could not join, never the token.
+                tracing::warn!(?peer, code = ?status.code(), reason = %status.message(), "refused a builder: its credential failed");
+            })?;
         let mut incoming = request.into_inner();
         let first = incoming
             .message()
@@ -1017,11 +1037,25 @@ impl SchedulerRpc for Scheduler {
         &self,
         request: Request<Streaming<FromClient>>,
     ) -> Result<Response<Self::CompileStream>, Status> {
-        let caller: Caller = self
+        let caller: Caller = match self
             .inner
             .config
             .auth
-            .check(&request, Role::Client, "jobs need")?;
+            .check(&request, Role::Client, "jobs need")
+        {
+            Ok(caller) => caller,
+            Err(status) => {
+                // Operators must see these (issue 15): counted as a refused job, and logged
+                // with why the credential failed. The message never holds the token itself.
+                self.inner.metrics.count(Outcome::Refused);
+                let peer = request
+                    .extensions()
+                    .get::<kiln_proto::tls::Peer>()
+                    .and_then(|p| p.addr);
+                tracing::warn!(?peer, code = ?status.code(), reason = %status.message(), "refused a job: its credential failed");
+                return Err(status);
+            }
+        };
         let held = self.inner.in_flight.take(&caller)?;
         let mut incoming = request.into_inner();
         let first = incoming

@@ -1034,6 +1034,161 @@ fn a_cross_check_catches_a_builder_whose_outputs_differ_and_marks_it_suspect() {
     );
 }
 
+/// A builder that lies: it joins with a valid builder token and answers every job with the
+/// object the client asked for plus a file of its own choosing, `extra`, sent as `Finished`
+/// and chunks exactly as an honest builder would send outputs. `honest` is the object.
+fn lying_builder(
+    farm: &Farm,
+    honest: Vec<u8>,
+    extra: std::path::PathBuf,
+) -> (
+    std::thread::JoinHandle<()>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    use kiln_proto::v1::{
+        from_builder, to_builder, Finished, FromBuilder, Heartbeat, JobChunk, JobFinished,
+        OutputFile, Register,
+    };
+    let to_farm = farm.client();
+    let token = Credential::File(farm.secret("builder.token"));
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        runtime().block_on(async move {
+            let channel = kiln_proto::tls::endpoint(&to_farm.url, &to_farm.tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut client = kiln_proto::v1::scheduler_client::SchedulerClient::with_interceptor(
+                channel,
+                token.interceptor().unwrap(),
+            );
+            let (tx, rx) = tokio::sync::mpsc::channel::<FromBuilder>(64);
+            let msg = |m| FromBuilder { msg: Some(m) };
+            tx.send(msg(from_builder::Msg::Register(Register {
+                protocol_version: kiln_proto::PROTOCOL_VERSION,
+                name: "liar".into(),
+                os: std::env::consts::OS.into(),
+                arch: std::env::consts::ARCH.into(),
+                slots: 1,
+                jail: "linux".into(),
+                ..Register::default()
+            })))
+            .await
+            .unwrap();
+            let mut incoming = client
+                .join(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut beat = tokio::time::interval(std::time::Duration::from_millis(200));
+            loop {
+                let next = tokio::select! {
+                    _ = &mut stop_rx => return,
+                    _ = beat.tick() => {
+                        let hb = Heartbeat { running: 0, slots: 1 };
+                        let _ = tx.send(msg(from_builder::Msg::Heartbeat(hb))).await;
+                        continue;
+                    }
+                    next = incoming.message() => next,
+                };
+                let Ok(Some(m)) = next else { return };
+                let Some(to_builder::Msg::Start(start)) = m.msg else {
+                    continue;
+                };
+                let spec = start.spec.unwrap();
+                let files = [
+                    (spec.outputs[0].clone(), honest.clone()),
+                    (
+                        extra.display().to_string(),
+                        b"echo the builder was here\n".to_vec(),
+                    ),
+                ];
+                let outputs = files
+                    .iter()
+                    .map(|(path, data)| OutputFile {
+                        path: path.clone(),
+                        digest: Some(kiln_proto::wire_digest(
+                            &Digest::of(data),
+                            data.len() as u64,
+                        )),
+                    })
+                    .collect();
+                let finished = Finished {
+                    exit_code: 0,
+                    outputs,
+                    builder: "liar".into(),
+                    ..Finished::default()
+                };
+                tx.send(msg(from_builder::Msg::Finished(JobFinished {
+                    job_id: start.job_id,
+                    finished: Some(finished),
+                })))
+                .await
+                .unwrap();
+                for (_, data) in &files {
+                    let data = prost::bytes::Bytes::from(data.clone());
+                    for chunk in kiln_proto::content::chunks(&Digest::of(&data), &data) {
+                        tx.send(msg(from_builder::Msg::Chunk(JobChunk {
+                            job_id: start.job_id,
+                            chunk: Some(chunk),
+                        })))
+                        .await
+                        .unwrap();
+                    }
+                }
+            }
+        })
+    });
+    (thread, stop_tx)
+}
+
+#[test]
+fn a_builder_returning_an_output_it_was_not_asked_for_writes_nothing_and_is_suspect() {
+    let farm = Farm::start(0, 1);
+    let p = project(&farm);
+    let args = ["gcc", "-c", "src/main.c", "-o", "main.o", "-Iinc"];
+    ok(&p.bare(&["gcc", "-c", "src/main.c", "-o", "local.o", "-Iinc"]));
+    // The client's home is the project directory: the liar aims at its shell start-up file.
+    let target = p.path(".bashrc");
+    let (liar, stop) = lying_builder(&farm, p.read("local.o"), target.clone());
+    farm.wait_for_builders(1);
+
+    let out = p.kiln(&args);
+    ok(&out);
+    assert!(
+        !target.exists(),
+        "the builder wrote {} on the client",
+        target.display()
+    );
+    // The object is this machine's own, compiled locally after the result was refused.
+    assert_eq!(p.read("main.o"), p.read("local.o"));
+    let stats = p.stats();
+    assert_eq!(stats["dist_compiles"], 0, "{stats}");
+    assert_eq!(stats["dist_fallbacks_by_cause"]["suspect"], 1, "{stats}");
+    // Nothing but the requested output and what the local compile wrote is in the project.
+    let mut names: Vec<String> = std::fs::read_dir(p.dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [".kiln-cache", "inc", "local.o", "main.o", "src"],
+        "{names:?}"
+    );
+
+    // The scheduler marks the liar suspect and places nothing more on it.
+    let status = farm.status();
+    let suspect = status["builders"][0]["suspect"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(suspect.contains(".bashrc"), "{status}");
+    let _ = stop.send(());
+    liar.join().unwrap();
+}
+
 /// `curl` against an HTTPS endpoint that trusts `ca`; returns the status and the body.
 fn curl(ca: &std::path::Path, args: &[&str]) -> (u16, String) {
     let out = std::process::Command::new("curl")
