@@ -96,6 +96,14 @@ impl Container {
     fn upper(&self) -> PathBuf {
         self.dir.join("upper")
     }
+
+    /// Removes the helper's reports of the last job (stage 1's and its init's).
+    fn remove_reports(&self) {
+        let mut init = self.status.clone().into_os_string();
+        init.push(".init");
+        let _ = fs::remove_file(&self.status);
+        let _ = fs::remove_file(init);
+    }
 }
 
 impl LinuxJail {
@@ -320,10 +328,14 @@ impl Backend for LinuxJail {
             let entries =
                 fs::read_dir(&dir).map_err(JailError::io(format!("listing {}", dir.display())))?;
             for entry in entries.flatten() {
-                fs::remove_dir_all(entry.path()).map_err(JailError::io(format!(
-                    "removing {}",
-                    entry.path().display()
-                )))?;
+                let path = entry.path();
+                let gone = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    fs::remove_dir_all(&path)
+                } else {
+                    // The helpers' reports.
+                    fs::remove_file(&path)
+                };
+                gone.map_err(JailError::io(format!("removing {}", path.display())))?;
                 removed += 1;
             }
         }
@@ -522,7 +534,7 @@ impl Backend for LinuxJail {
     fn reset(&self, container: &Container, _image: &Image) -> Result<(), JailError> {
         container.stop_job();
         self.unmount_container(container)?;
-        let _ = fs::remove_file(&container.status);
+        container.remove_reports();
         for sub in ["upper", "work", "root", "lower"] {
             let path = container.dir.join(sub);
             if path.is_dir() {
@@ -542,7 +554,7 @@ impl Backend for LinuxJail {
         if let Some(name) = container.dir.file_name().and_then(|n| n.to_str()) {
             helper::remove_cgroups(name);
         }
-        let _ = fs::remove_file(&container.status);
+        container.remove_reports();
         let _ = fs::remove_dir_all(&container.inputs);
         fs::remove_dir_all(&container.dir)
             .or_else(|e| match e.kind() {

@@ -227,8 +227,10 @@ impl<B: Backend> Pool<B> {
         let shared = self.shared.clone();
         let pool = self.clone();
         shared.checking_in.send_modify(|n| *n += 1);
+        // Made before the task, so a task dropped before it ever runs still uncounts itself.
+        let counted = CheckingIn(shared.clone());
         tokio::spawn(async move {
-            let _counted = CheckingIn(shared.clone());
+            let _counted = counted;
             // The permit bounds concurrent resets and lets shutdown wait for them.
             let Ok(_permit) = shared.recyclers.clone().acquire_owned().await else {
                 return;

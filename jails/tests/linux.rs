@@ -503,6 +503,8 @@ async fn a_job_gets_eperm_for_namespaces_mounts_keyrings_and_kernel_interfaces()
         "perf_event_open",
         "ptrace",
         "userfaultfd",
+        "vsock",
+        "af_alg",
     ] {
         assert_eq!(
             report.get(call).map(String::as_str),
@@ -517,6 +519,7 @@ async fn a_job_gets_eperm_for_namespaces_mounts_keyrings_and_kernel_interfaces()
     );
     // What compilers do still works.
     assert_eq!(report.get("fork").map(String::as_str), Some("ok"));
+    assert_eq!(report.get("unix-socket").map(String::as_str), Some("ok"));
     assert_eq!(report.get("thread").map(String::as_str), Some("ok"));
 }
 
@@ -569,7 +572,12 @@ async fn the_mount_table_and_proc_show_nothing_of_the_builder() {
     let (outcome, _) = run_once(
         &f,
         UID,
-        &["cat", "/proc/self/mountinfo", "/proc/keys"],
+        &[
+            "cat",
+            "/proc/self/mountinfo",
+            "/proc/self/cgroup",
+            "/proc/keys",
+        ],
         Duration::from_secs(20),
     )
     .await;
@@ -629,4 +637,28 @@ async fn a_job_that_fills_its_disk_fails_as_itself_and_the_container_goes_on() {
     assert_eq!(next.exit_code, Some(3), "{next:?}");
     assert_eq!(next.killed, None);
     assert!(out.is_some());
+}
+
+#[tokio::test]
+async fn a_jobs_exit_status_is_its_own_whatever_it_is() {
+    const UID: u32 = 64_115;
+    let f = fixture(1);
+    // 125 is what the jail's init exits with when it fails; a job may exit with it too, and it
+    // is then the job's result, not the builder's failure.
+    let (outcome, _) = run_once(&f, UID, &["exit", "125"], Duration::from_secs(20)).await;
+    assert_eq!(outcome.exit_code, Some(125), "{outcome:?}");
+    // A command the toolchain lacks is the job's failure too (127, as shells say).
+    f.pool.prepare("probe", f.archive.clone()).await.unwrap();
+    let lease = f.pool.checkout("probe").await.unwrap();
+    let root = Root::open(lease.root()).unwrap();
+    give(&f.pool, &root, "/job", UID);
+    let mut missing = spec(UID, &[], Duration::from_secs(20));
+    missing.argv = vec!["/usr/bin/not-in-the-toolchain".into()];
+    let outcome = f.pool.run(&lease, missing).await.unwrap();
+    assert_eq!(outcome.exit_code, Some(127), "{outcome:?}");
+    assert!(
+        text(&outcome.stderr).contains("not-in-the-toolchain"),
+        "{outcome:?}"
+    );
+    f.pool.checkin(lease);
 }

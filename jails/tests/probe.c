@@ -116,6 +116,9 @@ int main(int argc, char **argv) {
         report("perf_event_open", syscall(SYS_perf_event_open, 0, 0, -1, -1, 0));
         report("ptrace", ptrace(PTRACE_TRACEME, 0, 0, 0));
         report("userfaultfd", syscall(SYS_userfaultfd, 0));
+        report("vsock", socket(40 /* AF_VSOCK */, SOCK_STREAM, 0));
+        report("af_alg", socket(38 /* AF_ALG */, SOCK_SEQPACKET, 0));
+        report("unix-socket", socket(AF_UNIX, SOCK_STREAM, 0));
         /* And what a compiler does, which must still work. */
         pid_t p = fork();
         if (p == 0) _exit(0);
@@ -173,6 +176,7 @@ int main(int argc, char **argv) {
         report("mq_open", mq_open("/kiln-secret", O_RDONLY));
         return 0;
     }
+    if (!strcmp(mode, "exit")) return atoi(argv[2]);
     if (!strcmp(mode, "fill")) {
         /* Writes until the disk says no, as a runaway compile would. */
         static char block[1 << 20];

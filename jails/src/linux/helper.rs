@@ -39,8 +39,35 @@ use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Uid};
 
-/// The exit status stage 2 uses for its own failures; compilers do not use it.
+/// The exit status stage 2 uses for its own failures. It means nothing by itself (a job may
+/// exit with it too): stage 2's own report, [`init_report`], says whether it failed.
 const SETUP_FAILED: i32 = 125;
+/// The exit status of a command that could not be executed, as shells use it.
+const NOT_EXECUTED: i32 = 127;
+
+/// Where stage 2 says why it failed, beside stage 1's report: a file on the builder's disk,
+/// opened before the job exists and closed by the `exec` of its command, so nothing the job
+/// does can write it, and no exit status the job chooses can pass for a failure of the jail.
+fn init_report(setup: &Setup) -> PathBuf {
+    let mut path = setup.status.clone().into_os_string();
+    path.push(".init");
+    path.into()
+}
+
+/// Why stage 2 did not run the command.
+enum InitError {
+    /// Setting the jail up failed: the builder's problem.
+    Setup(String),
+    /// The command itself could not be executed (not in the toolchain, not executable): the
+    /// job's own result.
+    Exec(String),
+}
+
+impl From<String> for InitError {
+    fn from(e: String) -> InitError {
+        InitError::Setup(e)
+    }
+}
 /// The largest job message accepted on stdin.
 const MAX_JOB: u64 = 16 << 20;
 
@@ -284,13 +311,20 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Some("init") => match stage2(&setup) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("kiln-jail: {e}");
-                ExitCode::from(SETUP_FAILED as u8)
+        Some("init") => {
+            // Rust opens files close-on-exec: the job never holds this one.
+            let report = fs::File::create(init_report(&setup));
+            let (line, message) = match stage2(&setup) {
+                Ok(()) => return ExitCode::SUCCESS,
+                Err(InitError::Setup(e)) => (format!("setup {e}"), e),
+                Err(InitError::Exec(e)) => (format!("exec {e}"), e),
+            };
+            eprintln!("kiln-jail: {message}");
+            if let Ok(mut report) = report {
+                let _ = report.write_all(line.replace('\n', " ").as_bytes());
             }
-        },
+            ExitCode::from(SETUP_FAILED as u8)
+        }
         _ => {
             eprintln!("kiln-jail: the first argument is `run` (the builder starts jobs with it)");
             ExitCode::from(2)
@@ -322,7 +356,10 @@ fn stage1(setup: &Setup) -> Result<Option<Report>, String> {
         CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWUTS,
+            | CloneFlags::CLONE_NEWUTS
+            // After joining the container's cgroups: the job sees its cgroup as the root, not
+            // a name that holds the builder's pid.
+            | CloneFlags::CLONE_NEWCGROUP,
     )
     .map_err(|e| format!("creating namespaces: {e}"))?;
     let exe = std::env::current_exe().map_err(|e| format!("finding kiln-jail: {e}"))?;
@@ -353,8 +390,7 @@ fn stage1(setup: &Setup) -> Result<Option<Report>, String> {
             return Err(e);
         }
     };
-    cgroups.limit(job.memory, job.processes);
-    if !cgroups.limits_memory() {
+    if !cgroups.limit(job.memory, job.processes) {
         // No memory cgroup (a rootless builder without delegation, or no controller): each
         // process's address space is bounded instead, which is weaker but still a bound.
         job.address_space = job.memory;
@@ -372,12 +408,18 @@ fn stage1(setup: &Setup) -> Result<Option<Report>, String> {
     let _ = done_tx.send(());
     let timed_out = timer.join().unwrap_or(false);
     let status = status.map_err(|e| format!("waiting for the job: {e}"))?;
-    if let Some(code) = status.code() {
-        if code == SETUP_FAILED {
+    // Stage 2's own word decides whether it failed, never the exit status alone.
+    match fs::read_to_string(init_report(setup)) {
+        Ok(line) if line.starts_with("exec ") => return Ok(Some(Report::Exit(NOT_EXECUTED))),
+        Ok(line) if !line.is_empty() => {
             return Ok(Some(Report::Error(
-                "the jail could not start the command (its message is on stderr)".into(),
-            )));
+                line.strip_prefix("setup ").unwrap_or(&line).to_string(),
+            )))
         }
+        Ok(_) => {}
+        Err(e) => return Err(format!("the jail's init left no report: {e}")),
+    }
+    if let Some(code) = status.code() {
         return Ok(Some(Report::Exit(code)));
     }
     let sig = status.signal().unwrap_or(0);
@@ -395,7 +437,7 @@ fn stage1(setup: &Setup) -> Result<Option<Report>, String> {
     Ok(Some(Report::Signal(sig, why)))
 }
 
-fn stage2(setup: &Setup) -> Result<(), String> {
+fn stage2(setup: &Setup) -> Result<(), InitError> {
     // A mount namespace of its own: pivot_root moves the root of every process in the
     // namespace, and stage 1 must keep the builder's view to write its report.
     unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("creating a mount namespace: {e}"))?;
@@ -478,7 +520,7 @@ fn mount_overlay(setup: &Setup) -> Result<(), String> {
     })
 }
 
-fn enter(setup: &Setup, job: &Job) -> Result<Never, String> {
+fn enter(setup: &Setup, job: &Job) -> Result<Never, InitError> {
     let root = &setup.root;
     mount_overlay(setup)?;
     // The image's /tmp is world-writable, but a job whose inputs live under /tmp has it as a
@@ -602,7 +644,10 @@ fn enter(setup: &Setup, job: &Job) -> Result<Never, String> {
         .envs(env)
         .stdin(Stdio::null())
         .exec();
-    Err(format!("running {}: {err}", job.argv[0].to_string_lossy()))
+    Err(InitError::Exec(format!(
+        "running {}: {err}",
+        job.argv[0].to_string_lossy()
+    )))
 }
 
 /// On a rootless builder, where only the builder's own id is mapped: a user namespace in which
@@ -672,8 +717,9 @@ fn join_cgroups(name: &str) -> Cgroups {
 }
 
 impl Cgroups {
-    /// Sets the job's limits; cheap, unlike joining.
-    fn limit(&self, memory: u64, processes: u64) {
+    /// Sets the job's limits; cheap, unlike joining. Returns whether a memory limit was set.
+    fn limit(&self, memory: u64, processes: u64) -> bool {
+        let mut memory_set = false;
         for dir in &self.dirs {
             let writes: Vec<(&str, String)> = if self.v2 {
                 vec![
@@ -687,16 +733,13 @@ impl Cgroups {
                 vec![("pids.max", processes.to_string())]
             };
             for (file, value) in writes {
-                let _ = fs::write(dir.join(file), value);
+                let written = fs::write(dir.join(file), value).is_ok();
+                if written && file.starts_with("memory.") && file != "memory.swap.max" {
+                    memory_set = true;
+                }
             }
         }
-    }
-
-    /// Whether a memory controller bounds the job.
-    fn limits_memory(&self) -> bool {
-        self.dirs
-            .iter()
-            .any(|d| self.v2 || d.starts_with(Path::new(CGROUP_ROOT).join("memory")))
+        memory_set
     }
 
     fn oom_kills(&self) -> u64 {

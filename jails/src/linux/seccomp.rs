@@ -79,6 +79,7 @@ const REFUSED: &[i64] = &[
     libc::SYS_swapoff,
     libc::SYS_acct,
     libc::SYS_quotactl,
+    libc::SYS_quotactl_fd,
     libc::SYS_syslog,
     libc::SYS_settimeofday,
     libc::SYS_clock_settime,
@@ -92,6 +93,10 @@ const REFUSED: &[i64] = &[
 const REFUSED_HERE: &[i64] = &[libc::SYS_iopl, libc::SYS_ioperm];
 #[cfg(not(target_arch = "x86_64"))]
 const REFUSED_HERE: &[i64] = &[];
+
+/// Socket families a job may not open: vsock reaches the hypervisor whatever the network
+/// namespace, and the kernel's crypto sockets are attack surface no compiler uses.
+const REFUSED_FAMILIES: [i32; 2] = [libc::AF_VSOCK, libc::AF_ALG];
 
 /// x32 system calls are the x86_64 numbers with this bit set.
 #[cfg(target_arch = "x86_64")]
@@ -135,6 +140,21 @@ fn refusals() -> Result<SeccompFilter, String> {
         .collect::<Result<Vec<_>, String>>()?;
     for nr in numbers(libc::SYS_clone) {
         rules.insert(nr, clone_rules.clone());
+    }
+    let family_rules = REFUSED_FAMILIES
+        .iter()
+        .map(|family| {
+            let cond =
+                SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *family as u64)
+                    .map_err(|e| e.to_string())?;
+            SeccompRule::new(vec![cond]).map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    for nr in [libc::SYS_socket, libc::SYS_socketpair]
+        .into_iter()
+        .flat_map(numbers)
+    {
+        rules.insert(nr, family_rules.clone());
     }
     SeccompFilter::new(
         rules,
