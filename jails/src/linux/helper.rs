@@ -452,11 +452,13 @@ fn stage2(setup: &Setup) -> Result<(), InitError> {
     .map_err(|e| format!("making mounts private: {e}"))?;
     // If stage 1 dies (the builder killed it), so does the whole namespace.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| format!("pdeathsig: {e}"))?;
+    // Compiled while the container waits in the pool, not on the job's time.
+    let filters = super::seccomp::programs()?;
     let Some(bytes) = read_job()? else {
         return Ok(());
     };
     let job = Job::parse(&bytes)?;
-    match enter(setup, &job)? {}
+    match enter(setup, &job, &filters)? {}
 }
 
 enum Never {}
@@ -520,14 +522,23 @@ fn mount_overlay(setup: &Setup) -> Result<(), String> {
     })
 }
 
-fn enter(setup: &Setup, job: &Job) -> Result<Never, InitError> {
+fn enter(
+    setup: &Setup,
+    job: &Job,
+    filters: &[seccompiler::BpfProgram],
+) -> Result<Never, InitError> {
     let root = &setup.root;
     mount_overlay(setup)?;
     // The image's /tmp is world-writable, but a job whose inputs live under /tmp has it as a
     // directory of the inputs layer, made by the builder (0755, root). Setting it here copies
     // it up into the job's own layer.
+    // Only then: otherwise /tmp is the image's, already right, and touching it costs a copy-up.
     let tmp = root.join("tmp");
-    if fs::symlink_metadata(&tmp).is_ok_and(|m| m.is_dir()) {
+    let inputs_have_tmp = setup
+        .lower
+        .first()
+        .is_some_and(|inputs| fs::symlink_metadata(inputs.join("tmp")).is_ok());
+    if inputs_have_tmp && fs::symlink_metadata(&tmp).is_ok_and(|m| m.is_dir()) {
         use std::os::unix::fs::PermissionsExt;
         nix::unistd::chown(&tmp, Some(Uid::from_raw(0)), Some(Gid::from_raw(0)))
             .map_err(|e| format!("owning /tmp: {e}"))?;
@@ -630,7 +641,7 @@ fn enter(setup: &Setup, job: &Job) -> Result<Never, InitError> {
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
     nix::unistd::chdir(&job.cwd).map_err(|e| format!("entering {}: {e}", job.cwd.display()))?;
     // Last, so the helper's own set-up above is not filtered; it holds across every exec.
-    super::seccomp::install()?;
+    super::seccomp::install(filters)?;
 
     let env = job.env.iter().filter_map(|e| {
         let (k, v) = e

@@ -188,10 +188,11 @@ pub fn programs() -> Result<Vec<BpfProgram>, String> {
         .collect()
 }
 
-/// Installs the filters on the calling thread; they pass to every process it starts.
-pub fn install() -> Result<(), String> {
-    for program in programs()? {
-        seccompiler::apply_filter(&program).map_err(|e| format!("installing the filter: {e}"))?;
+/// Installs `programs` (from [`programs`]) on the calling thread; they pass to every process
+/// it starts.
+pub fn install(programs: &[BpfProgram]) -> Result<(), String> {
+    for program in programs {
+        seccompiler::apply_filter(program).map_err(|e| format!("installing the filter: {e}"))?;
     }
     Ok(())
 }
