@@ -15,6 +15,7 @@
 //! size and a count cap, with a trim at an interval as well as on writes.
 
 mod grpc;
+mod reapi;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -122,7 +123,7 @@ struct AppState {
     tokens: Option<Arc<kiln_proto::auth::Tokens>>,
     private: bool,
     /// By protocol index: writes need no token.
-    anonymous: [bool; 5],
+    anonymous: [bool; PROTOCOL_COUNT],
 }
 
 impl AppState {
@@ -152,14 +153,16 @@ impl AppState {
 }
 
 /// The protocols, as metric labels.
-const PROTOCOLS: [&str; 5] = ["waf", "bazel_ac", "bazel_cas", "ccache", "kiln"];
+const PROTOCOLS: [&str; PROTOCOL_COUNT] =
+    ["waf", "bazel_ac", "bazel_cas", "ccache", "kiln", "reapi"];
+const PROTOCOL_COUNT: usize = 6;
 
 /// What the server counts for `GET /metrics`, by protocol.
 #[derive(Debug, Default)]
 struct Counts {
-    hits: [AtomicU64; 5],
-    misses: [AtomicU64; 5],
-    puts: [AtomicU64; 5],
+    hits: [AtomicU64; PROTOCOL_COUNT],
+    misses: [AtomicU64; PROTOCOL_COUNT],
+    puts: [AtomicU64; PROTOCOL_COUNT],
     corrupt: AtomicU64,
     bytes_served: AtomicU64,
     bytes_stored: AtomicU64,
@@ -181,13 +184,14 @@ impl Route {
 impl Counts {
     /// Hits and misses over every protocol.
     fn lookups(&self) -> (u64, u64) {
-        let sum = |a: &[AtomicU64; 5]| a.iter().map(|n| n.load(Ordering::Relaxed)).sum();
+        let sum =
+            |a: &[AtomicU64; PROTOCOL_COUNT]| a.iter().map(|n| n.load(Ordering::Relaxed)).sum();
         (sum(&self.hits), sum(&self.misses))
     }
 
     fn render(&self, store: &Store) -> String {
         let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
-        let by = |a: &[AtomicU64; 5]| -> Vec<(&str, u64)> {
+        let by = |a: &[AtomicU64; PROTOCOL_COUNT]| -> Vec<(&str, u64)> {
             PROTOCOLS.iter().copied().zip(a.iter().map(load)).collect()
         };
         let (size, files) = store.usage();
@@ -259,14 +263,37 @@ pub async fn serve(
         private: config.private,
         anonymous: std::array::from_fn(|i| {
             let name = PROTOCOLS[i].split('_').next().unwrap_or_default();
-            i != 4 && config.anonymous.iter().any(|p| p == name)
+            i != 4 && i != reapi::PROTOCOL && config.anonymous.iter().any(|p| p == name)
         }),
     };
     let grpc = kiln_proto::v1::cache_server::CacheServer::new(grpc::CacheService(state.clone()))
         .max_decoding_message_size(config.max_body.saturating_add(4096))
         .max_encoding_message_size(config.max_body.saturating_add(4096));
+    let max = config.max_body.saturating_add(4096);
+    let api = reapi::Reapi::new(state.clone());
+    use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
     // gRPC calls by their paths; everything else is one of the HTTP protocols.
     let app = tonic::service::Routes::new(grpc)
+        .add_service(re::capabilities_server::CapabilitiesServer::new(
+            api.clone(),
+        ))
+        .add_service(
+            re::action_cache_server::ActionCacheServer::new(api.clone())
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            re::content_addressable_storage_server::ContentAddressableStorageServer::new(
+                api.clone(),
+            )
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+        )
+        .add_service(
+            bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer::new(api)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
         .into_axum_router()
         .fallback_service(Router::new().fallback(handle).with_state(state));
     kiln_proto::tls::serve_http(listener, config.listen, app, async move {
