@@ -52,8 +52,13 @@ pub enum Reason {
     TimeMacros,
     /// `.incbin` in a source or header pulls in a file kiln does not track.
     Incbin,
-    /// A source or header changed while it was compiled.
+    /// A source or header changed while it was compiled (its change time is after the
+    /// compile began, its stat changed since kiln read it, or it changed again as kiln read it).
     ModifiedDuringCompile,
+    /// A source or header was written so close to the compile's start that its timestamps
+    /// cannot tell whether the compiler read it before or after: the same clock tick, or on a
+    /// file system other than kiln's cache directory, within the timestamp slack.
+    InputTooRecent,
     /// Environment variables that make the compiler write extra files.
     Environment,
     /// An output that is not a regular file: `-o /dev/null`, a pipe, a symbolic link.
@@ -63,7 +68,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 26] = [
         Reason::Link,
         Reason::Preprocess,
         Reason::DependenciesOnly,
@@ -86,6 +91,7 @@ impl Reason {
         Reason::TimeMacros,
         Reason::Incbin,
         Reason::ModifiedDuringCompile,
+        Reason::InputTooRecent,
         Reason::Environment,
         Reason::SpecialOutput,
         Reason::PrecompiledHeader,
@@ -116,6 +122,7 @@ impl Reason {
             Reason::TimeMacros => "time_macros",
             Reason::Incbin => "incbin",
             Reason::ModifiedDuringCompile => "modified_during_compile",
+            Reason::InputTooRecent => "input_too_recent",
             Reason::Environment => "environment",
             Reason::SpecialOutput => "special_output",
             Reason::PrecompiledHeader => "precompiled_header",

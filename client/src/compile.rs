@@ -9,7 +9,9 @@
 //! 3. A hit writes the outputs atomically and replays stdout and stderr.
 //! 4. A miss runs the compiler once, with `-MD -MF <tmp>` added when the user asked for no
 //!    dependency file, so kiln learns every header without a second preprocessor pass. The
-//!    headers are hashed after the compile; if any changed during it, nothing is stored.
+//!    headers are hashed after the compile; if any changed during it, nothing is stored. "During"
+//!    is decided against a [`files::Mark`] stamped just before the compile, so a header
+//!    generated an instant before it is still cached.
 //!
 //! A failure of kiln itself never fails the build: before the compile it falls back to running
 //! the compiler directly, after it the compile's own result stands.
@@ -29,7 +31,7 @@ use crate::config::Config;
 use crate::depfile;
 use crate::dist;
 use crate::env::{Env, COMPILER_VARS, SIDE_OUTPUT_VARS};
-use crate::files::{self, Hashed, Probe, Scan};
+use crate::files::{self, Hashed, Probe, Scan, Since};
 use crate::manifest::{DirRecord, FileRecord, Manifest};
 use crate::process;
 use crate::remote::{self, Remote};
@@ -728,6 +730,17 @@ fn compile_and_store(
         }
     }
     args.extend(terminal_flags(inv, c, p.identity.family));
+    // The file system's clock just before anything of the compile reads its inputs (the
+    // farm's include scan included): an input whose ctime is earlier did not change during it.
+    let mark = if cfg.read_only {
+        None
+    } else {
+        files::Mark::take(&cfg.dir.join("tmp"))
+            .inspect_err(|e| {
+                tracing::debug!(error = %e, "cannot stamp the start of the compile; recent inputs are not stored")
+            })
+            .ok()
+    };
     // What the farm's include scan read, reused when storing the result.
     let mut scanned = None;
     let output = match run_compiler(
@@ -784,7 +797,7 @@ fn compile_and_store(
         &mut tiers,
         &p,
         own_deps.as_ref(),
-        t0,
+        Started { t0, mark },
         Ran {
             output: &output,
             compile_ms,
@@ -996,6 +1009,35 @@ fn exit_code(status: &std::process::ExitStatus) -> i32 {
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
+/// When a compile started, by the wall clock and by the file system's (see [`files::Mark`]).
+#[derive(Clone, Copy)]
+struct Started {
+    t0: SystemTime,
+    mark: Option<files::Mark>,
+}
+
+impl Started {
+    /// Refuses to store a result when the file `path`, with this stat after the compile, may
+    /// have changed during it; the debug line names the file and what is known.
+    fn still(&self, path: &str, stat: &files::Stat) -> Result<(), Skip> {
+        match files::last_change(stat, self.t0, self.mark) {
+            Since::Before => Ok(()),
+            Since::After => {
+                tracing::debug!(file = path, "changed during the compile");
+                Err(Reason::ModifiedDuringCompile.into())
+            }
+            Since::Unknown => {
+                tracing::debug!(
+                    file = path,
+                    "written so close to the compile's start that its timestamps cannot tell \
+                     whether the compiler read it before or after the change"
+                );
+                Err(Reason::InputTooRecent.into())
+            }
+        }
+    }
+}
+
 /// A compile that ran, as [`store_result`] keeps it.
 struct Ran<'a> {
     output: &'a std::process::Output,
@@ -1009,9 +1051,10 @@ fn store_result(
     tiers: &mut Tiers,
     p: &Prepared,
     own_deps: Option<&TempFile>,
-    t0: SystemTime,
+    started: Started,
     ran: Ran<'_>,
 ) -> Result<(), Skip> {
+    let t0 = started.t0;
     let Ran {
         output,
         compile_ms,
@@ -1020,10 +1063,25 @@ fn store_result(
     let c = &p.compile;
     let cwd = &inv.cwd;
     // The source must be what was hashed before the compile.
-    let source_now =
-        files::stat(&cwd.join(&c.source)).context("source vanished during the compile")?;
-    if source_now != p.source.stat || source_now.changed_since(t0) {
+    let source_path = cwd.join(&c.source);
+    let source_now = files::stat(&source_path).context("source vanished during the compile")?;
+    if source_now != p.source.stat {
+        tracing::debug!(file = %c.source, "changed since kiln read it before the compile");
         return Err(Reason::ModifiedDuringCompile.into());
+    }
+    if source_now.changed_since(t0) {
+        // Written just before the compile (a generated source): the mark says whether it
+        // changed after it, but kiln hashed the source before the mark, and a rewrite in the
+        // same clock tick keeps the stat. Its content now is what the compiler read: it must
+        // be what the key holds.
+        started.still(&c.source, &source_now)?;
+        match files::hash_file(&source_path) {
+            Ok(again) if again.digest == p.source.digest && again.stat == source_now => {}
+            _ => {
+                tracing::debug!(file = %c.source, "changed since kiln read it before the compile");
+                return Err(Reason::ModifiedDuringCompile.into());
+            }
+        }
     }
 
     let headers = if c.lang.preprocessed() {
@@ -1066,12 +1124,16 @@ fn store_result(
                     fresh = x;
                     &fresh
                 }
-                Err(_) => return Err(Reason::ModifiedDuringCompile.into()),
+                Err(e) => {
+                    tracing::debug!(file = %h, error = %e, "cannot be read as the compiler read it");
+                    return Err(Reason::ModifiedDuringCompile.into());
+                }
             },
         };
-        if hashed.stat.changed_since(t0) {
-            return Err(Reason::ModifiedDuringCompile.into());
-        }
+        // A header generated just before the compile is cached when the mark proves it was
+        // complete before the compile began; its record is not stable, so later lookups
+        // re-hash it rather than trust its stat.
+        started.still(h, &hashed.stat)?;
         let header_scan = Scan::of(&hashed.data);
         scan = scan.union(header_scan);
         note_probes(h, &hashed.data, header_scan);

@@ -817,3 +817,108 @@ fn cmake_launcher_rebuild_is_served_from_the_cache() {
     assert_eq!((p.stat("hits"), p.stat("misses")), (3, 3));
     assert!(p.path("build/libdemo.a").exists());
 }
+
+/// A CMake project whose header and source are written by `add_custom_command` right before
+/// the compiles that read them, as protobuf, bison or moc outputs are (issue 15): they are
+/// complete before each compile starts, so a second build from a clean build directory is
+/// served from the cache. Both builds regenerate them, so compiles start within milliseconds
+/// of the writes.
+#[test]
+fn a_header_generated_just_before_its_compiles_is_cached() {
+    require("cmake");
+    require("ninja");
+    require("gcc");
+    let p = Project::new();
+    p.write(
+        "CMakeLists.txt",
+        r##"cmake_minimum_required(VERSION 3.16)
+project(gen C)
+add_custom_command(
+  OUTPUT ${CMAKE_CURRENT_BINARY_DIR}/gen.h ${CMAKE_CURRENT_BINARY_DIR}/gen.c
+  COMMAND sh ${CMAKE_CURRENT_SOURCE_DIR}/gen.sh ${CMAKE_CURRENT_BINARY_DIR}
+  DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/gen.sh)
+add_library(gen STATIC a.c b.c c.c ${CMAKE_CURRENT_BINARY_DIR}/gen.c)
+target_include_directories(gen PRIVATE ${CMAKE_CURRENT_BINARY_DIR})
+"##,
+    );
+    // The generator, as protoc or bison would: it writes a header and a source afresh on
+    // every build.
+    p.write(
+        "gen.sh",
+        "printf '#define ANSWER 42\\n' > \"$1/gen.h\"\n\
+         printf '#include \"gen.h\"\\nint gen(void) { return ANSWER; }\\n' > \"$1/gen.c\"\n",
+    );
+    for name in ["a", "b", "c"] {
+        p.write(
+            &format!("{name}.c"),
+            &format!("#include \"gen.h\"\nint {name}(void) {{ return ANSWER; }}\n"),
+        );
+    }
+    settle();
+    let launcher = format!(
+        "-DCMAKE_C_COMPILER_LAUNCHER={}",
+        kiln_tests::kiln_bin().display()
+    );
+    let build = || {
+        let _ = std::fs::remove_dir_all(p.path("build"));
+        ok(&p
+            .command("cmake")
+            .args(["-S", ".", "-B", "build", "-G", "Ninja", &launcher])
+            .output()
+            .unwrap());
+        ok(&p
+            .command("cmake")
+            .args(["--build", "build"])
+            .output()
+            .unwrap());
+        p.read("build/libgen.a")
+    };
+    let first = build();
+    let s = p.stats();
+    assert_eq!((p.stat("hits"), p.stat("misses")), (0, 4), "{s}");
+    let second = build();
+    let s = p.stats();
+    assert_eq!((p.stat("hits"), p.stat("misses")), (4, 4), "{s}");
+    assert_eq!(first, second, "the library from cached objects differs");
+}
+
+/// A header that really changes while the compiler runs: a compiler wrapper compiles, then
+/// rewrites the header before it exits (ordered by the script, not by timing). kiln must not
+/// store a result keyed by the new content for an object made from the old one.
+#[test]
+fn a_header_rewritten_during_the_compile_is_not_stored() {
+    require("gcc");
+    let p = Project::new();
+    p.write("inc/h.h", "#define V 1\n");
+    p.write("main.c", "#include \"h.h\"\nint v(void) { return V; }\n");
+    let wrapper = p.path("bin/cc-rewrites");
+    p.write(
+        "bin/cc-rewrites",
+        "#!/bin/sh\ngcc \"$@\" || exit\ncase \"$*\" in *-c*) echo '#define V 2' > inc/h.h;; esac\n",
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    settle();
+    let args = [
+        wrapper.to_str().unwrap(),
+        "-c",
+        "main.c",
+        "-o",
+        "main.o",
+        "-Iinc",
+    ];
+    let out = p
+        .command(kiln_tests::kiln_bin())
+        .env("KILN_LOG", "debug")
+        .args(args)
+        .output()
+        .unwrap();
+    ok(&out);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(p.reason("modified_during_compile"), 1, "{}", p.stats());
+    assert!(
+        log.contains("inc/h.h") && log.contains("changed during the compile"),
+        "the debug line names the header: {log}"
+    );
+    assert!(p.entries('R').is_empty(), "a result was stored");
+}
