@@ -12,6 +12,7 @@ pub mod dist;
 pub mod env;
 pub mod files;
 pub mod gocache;
+pub mod log;
 pub mod manifest;
 pub mod process;
 mod progress;

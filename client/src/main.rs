@@ -157,23 +157,7 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(env: &Env) {
-    let Some(level) = env.get("KILN_LOG") else {
-        return;
-    };
-    let level = match level.to_ascii_lowercase().as_str() {
-        "trace" => tracing::Level::TRACE,
-        "debug" => tracing::Level::DEBUG,
-        "info" => tracing::Level::INFO,
-        "error" => tracing::Level::ERROR,
-        _ => tracing::Level::WARN,
-    };
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    kiln_client::log::init(env.get("KILN_LOG"));
 }
 
 /// Wraps one compile. Never fails the build for kiln's own sake: when the configuration or the
