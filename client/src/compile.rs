@@ -55,14 +55,48 @@ pub struct Invocation<'a> {
 
 /// Why the cache steps aside for this compile.
 enum Skip {
-    Uncacheable(Reason),
+    Uncacheable(Why),
     Error(anyhow::Error),
 }
 
-impl From<Reason> for Skip {
-    fn from(r: Reason) -> Skip {
-        Skip::Uncacheable(r)
+/// An uncacheable compile's reason, and the file and argument that decided it when known:
+/// `KILN_LOG=debug` names them (issue 15).
+struct Why {
+    reason: Reason,
+    file: Option<String>,
+    arg: Option<String>,
+}
+
+impl Why {
+    fn explain(&self) -> String {
+        let mut out = format!("uncacheable ({})", self.reason.name());
+        if let Some(file) = &self.file {
+            out.push_str(&format!(": {file}"));
+        }
+        if let Some(arg) = &self.arg {
+            out.push_str(&format!(", because of `{arg}`"));
+        }
+        out
     }
+}
+
+impl From<Reason> for Skip {
+    fn from(reason: Reason) -> Skip {
+        Skip::Uncacheable(Why {
+            reason,
+            file: None,
+            arg: None,
+        })
+    }
+}
+
+/// An uncacheable compile decided by a file.
+fn uncacheable_by(reason: Reason, file: &str) -> Skip {
+    Skip::Uncacheable(Why {
+        reason,
+        file: Some(file.to_owned()),
+        arg: None,
+    })
 }
 
 impl From<anyhow::Error> for Skip {
@@ -98,12 +132,19 @@ pub fn run(inv: &Invocation) -> i32 {
         Ok(p) => p,
         Err(skip) => {
             let outcome = match skip {
-                Skip::Uncacheable(r) => {
-                    tracing::debug!(
-                        reason = r.name(),
-                        "uncacheable: running the compiler directly"
-                    );
-                    Outcome::Uncacheable(r)
+                Skip::Uncacheable(mut why) => {
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        if why.file.is_none() {
+                            let args: Vec<String> = inv
+                                .args
+                                .iter()
+                                .map(|a| a.to_string_lossy().into_owned())
+                                .collect();
+                            why.file = args::source_in(&args).map(str::to_owned);
+                        }
+                        tracing::debug!("{}; running the compiler directly", why.explain());
+                    }
+                    Outcome::Uncacheable(why.reason)
                 }
                 Skip::Error(e) => {
                     // Not on stderr: the compiler's own diagnostics must come out unchanged (a
@@ -163,9 +204,19 @@ fn prepare(inv: &Invocation) -> Result<Prepared, Skip> {
         .collect::<Option<_>>()
         .ok_or(Reason::NonUtf8)?;
     let args = args::expand_response_files(&args, &inv.cwd)?;
-    let compile = args::classify(args)?;
-    if SIDE_OUTPUT_VARS.iter().any(|v| inv.env.os(v).is_some()) {
-        return Err(Reason::Environment.into());
+    let compile = args::classify_explained(args).map_err(|r| {
+        Skip::Uncacheable(Why {
+            reason: r.reason,
+            file: None,
+            arg: r.arg,
+        })
+    })?;
+    if let Some(var) = SIDE_OUTPUT_VARS.iter().find(|v| inv.env.os(v).is_some()) {
+        return Err(Skip::Uncacheable(Why {
+            reason: Reason::Environment,
+            file: Some(compile.source.clone()),
+            arg: Some(format!("{var} in the environment")),
+        }));
     }
     // kiln replaces outputs by renaming a new file into place, which must never happen to
     // `/dev/null`, a pipe or what a symbolic link points to: the compiler writes through those.
@@ -176,7 +227,7 @@ fn prepare(inv: &Invocation) -> Result<Prepared, Skip> {
     }
     for o in &outputs {
         if fs::symlink_metadata(inv.cwd.join(o)).is_ok_and(|m| !m.is_file()) {
-            return Err(Reason::SpecialOutput.into());
+            return Err(uncacheable_by(Reason::SpecialOutput, &o.to_string_lossy()));
         }
     }
     let source_path = inv.cwd.join(&compile.source);
@@ -184,7 +235,7 @@ fn prepare(inv: &Invocation) -> Result<Prepared, Skip> {
         Ok(s) => s,
         // The compiler will say so in its own words.
         Err(files::HashError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Reason::NoSource.into())
+            return Err(uncacheable_by(Reason::NoSource, &compile.source))
         }
         Err(e) => {
             return Err(anyhow::Error::new(e)
@@ -194,7 +245,7 @@ fn prepare(inv: &Invocation) -> Result<Prepared, Skip> {
     };
     let identity = compiler::identify(&inv.compiler, &inv.config.dir)?;
     if precompiled_header_in_use(inv, &compile, &source.data, identity.family) {
-        return Err(Reason::PrecompiledHeader.into());
+        return Err(uncacheable_by(Reason::PrecompiledHeader, &compile.source));
     }
     // The source is scanned for __TIME__ and friends only when a result is stored: a manifest
     // found under a key that includes the source's digest already knows what it contains.
@@ -568,7 +619,15 @@ fn lookup(
         };
     if manifest.preprocessor {
         let key = preprocessed_key(inv, p)?;
-        tracing::debug!(%key, "preprocessor mode: a project file uses __has_include");
+        tracing::debug!(
+            %key,
+            "preprocessor mode: {}",
+            if manifest.preprocessor_why.is_empty() {
+                "a project file uses __has_include with an argument kiln cannot follow"
+            } else {
+                &manifest.preprocessor_why
+            }
+        );
         let result = tiers.fetch_result(&key)?;
         if result.is_none() {
             tracing::debug!("miss: no result for this preprocessed text");
@@ -805,9 +864,10 @@ fn compile_and_store(
         },
     ) {
         Ok(()) => Outcome::Miss,
-        Err(Skip::Uncacheable(r)) => {
-            tracing::debug!(reason = r.name(), "compiled, but not stored");
-            Outcome::Uncacheable(r)
+        Err(Skip::Uncacheable(mut why)) => {
+            why.file.get_or_insert_with(|| c.source.clone());
+            tracing::debug!("compiled, but not stored: {}", why.explain());
+            Outcome::Uncacheable(why.reason)
         }
         Err(Skip::Error(e)) => {
             tracing::warn!("compiled, but cannot store the result: {e:#}");
@@ -1024,7 +1084,7 @@ impl Started {
             Since::Before => Ok(()),
             Since::After => {
                 tracing::debug!(file = path, "changed during the compile");
-                Err(Reason::ModifiedDuringCompile.into())
+                Err(uncacheable_by(Reason::ModifiedDuringCompile, path))
             }
             Since::Unknown => {
                 tracing::debug!(
@@ -1032,7 +1092,7 @@ impl Started {
                     "written so close to the compile's start that its timestamps cannot tell \
                      whether the compiler read it before or after the change"
                 );
-                Err(Reason::InputTooRecent.into())
+                Err(uncacheable_by(Reason::InputTooRecent, path))
             }
         }
     }
@@ -1067,7 +1127,7 @@ fn store_result(
     let source_now = files::stat(&source_path).context("source vanished during the compile")?;
     if source_now != p.source.stat {
         tracing::debug!(file = %c.source, "changed since kiln read it before the compile");
-        return Err(Reason::ModifiedDuringCompile.into());
+        return Err(uncacheable_by(Reason::ModifiedDuringCompile, &c.source));
     }
     if source_now.changed_since(t0) {
         // Written just before the compile (a generated source): the mark says whether it
@@ -1079,7 +1139,7 @@ fn store_result(
             Ok(again) if again.digest == p.source.digest && again.stat == source_now => {}
             _ => {
                 tracing::debug!(file = %c.source, "changed since kiln read it before the compile");
-                return Err(Reason::ModifiedDuringCompile.into());
+                return Err(uncacheable_by(Reason::ModifiedDuringCompile, &c.source));
             }
         }
     }
@@ -1097,16 +1157,26 @@ fn store_result(
     // literally makes direct mode untrustworthy for this compile.
     let system = system_dirs(p);
     let mut probes: Vec<(String, Probe)> = Vec::new();
-    let mut untrusted = false;
+    // The first file whose `__has_include` cannot be followed, and that call.
+    let mut untrusted: Option<String> = None;
     let mut note_probes = |path: &str, data: &[u8], scan: Scan| {
         if scan.has_include && !under_any(path, &system) {
             match files::include_probes(data) {
                 Some(found) => probes.extend(found.into_iter().map(|pr| (parent_of(path), pr))),
-                None => untrusted = true,
+                None if untrusted.is_none() => {
+                    let call = files::computed_probe(data).unwrap_or_default();
+                    untrusted = Some(format!("{path} uses `{call}`, which kiln cannot follow"));
+                }
+                None => {}
             }
         }
     };
     note_probes(&c.source, &p.source.data, source_scan);
+    // The first file using each macro kiln cannot cache, to name it.
+    let first = |found: bool| found.then_some(c.source.as_str());
+    let mut timestamp_in = first(source_scan.timestamp);
+    let mut time_in = first(source_scan.time);
+    let mut incbin_in = first(source_scan.incbin);
     let mut result_key = Hasher::new("kiln result key v1");
     result_key.digest(&p.key);
     for h in &headers {
@@ -1126,7 +1196,7 @@ fn store_result(
                 }
                 Err(e) => {
                     tracing::debug!(file = %h, error = %e, "cannot be read as the compiler read it");
-                    return Err(Reason::ModifiedDuringCompile.into());
+                    return Err(uncacheable_by(Reason::ModifiedDuringCompile, h));
                 }
             },
         };
@@ -1136,6 +1206,15 @@ fn store_result(
         started.still(h, &hashed.stat)?;
         let header_scan = Scan::of(&hashed.data);
         scan = scan.union(header_scan);
+        if header_scan.timestamp {
+            timestamp_in.get_or_insert(h);
+        }
+        if header_scan.time {
+            time_in.get_or_insert(h);
+        }
+        if header_scan.incbin {
+            incbin_in.get_or_insert(h);
+        }
         note_probes(h, &hashed.data, header_scan);
         result_key.str(h).digest(&hashed.digest);
         records.push(FileRecord {
@@ -1149,14 +1228,21 @@ fn store_result(
     // only gcc lets SOURCE_DATE_EPOCH fix `__TIME__`.
     let fixed_time = inv.env.get("SOURCE_DATE_EPOCH").is_some() && p.identity.family == Family::Gcc;
     if scan.timestamp || (scan.time && !fixed_time) {
-        return Err(Reason::TimeMacros.into());
+        let file = timestamp_in.or(time_in).unwrap_or(&c.source);
+        return Err(uncacheable_by(Reason::TimeMacros, file));
     }
     if scan.incbin {
-        return Err(Reason::Incbin.into());
+        return Err(uncacheable_by(
+            Reason::Incbin,
+            incbin_in.unwrap_or(&c.source),
+        ));
     }
     let date = scan.date.then(date_slot);
 
-    let result_key = if untrusted {
+    if let Some(why) = &untrusted {
+        tracing::debug!("preprocessor mode: {why}");
+    }
+    let result_key = if untrusted.is_some() {
         // A `__has_include` kiln cannot follow: the output depends on files that may not
         // exist and that nothing names. Key this result by the preprocessor's output, as
         // ccache's preprocessor mode does.
@@ -1191,9 +1277,10 @@ fn store_result(
         .put(Kind::Result, &result_key, &result)
         .context("cannot store the result")?;
 
-    let manifest = if untrusted {
+    let manifest = if let Some(why) = untrusted {
         Manifest {
             preprocessor: true,
+            preprocessor_why: why,
             ..Manifest::default()
         }
     } else {

@@ -76,10 +76,21 @@ pub struct Probe {
 /// is not a literal (a macro), which kiln cannot follow. Mentions that are not calls, such as
 /// `#ifdef __has_include`, are not probes.
 pub fn include_probes(data: &[u8]) -> Option<Vec<Probe>> {
+    probes_or_computed(data).ok()
+}
+
+/// The first `__has_include` of a file whose argument kiln cannot read literally, as written
+/// (to the end of its line), for the debug line that says why a compile is in preprocessor mode.
+pub fn computed_probe(data: &[u8]) -> Option<String> {
+    probes_or_computed(data).err()
+}
+
+fn probes_or_computed(data: &[u8]) -> Result<Vec<Probe>, String> {
     let mut out = Vec::new();
     let mut at = 0;
     while let Some(found) = memchr::memmem::find(&data[at..], b"__has_include") {
-        let mut i = at + found + b"__has_include".len();
+        let call = at + found;
+        let mut i = call + b"__has_include".len();
         if data[i..].starts_with(b"_next") {
             i += b"_next".len();
         }
@@ -94,21 +105,29 @@ pub fn include_probes(data: &[u8]) -> Option<Vec<Probe>> {
         if data.get(i) != Some(&b'(') {
             continue;
         }
+        let computed = || {
+            let line = data[call..]
+                .split(|c| *c == b'\n')
+                .next()
+                .unwrap_or_default();
+            String::from_utf8_lossy(line).trim_end().to_owned()
+        };
         i = skip_ws(i + 1);
         let close = match data.get(i) {
             Some(b'<') => b'>',
             Some(b'"') => b'"',
-            _ => return None,
+            _ => return Err(computed()),
         };
         let start = i + 1;
         let len = data[start..]
             .iter()
-            .position(|c| *c == close || *c == b'\n')?;
+            .position(|c| *c == close || *c == b'\n')
+            .ok_or_else(computed)?;
         if data[start + len] != close {
-            return None;
+            return Err(computed());
         }
         let name = std::str::from_utf8(&data[start..start + len])
-            .ok()?
+            .map_err(|_| computed())?
             .to_owned();
         out.push(Probe {
             name,
@@ -116,7 +135,7 @@ pub fn include_probes(data: &[u8]) -> Option<Vec<Probe>> {
         });
         at = start + len;
     }
-    Some(out)
+    Ok(out)
 }
 
 /// What `stat` says about a file: enough to notice any change made after it was hashed.
@@ -327,6 +346,14 @@ mod tests {
         assert_eq!(include_probes(b"#if __has_include(HEADER)\n"), None);
         assert_eq!(include_probes(b"#if __has_include(\"open\n"), None);
         assert_eq!(include_probes(b"int x;"), Some(vec![]));
+        assert_eq!(
+            computed_probe(
+                b"#if __has_include(\"a.h\")\n#elif __has_include_next(CFG) || 1\n#endif\n"
+            )
+            .as_deref(),
+            Some("__has_include_next(CFG) || 1")
+        );
+        assert_eq!(computed_probe(b"#if __has_include(<a.h>)\n"), None);
     }
 
     #[test]

@@ -922,3 +922,55 @@ fn a_header_rewritten_during_the_compile_is_not_stored() {
     );
     assert!(p.entries('R').is_empty(), "a result was stored");
 }
+
+/// `KILN_LOG=debug` says which file and which argument made a compile uncacheable or put it in
+/// preprocessor mode, and `gcc --version` is counted as what it is (issue 15).
+#[test]
+fn debug_lines_name_the_file_and_the_argument() {
+    require("gcc");
+    let p = Project::new();
+    p.write(
+        "inc/m.h",
+        "#define PROBE \"opt.h\"\n#if __has_include(PROBE)\n#include PROBE\n#endif\n",
+    );
+    p.write("src/y.c", "#include \"m.h\"\nint y(void) { return 1; }\n");
+    p.write("src/t.c", "#include \"t.h\"\n");
+    p.write("inc/t.h", "const char *t = __TIME__;\n");
+    settle();
+    let debug = |args: &[&str]| {
+        let out = p
+            .command(kiln_tests::kiln_bin())
+            .env("KILN_LOG", "debug")
+            .args(args)
+            .output()
+            .unwrap();
+        ok(&out);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let log = debug(&["gcc", "--version"]);
+    assert!(
+        log.contains("uncacheable (not_a_compile)") && log.contains("`--version`"),
+        "{log}"
+    );
+    assert_eq!(p.reason("not_a_compile"), 1, "{}", p.stats());
+    assert_eq!(p.reason("nondeterministic"), 0, "{}", p.stats());
+    let log = debug(&["gcc", "-c", "src/y.c", "-o", "y.o", "-Iinc", "-v"]);
+    assert!(
+        log.contains("uncacheable (nondeterministic): src/y.c, because of `-v`"),
+        "{log}"
+    );
+    let log = debug(&["gcc", "-c", "src/t.c", "-o", "t.o", "-Iinc"]);
+    assert!(
+        log.contains("not stored: uncacheable (time_macros): inc/t.h"),
+        "{log}"
+    );
+    let args = ["gcc", "-c", "src/y.c", "-o", "y.o", "-Iinc"];
+    for _ in 0..2 {
+        let log = debug(&args);
+        assert!(
+            log.contains("preprocessor mode: inc/m.h uses `__has_include(PROBE)`"),
+            "{log}"
+        );
+    }
+    assert_eq!(p.stat("hits"), 1, "{}", p.stats());
+}
