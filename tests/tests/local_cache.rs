@@ -974,3 +974,51 @@ fn debug_lines_name_the_file_and_the_argument() {
     }
     assert_eq!(p.stat("hits"), 1, "{}", p.stats());
 }
+
+/// `kiln config` says where each value came from, `kiln --help` names the variables a farm
+/// client needs with the scheme the scheduler speaks, and `kiln stats` says its saved time is
+/// a sum (issue 15).
+#[test]
+fn config_help_and_stats_say_what_they_show() {
+    let p = Project::new();
+    p.write("kiln.toml", "max_files = 500\nhash_dir = false\n");
+    let out = p
+        .command(kiln_tests::kiln_bin())
+        .env("KILN_CONFIG", p.path("kiln.toml"))
+        .env("KILN_CACHE_SIZE", "0")
+        .arg("config")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&ok(&out).stdout).into_owned();
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .to_owned()
+    };
+    assert!(row("max_size").contains("no limit"), "{text}");
+    assert!(row("max_size").ends_with("(env KILN_CACHE_SIZE)"), "{text}");
+    assert!(row("max_files").ends_with("(file)"), "{text}");
+    assert!(row("hash_dir").ends_with("(file)"), "{text}");
+    assert!(row("dir").ends_with("(env KILN_DIR)"), "{text}");
+    assert!(row("scheduler").ends_with("(default)"), "{text}");
+
+    let help = String::from_utf8_lossy(&ok(&p.kiln(&["--help"])).stdout).into_owned();
+    for needed in [
+        "KILN_SCHEDULER      the farm's scheduler, https://",
+        "KILN_CA_FILE",
+        "KILN_TOKEN_FILE",
+        "KILN_CROSS_CHECK",
+        "0 for no limit",
+    ] {
+        assert!(help.contains(needed), "--help lacks {needed:?}:\n{help}");
+    }
+    assert!(!help.contains("KILN_SCHEDULER=http://"), "{help}");
+
+    // Saved time is summed over compiles, which the line says rather than pass for wall time.
+    let stats = String::from_utf8_lossy(&ok(&p.kiln(&["stats"])).stdout).into_owned();
+    assert!(
+        stats.contains("Compile time saved") && stats.contains("summed over compiles"),
+        "{stats}"
+    );
+}
