@@ -14,6 +14,7 @@ pub mod files;
 pub mod gocache;
 pub mod log;
 pub mod manifest;
+pub mod masquerade;
 pub mod process;
 mod progress;
 pub mod remote;

@@ -75,6 +75,10 @@ enum Command {
     },
     /// Serve Go's build cache: GOCACHEPROG="kiln go-cacheprog" (Go 1.24 and later).
     GoCacheprog,
+    /// Make DIR a masquerade directory: links named gcc, g++, cc, c++, clang and clang++ to
+    /// kiln, for each compiler found in PATH (existing files are left alone). Put DIR first in
+    /// PATH and every build tool's compiler calls go through kiln.
+    Masquerade { dir: std::path::PathBuf },
     /// Toolchain archives: the compiler as the farm's builders run it.
     Toolchain {
         #[command(subcommand)]
@@ -109,6 +113,7 @@ const SUBCOMMANDS: &[&str] = &[
     "go-cacheprog",
     "dist-status",
     "toolchain",
+    "masquerade",
     "remote-push",
     "help",
     "--help",
@@ -130,7 +135,13 @@ fn main() -> ExitCode {
     // (`kiln-0.1`), but no compiler is called kiln-something.
     let code = if !invoked_as.starts_with("kiln") && !invoked_as.is_empty() {
         // A masquerade link: `gcc -> kiln`.
-        wrap(&env, &invoked_as, argv[1..].to_vec(), Overrides::default())
+        wrap(
+            &env,
+            &invoked_as,
+            argv[1..].to_vec(),
+            Overrides::default(),
+            true,
+        )
     } else {
         match argv.get(1).and_then(|a| a.to_str()) {
             None => {
@@ -159,7 +170,7 @@ fn main() -> ExitCode {
                         }
                     }
                 };
-                wrap(&env, &compiler, rest.cloned().collect(), flags)
+                wrap(&env, &compiler, rest.cloned().collect(), flags, false)
             }
         }
     };
@@ -172,7 +183,13 @@ fn init_logging(env: &Env) {
 
 /// Wraps one compile. Never fails the build for kiln's own sake: when the configuration or the
 /// cache is unusable, the compiler runs directly.
-fn wrap(env: &Env, compiler_name: &str, args: Vec<OsString>, flags: Overrides) -> i32 {
+fn wrap(
+    env: &Env,
+    compiler_name: &str,
+    args: Vec<OsString>,
+    flags: Overrides,
+    masquerade: bool,
+) -> i32 {
     let self_exe = std::env::current_exe().unwrap_or_else(|_| "kiln".into());
     let compiler = match compiler::find(compiler_name, env, &self_exe) {
         Ok(c) => c,
@@ -198,6 +215,9 @@ fn wrap(env: &Env, compiler_name: &str, args: Vec<OsString>, flags: Overrides) -
             return 127;
         }
     };
+    if masquerade && config.stats && !config.disable {
+        kiln_client::masquerade::note_missing(&config.dir, compiler_name, env, &self_exe);
+    }
     use std::io::IsTerminal;
     let inv = Invocation {
         config: &config,
@@ -299,6 +319,10 @@ fn run_subcommand(env: &Env, cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
                 print!("{}", stats::to_text(&doc));
+                let self_exe = std::env::current_exe().unwrap_or_else(|_| "kiln".into());
+                if let Some(hint) = kiln_client::masquerade::hint(&config.dir, &self_exe) {
+                    print!("\n{hint}");
+                }
             }
         }
         Command::Config => print!("{}", config_text(&config)),
@@ -370,6 +394,31 @@ fn run_subcommand(env: &Env, cli: Cli) -> anyhow::Result<()> {
                 );
             }
         },
+        Command::Masquerade { dir } => {
+            let self_exe = std::env::current_exe().context("cannot find kiln's own path")?;
+            let done = kiln_client::masquerade::create(&dir, &self_exe, env)?;
+            let list = |names: &[String]| names.join(" ");
+            if !done.linked.is_empty() {
+                println!("linked              {}", list(&done.linked));
+            }
+            if !done.present.is_empty() {
+                println!("already linked      {}", list(&done.present));
+            }
+            if !done.no_compiler.is_empty() {
+                println!("not in PATH         {}", list(&done.no_compiler));
+            }
+            if !done.occupied.is_empty() {
+                println!(
+                    "left alone          {} (files that are not kiln)",
+                    list(&done.occupied)
+                );
+            }
+            println!(
+                "Put {} first in PATH: export PATH={}:$PATH",
+                dir.display(),
+                dir.display()
+            );
+        }
         Command::Clear => {
             let n = store
                 .clear()

@@ -331,6 +331,15 @@ fn masquerade_link_and_launcher_forms() {
         ok(&out);
     }
     assert_eq!((p.stat("hits"), p.stat("misses")), (1, 1));
+    // A directory linking gcc but not cc: `make` would bypass kiln, and kiln stats says so.
+    let text = String::from_utf8_lossy(&ok(&p.kiln(&["stats"])).stdout).into_owned();
+    assert!(
+        text.contains(&format!(
+            "the masquerade directory {} has no cc or c++ link",
+            bin.display()
+        )) && text.contains("kiln masquerade"),
+        "{text}"
+    );
     // The launcher form, with the compiler by absolute path (CMAKE_C_COMPILER_LAUNCHER=kiln).
     let gcc = String::from_utf8(p.bare(&["which", "gcc"]).stdout).unwrap();
     ok(&p.kiln(&[
@@ -1021,4 +1030,42 @@ fn config_help_and_stats_say_what_they_show() {
         stats.contains("Compile time saved") && stats.contains("summed over compiles"),
         "{stats}"
     );
+}
+
+/// `kiln masquerade DIR` links the names build tools call, `cc` included: a plain `make`, whose
+/// built-in rule runs `cc`, is then served from the cache (issue 15).
+#[test]
+fn kiln_masquerade_links_cc_so_plain_make_is_cached() {
+    require("gcc");
+    require("cc");
+    require("c++");
+    require("make");
+    let p = Project::new();
+    p.write("hello.c", "int hello(void) { return 42; }\n");
+    // No Makefile rule of our own: make's built-in `%.o: %.c` calls `cc`.
+    p.write("Makefile", "all: hello.o\n");
+    settle();
+    let links = p.path("links");
+    let out = p.kiln(&["masquerade", links.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&ok(&out).stdout).into_owned();
+    assert!(
+        text.contains("cc") && text.contains("export PATH="),
+        "{text}"
+    );
+    for name in ["gcc", "cc"] {
+        let target = std::fs::read_link(links.join(name)).unwrap();
+        assert_eq!(target, kiln_tests::kiln_bin(), "{name}");
+    }
+    let path = format!("{}:{}", links.display(), std::env::var("PATH").unwrap());
+    for _ in 0..2 {
+        let _ = std::fs::remove_file(p.path("hello.o"));
+        ok(&p.command("make").env("PATH", &path).output().unwrap());
+        assert!(p.path("hello.o").exists());
+    }
+    assert_eq!((p.stat("hits"), p.stat("misses")), (1, 1), "{}", p.stats());
+    // Run again, it changes nothing and says so; stats has no hint, as cc and c++ are linked.
+    let out = p.kiln(&["masquerade", links.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&ok(&out).stdout).contains("already linked"));
+    let stats = String::from_utf8_lossy(&ok(&p.kiln(&["stats"])).stdout).into_owned();
+    assert!(!stats.contains("Hint"), "{stats}");
 }
