@@ -32,8 +32,11 @@ pub enum Reason {
     ExtraOutput,
     /// `-fsyntax-only` and similar produce no object.
     NoOutput,
-    /// Options whose output is not reproducible: `-v`, `-###`, `-time`, `-ftime-report`...
+    /// Options whose output is not reproducible: `-v`, `-time`, `-ftime-report`...
     Nondeterministic,
+    /// The command asks the compiler about itself and compiles nothing: `--version`, `--help`,
+    /// `-dumpversion`, `-print-search-dirs`, `-###`...
+    NotACompile,
     /// `@file` that cannot be read, nested too deeply, or malformed.
     ResponseFile,
     /// `--coverage` / `-ftest-coverage` write a `.gcno` beside the object.
@@ -52,8 +55,13 @@ pub enum Reason {
     TimeMacros,
     /// `.incbin` in a source or header pulls in a file kiln does not track.
     Incbin,
-    /// A source or header changed while it was compiled.
+    /// A source or header changed while it was compiled (its change time is after the
+    /// compile began, its stat changed since kiln read it, or it changed again as kiln read it).
     ModifiedDuringCompile,
+    /// A source or header was written so close to the compile's start that its timestamps
+    /// cannot tell whether the compiler read it before or after: the same clock tick, or on a
+    /// file system other than kiln's cache directory, within the timestamp slack.
+    InputTooRecent,
     /// Environment variables that make the compiler write extra files.
     Environment,
     /// An output that is not a regular file: `-o /dev/null`, a pipe, a symbolic link.
@@ -63,7 +71,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 27] = [
         Reason::Link,
         Reason::Preprocess,
         Reason::DependenciesOnly,
@@ -76,6 +84,7 @@ impl Reason {
         Reason::ExtraOutput,
         Reason::NoOutput,
         Reason::Nondeterministic,
+        Reason::NotACompile,
         Reason::ResponseFile,
         Reason::Coverage,
         Reason::MultipleArch,
@@ -86,6 +95,7 @@ impl Reason {
         Reason::TimeMacros,
         Reason::Incbin,
         Reason::ModifiedDuringCompile,
+        Reason::InputTooRecent,
         Reason::Environment,
         Reason::SpecialOutput,
         Reason::PrecompiledHeader,
@@ -106,6 +116,7 @@ impl Reason {
             Reason::ExtraOutput => "extra_output",
             Reason::NoOutput => "no_output",
             Reason::Nondeterministic => "nondeterministic",
+            Reason::NotACompile => "not_a_compile",
             Reason::ResponseFile => "response_file",
             Reason::Coverage => "coverage",
             Reason::MultipleArch => "multiple_arch",
@@ -116,6 +127,7 @@ impl Reason {
             Reason::TimeMacros => "time_macros",
             Reason::Incbin => "incbin",
             Reason::ModifiedDuringCompile => "modified_during_compile",
+            Reason::InputTooRecent => "input_too_recent",
             Reason::Environment => "environment",
             Reason::SpecialOutput => "special_output",
             Reason::PrecompiledHeader => "precompiled_header",
@@ -489,15 +501,54 @@ const FAMILIES: &[&str] = &[
 
 /// Classifies an expanded argument list (without the compiler itself).
 pub fn classify(args: Vec<String>) -> Classified {
+    classify_explained(args).map_err(|r| r.reason)
+}
+
+/// Why a command is uncacheable, with the argument that decided it when one did (an option
+/// with its value), for the debug line that explains it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub reason: Reason,
+    pub arg: Option<String>,
+}
+
+impl From<Reason> for Refused {
+    fn from(reason: Reason) -> Refused {
+        Refused { reason, arg: None }
+    }
+}
+
+/// [`classify`], naming the argument that made the command uncacheable.
+pub fn classify_explained(args: Vec<String>) -> Result<Compile, Refused> {
     let mut c = Parser::default();
     let mut i = 0;
     while i < args.len() {
         let arg = args[i].as_str();
         let next = args.get(i + 1).map(String::as_str);
-        let consumed = c.option(arg, next)?;
+        let consumed = c.option(arg, next).map_err(|reason| Refused {
+            reason,
+            arg: Some(match next {
+                Some(value) if WITH_ARG.contains(&arg) => format!("{arg} {value}"),
+                _ => arg.to_owned(),
+            }),
+        })?;
         i += consumed;
     }
-    c.finish(args)
+    c.finish(args).map_err(Refused::from)
+}
+
+/// The first argument that names a source file, as far as a command kiln could not classify
+/// shows it: for the debug line that says which compile was not cached.
+pub fn source_in(args: &[String]) -> Option<&str> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if WITH_ARG.contains(&a.as_str()) {
+            it.next();
+        } else if !a.starts_with('-') && matches!(Lang::from_path(a), Ok(Some(_)) | Err(_)) {
+            return Some(a);
+        }
+    }
+    None
 }
 
 #[derive(Default)]
@@ -657,8 +708,9 @@ impl Parser {
             "-MG" => self.deps_missing_ok = true,
             "-MD" => self.dep_md = true,
             "-MMD" => self.dep_mmd = true,
-            "-v" | "-###" | "-time" | "--version" | "--help" | "-dumpversion" | "-dumpmachine"
-            | "-Q" => return Err(Reason::Nondeterministic),
+            "-v" | "-time" | "-Q" => return Err(Reason::Nondeterministic),
+            "--version" | "--help" | "--target-help" | "-dumpversion" | "-dumpfullversion"
+            | "-dumpmachine" | "-dumpspecs" | "-###" => return Err(Reason::NotACompile),
             "-save-temps" | "--save-temps" => return Err(Reason::SaveTemps),
             "--coverage" | "-ftest-coverage" => return Err(Reason::Coverage),
             "-fsyntax-only" | "--analyze" | "-analyze" => return Err(Reason::NoOutput),
@@ -679,6 +731,12 @@ impl Parser {
     }
 
     fn flag_family(&mut self, arg: &str) -> Result<(), Reason> {
+        if ["-print-", "--print-", "--help="]
+            .iter()
+            .any(|p| arg.starts_with(p))
+        {
+            return Err(Reason::NotACompile);
+        }
         if arg.starts_with("-save-temps=") {
             return Err(Reason::SaveTemps);
         }
@@ -971,6 +1029,19 @@ mod tests {
             ("-c foo.c -dM", Reason::ExtraOutput),
             ("-c foo.c -fsyntax-only", Reason::NoOutput),
             ("-c foo.c -v", Reason::Nondeterministic),
+            ("--version", Reason::NotACompile),
+            ("-c foo.c --version", Reason::NotACompile),
+            ("--help", Reason::NotACompile),
+            ("--help=optimizers", Reason::NotACompile),
+            ("-dumpversion", Reason::NotACompile),
+            ("-dumpfullversion", Reason::NotACompile),
+            ("-dumpmachine", Reason::NotACompile),
+            ("-print-search-dirs", Reason::NotACompile),
+            ("-print-file-name=libc.so", Reason::NotACompile),
+            ("-print-prog-name=cc1", Reason::NotACompile),
+            ("--print-resource-dir", Reason::NotACompile),
+            ("-### -c foo.c", Reason::NotACompile),
+            ("-v", Reason::Nondeterministic),
             ("-c foo.c -ftime-report", Reason::Nondeterministic),
             ("-c foo.c --coverage", Reason::Coverage),
             ("-c foo.c -arch x86_64 -arch arm64", Reason::MultipleArch),
@@ -995,6 +1066,39 @@ mod tests {
         ];
         for (cmd, want) in uncacheable {
             assert_eq!(classify(words(cmd)), Err(want), "{cmd}");
+        }
+    }
+
+    #[test]
+    fn refusals_name_the_argument_and_the_source() {
+        let table: &[(&str, Reason, Option<&str>, Option<&str>)] = &[
+            // (command, reason, argument named, source named)
+            ("--version", Reason::NotACompile, Some("--version"), None),
+            (
+                "-c foo.c --frobnicate",
+                Reason::UnknownOption,
+                Some("--frobnicate"),
+                Some("foo.c"),
+            ),
+            (
+                "-c -o - src/a.cc",
+                Reason::ExtraOutput,
+                Some("-o -"),
+                Some("src/a.cc"),
+            ),
+            (
+                "-c -I inc -fplugin=x.so b.c",
+                Reason::ExternalInputs,
+                Some("-fplugin=x.so"),
+                Some("b.c"),
+            ),
+            ("foo.c -o app", Reason::Link, None, Some("foo.c")),
+            ("-c -x c -", Reason::StdinSource, Some("-"), None),
+        ];
+        for (cmd, reason, arg, source) in table {
+            let r = classify_explained(words(cmd)).unwrap_err();
+            assert_eq!((r.reason, r.arg.as_deref()), (*reason, *arg), "{cmd}");
+            assert_eq!(source_in(&words(cmd)), *source, "{cmd}");
         }
     }
 

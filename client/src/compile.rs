@@ -9,7 +9,9 @@
 //! 3. A hit writes the outputs atomically and replays stdout and stderr.
 //! 4. A miss runs the compiler once, with `-MD -MF <tmp>` added when the user asked for no
 //!    dependency file, so kiln learns every header without a second preprocessor pass. The
-//!    headers are hashed after the compile; if any changed during it, nothing is stored.
+//!    headers are hashed after the compile; if any changed during it, nothing is stored. "During"
+//!    is decided against a [`files::Mark`] stamped just before the compile, so a header
+//!    generated an instant before it is still cached.
 //!
 //! A failure of kiln itself never fails the build: before the compile it falls back to running
 //! the compiler directly, after it the compile's own result stands.
@@ -29,7 +31,7 @@ use crate::config::Config;
 use crate::depfile;
 use crate::dist;
 use crate::env::{Env, COMPILER_VARS, SIDE_OUTPUT_VARS};
-use crate::files::{self, Hashed, Probe, Scan};
+use crate::files::{self, Hashed, Probe, Scan, Since};
 use crate::manifest::{DirRecord, FileRecord, Manifest};
 use crate::process;
 use crate::remote::{self, Remote};
@@ -53,14 +55,48 @@ pub struct Invocation<'a> {
 
 /// Why the cache steps aside for this compile.
 enum Skip {
-    Uncacheable(Reason),
+    Uncacheable(Why),
     Error(anyhow::Error),
 }
 
-impl From<Reason> for Skip {
-    fn from(r: Reason) -> Skip {
-        Skip::Uncacheable(r)
+/// An uncacheable compile's reason, and the file and argument that decided it when known:
+/// `KILN_LOG=debug` names them (issue 15).
+struct Why {
+    reason: Reason,
+    file: Option<String>,
+    arg: Option<String>,
+}
+
+impl Why {
+    fn explain(&self) -> String {
+        let mut out = format!("uncacheable ({})", self.reason.name());
+        if let Some(file) = &self.file {
+            out.push_str(&format!(": {file}"));
+        }
+        if let Some(arg) = &self.arg {
+            out.push_str(&format!(", because of `{arg}`"));
+        }
+        out
     }
+}
+
+impl From<Reason> for Skip {
+    fn from(reason: Reason) -> Skip {
+        Skip::Uncacheable(Why {
+            reason,
+            file: None,
+            arg: None,
+        })
+    }
+}
+
+/// An uncacheable compile decided by a file.
+fn uncacheable_by(reason: Reason, file: &str) -> Skip {
+    Skip::Uncacheable(Why {
+        reason,
+        file: Some(file.to_owned()),
+        arg: None,
+    })
 }
 
 impl From<anyhow::Error> for Skip {
@@ -96,12 +132,19 @@ pub fn run(inv: &Invocation) -> i32 {
         Ok(p) => p,
         Err(skip) => {
             let outcome = match skip {
-                Skip::Uncacheable(r) => {
-                    tracing::debug!(
-                        reason = r.name(),
-                        "uncacheable: running the compiler directly"
-                    );
-                    Outcome::Uncacheable(r)
+                Skip::Uncacheable(mut why) => {
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        if why.file.is_none() {
+                            let args: Vec<String> = inv
+                                .args
+                                .iter()
+                                .map(|a| a.to_string_lossy().into_owned())
+                                .collect();
+                            why.file = args::source_in(&args).map(str::to_owned);
+                        }
+                        tracing::debug!("{}; running the compiler directly", why.explain());
+                    }
+                    Outcome::Uncacheable(why.reason)
                 }
                 Skip::Error(e) => {
                     // Not on stderr: the compiler's own diagnostics must come out unchanged (a
@@ -161,9 +204,19 @@ fn prepare(inv: &Invocation) -> Result<Prepared, Skip> {
         .collect::<Option<_>>()
         .ok_or(Reason::NonUtf8)?;
     let args = args::expand_response_files(&args, &inv.cwd)?;
-    let compile = args::classify(args)?;
-    if SIDE_OUTPUT_VARS.iter().any(|v| inv.env.os(v).is_some()) {
-        return Err(Reason::Environment.into());
+    let compile = args::classify_explained(args).map_err(|r| {
+        Skip::Uncacheable(Why {
+            reason: r.reason,
+            file: None,
+            arg: r.arg,
+        })
+    })?;
+    if let Some(var) = SIDE_OUTPUT_VARS.iter().find(|v| inv.env.os(v).is_some()) {
+        return Err(Skip::Uncacheable(Why {
+            reason: Reason::Environment,
+            file: Some(compile.source.clone()),
+            arg: Some(format!("{var} in the environment")),
+        }));
     }
     // kiln replaces outputs by renaming a new file into place, which must never happen to
     // `/dev/null`, a pipe or what a symbolic link points to: the compiler writes through those.
@@ -174,7 +227,7 @@ fn prepare(inv: &Invocation) -> Result<Prepared, Skip> {
     }
     for o in &outputs {
         if fs::symlink_metadata(inv.cwd.join(o)).is_ok_and(|m| !m.is_file()) {
-            return Err(Reason::SpecialOutput.into());
+            return Err(uncacheable_by(Reason::SpecialOutput, &o.to_string_lossy()));
         }
     }
     let source_path = inv.cwd.join(&compile.source);
@@ -182,7 +235,7 @@ fn prepare(inv: &Invocation) -> Result<Prepared, Skip> {
         Ok(s) => s,
         // The compiler will say so in its own words.
         Err(files::HashError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Reason::NoSource.into())
+            return Err(uncacheable_by(Reason::NoSource, &compile.source))
         }
         Err(e) => {
             return Err(anyhow::Error::new(e)
@@ -192,7 +245,7 @@ fn prepare(inv: &Invocation) -> Result<Prepared, Skip> {
     };
     let identity = compiler::identify(&inv.compiler, &inv.config.dir)?;
     if precompiled_header_in_use(inv, &compile, &source.data, identity.family) {
-        return Err(Reason::PrecompiledHeader.into());
+        return Err(uncacheable_by(Reason::PrecompiledHeader, &compile.source));
     }
     // The source is scanned for __TIME__ and friends only when a result is stored: a manifest
     // found under a key that includes the source's digest already knows what it contains.
@@ -566,7 +619,15 @@ fn lookup(
         };
     if manifest.preprocessor {
         let key = preprocessed_key(inv, p)?;
-        tracing::debug!(%key, "preprocessor mode: a project file uses __has_include");
+        tracing::debug!(
+            %key,
+            "preprocessor mode: {}",
+            if manifest.preprocessor_why.is_empty() {
+                "a project file uses __has_include with an argument kiln cannot follow"
+            } else {
+                &manifest.preprocessor_why
+            }
+        );
         let result = tiers.fetch_result(&key)?;
         if result.is_none() {
             tracing::debug!("miss: no result for this preprocessed text");
@@ -728,6 +789,17 @@ fn compile_and_store(
         }
     }
     args.extend(terminal_flags(inv, c, p.identity.family));
+    // The file system's clock just before anything of the compile reads its inputs (the
+    // farm's include scan included): an input whose ctime is earlier did not change during it.
+    let mark = if cfg.read_only {
+        None
+    } else {
+        files::Mark::take(&cfg.dir.join("tmp"))
+            .inspect_err(|e| {
+                tracing::debug!(error = %e, "cannot stamp the start of the compile; recent inputs are not stored")
+            })
+            .ok()
+    };
     // What the farm's include scan read, reused when storing the result.
     let mut scanned = None;
     let output = match run_compiler(
@@ -784,7 +856,7 @@ fn compile_and_store(
         &mut tiers,
         &p,
         own_deps.as_ref(),
-        t0,
+        Started { t0, mark },
         Ran {
             output: &output,
             compile_ms,
@@ -792,9 +864,10 @@ fn compile_and_store(
         },
     ) {
         Ok(()) => Outcome::Miss,
-        Err(Skip::Uncacheable(r)) => {
-            tracing::debug!(reason = r.name(), "compiled, but not stored");
-            Outcome::Uncacheable(r)
+        Err(Skip::Uncacheable(mut why)) => {
+            why.file.get_or_insert_with(|| c.source.clone());
+            tracing::debug!("compiled, but not stored: {}", why.explain());
+            Outcome::Uncacheable(why.reason)
         }
         Err(Skip::Error(e)) => {
             tracing::warn!("compiled, but cannot store the result: {e:#}");
@@ -996,6 +1069,35 @@ fn exit_code(status: &std::process::ExitStatus) -> i32 {
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
+/// When a compile started, by the wall clock and by the file system's (see [`files::Mark`]).
+#[derive(Clone, Copy)]
+struct Started {
+    t0: SystemTime,
+    mark: Option<files::Mark>,
+}
+
+impl Started {
+    /// Refuses to store a result when the file `path`, with this stat after the compile, may
+    /// have changed during it; the debug line names the file and what is known.
+    fn still(&self, path: &str, stat: &files::Stat) -> Result<(), Skip> {
+        match files::last_change(stat, self.t0, self.mark) {
+            Since::Before => Ok(()),
+            Since::After => {
+                tracing::debug!(file = path, "changed during the compile");
+                Err(uncacheable_by(Reason::ModifiedDuringCompile, path))
+            }
+            Since::Unknown => {
+                tracing::debug!(
+                    file = path,
+                    "written so close to the compile's start that its timestamps cannot tell \
+                     whether the compiler read it before or after the change"
+                );
+                Err(uncacheable_by(Reason::InputTooRecent, path))
+            }
+        }
+    }
+}
+
 /// A compile that ran, as [`store_result`] keeps it.
 struct Ran<'a> {
     output: &'a std::process::Output,
@@ -1009,9 +1111,10 @@ fn store_result(
     tiers: &mut Tiers,
     p: &Prepared,
     own_deps: Option<&TempFile>,
-    t0: SystemTime,
+    started: Started,
     ran: Ran<'_>,
 ) -> Result<(), Skip> {
+    let t0 = started.t0;
     let Ran {
         output,
         compile_ms,
@@ -1020,10 +1123,25 @@ fn store_result(
     let c = &p.compile;
     let cwd = &inv.cwd;
     // The source must be what was hashed before the compile.
-    let source_now =
-        files::stat(&cwd.join(&c.source)).context("source vanished during the compile")?;
-    if source_now != p.source.stat || source_now.changed_since(t0) {
-        return Err(Reason::ModifiedDuringCompile.into());
+    let source_path = cwd.join(&c.source);
+    let source_now = files::stat(&source_path).context("source vanished during the compile")?;
+    if source_now != p.source.stat {
+        tracing::debug!(file = %c.source, "changed since kiln read it before the compile");
+        return Err(uncacheable_by(Reason::ModifiedDuringCompile, &c.source));
+    }
+    if source_now.changed_since(t0) {
+        // Written just before the compile (a generated source): the mark says whether it
+        // changed after it, but kiln hashed the source before the mark, and a rewrite in the
+        // same clock tick keeps the stat. Its content now is what the compiler read: it must
+        // be what the key holds.
+        started.still(&c.source, &source_now)?;
+        match files::hash_file(&source_path) {
+            Ok(again) if again.digest == p.source.digest && again.stat == source_now => {}
+            _ => {
+                tracing::debug!(file = %c.source, "changed since kiln read it before the compile");
+                return Err(uncacheable_by(Reason::ModifiedDuringCompile, &c.source));
+            }
+        }
     }
 
     let headers = if c.lang.preprocessed() {
@@ -1039,16 +1157,26 @@ fn store_result(
     // literally makes direct mode untrustworthy for this compile.
     let system = system_dirs(p);
     let mut probes: Vec<(String, Probe)> = Vec::new();
-    let mut untrusted = false;
+    // The first file whose `__has_include` cannot be followed, and that call.
+    let mut untrusted: Option<String> = None;
     let mut note_probes = |path: &str, data: &[u8], scan: Scan| {
         if scan.has_include && !under_any(path, &system) {
             match files::include_probes(data) {
                 Some(found) => probes.extend(found.into_iter().map(|pr| (parent_of(path), pr))),
-                None => untrusted = true,
+                None if untrusted.is_none() => {
+                    let call = files::computed_probe(data).unwrap_or_default();
+                    untrusted = Some(format!("{path} uses `{call}`, which kiln cannot follow"));
+                }
+                None => {}
             }
         }
     };
     note_probes(&c.source, &p.source.data, source_scan);
+    // The first file using each macro kiln cannot cache, to name it.
+    let first = |found: bool| found.then_some(c.source.as_str());
+    let mut timestamp_in = first(source_scan.timestamp);
+    let mut time_in = first(source_scan.time);
+    let mut incbin_in = first(source_scan.incbin);
     let mut result_key = Hasher::new("kiln result key v1");
     result_key.digest(&p.key);
     for h in &headers {
@@ -1066,14 +1194,27 @@ fn store_result(
                     fresh = x;
                     &fresh
                 }
-                Err(_) => return Err(Reason::ModifiedDuringCompile.into()),
+                Err(e) => {
+                    tracing::debug!(file = %h, error = %e, "cannot be read as the compiler read it");
+                    return Err(uncacheable_by(Reason::ModifiedDuringCompile, h));
+                }
             },
         };
-        if hashed.stat.changed_since(t0) {
-            return Err(Reason::ModifiedDuringCompile.into());
-        }
+        // A header generated just before the compile is cached when the mark proves it was
+        // complete before the compile began; its record is not stable, so later lookups
+        // re-hash it rather than trust its stat.
+        started.still(h, &hashed.stat)?;
         let header_scan = Scan::of(&hashed.data);
         scan = scan.union(header_scan);
+        if header_scan.timestamp {
+            timestamp_in.get_or_insert(h);
+        }
+        if header_scan.time {
+            time_in.get_or_insert(h);
+        }
+        if header_scan.incbin {
+            incbin_in.get_or_insert(h);
+        }
         note_probes(h, &hashed.data, header_scan);
         result_key.str(h).digest(&hashed.digest);
         records.push(FileRecord {
@@ -1087,14 +1228,21 @@ fn store_result(
     // only gcc lets SOURCE_DATE_EPOCH fix `__TIME__`.
     let fixed_time = inv.env.get("SOURCE_DATE_EPOCH").is_some() && p.identity.family == Family::Gcc;
     if scan.timestamp || (scan.time && !fixed_time) {
-        return Err(Reason::TimeMacros.into());
+        let file = timestamp_in.or(time_in).unwrap_or(&c.source);
+        return Err(uncacheable_by(Reason::TimeMacros, file));
     }
     if scan.incbin {
-        return Err(Reason::Incbin.into());
+        return Err(uncacheable_by(
+            Reason::Incbin,
+            incbin_in.unwrap_or(&c.source),
+        ));
     }
     let date = scan.date.then(date_slot);
 
-    let result_key = if untrusted {
+    if let Some(why) = &untrusted {
+        tracing::debug!("preprocessor mode: {why}");
+    }
+    let result_key = if untrusted.is_some() {
         // A `__has_include` kiln cannot follow: the output depends on files that may not
         // exist and that nothing names. Key this result by the preprocessor's output, as
         // ccache's preprocessor mode does.
@@ -1129,9 +1277,10 @@ fn store_result(
         .put(Kind::Result, &result_key, &result)
         .context("cannot store the result")?;
 
-    let manifest = if untrusted {
+    let manifest = if let Some(why) = untrusted {
         Manifest {
             preprocessor: true,
+            preprocessor_why: why,
             ..Manifest::default()
         }
     } else {

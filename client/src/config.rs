@@ -62,6 +62,40 @@ pub struct Config {
     pub dist_toolchains: std::collections::BTreeMap<PathBuf, PathBuf>,
     /// Where the file came from, for `kiln config`.
     pub source: Option<PathBuf>,
+    /// Where each setting came from, by its name in the file, for `kiln config`.
+    pub origins: Vec<(&'static str, Origin)>,
+}
+
+/// Which layer of the configuration gave a setting its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File,
+    /// The environment variable that set it.
+    Env(&'static str),
+    /// A flag on kiln's command line.
+    Flag,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Default => f.write_str("default"),
+            Origin::File => f.write_str("file"),
+            Origin::Env(var) => write!(f, "env {var}"),
+            Origin::Flag => f.write_str("flag"),
+        }
+    }
+}
+
+impl Config {
+    /// Where the setting named `name` (as in the file) came from.
+    pub fn origin(&self, name: &str) -> Origin {
+        self.origins
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(Origin::Default, |(_, o)| *o)
+    }
 }
 
 /// The TOML file's shape: every field optional, unknown fields refused with their name.
@@ -137,6 +171,86 @@ impl Config {
             }
         }
 
+        // Where each setting comes from, decided before the layers are merged (and consumed).
+        let origin = |flag: bool, var: &'static str, in_file: bool| {
+            if flag {
+                Origin::Flag
+            } else if env.get(var).is_some() {
+                Origin::Env(var)
+            } else if in_file {
+                Origin::File
+            } else {
+                Origin::Default
+            }
+        };
+        let f = &file;
+        let origins = vec![
+            (
+                "dir",
+                origin(flags.dir.is_some(), "KILN_DIR", f.dir.is_some()),
+            ),
+            (
+                "max_size",
+                origin(false, "KILN_CACHE_SIZE", f.max_size.is_some()),
+            ),
+            (
+                "max_files",
+                origin(false, "KILN_CACHE_FILES", f.max_files.is_some()),
+            ),
+            (
+                "base_dir",
+                origin(false, "KILN_BASE_DIR", f.base_dir.is_some()),
+            ),
+            (
+                "hash_dir",
+                origin(false, "KILN_HASH_DIR", f.hash_dir.is_some()),
+            ),
+            (
+                "read_only",
+                origin(false, "KILN_READONLY", f.read_only.is_some()),
+            ),
+            (
+                "recache",
+                origin(flags.recache.is_some(), "KILN_RECACHE", f.recache.is_some()),
+            ),
+            (
+                "disable",
+                origin(flags.disable.is_some(), "KILN_DISABLE", f.disable.is_some()),
+            ),
+            ("stats", origin(false, "KILN_STATS", f.stats.is_some())),
+            (
+                "remote_cache",
+                origin(false, "KILN_REMOTE_CACHE", f.remote_cache.is_some()),
+            ),
+            (
+                "no_push",
+                origin(false, "KILN_NO_PUSH", f.no_push.is_some()),
+            ),
+            (
+                "remote_async",
+                origin(false, "KILN_REMOTE_ASYNC", f.remote_async.is_some()),
+            ),
+            (
+                "dist",
+                origin(flags.dist.is_some(), "KILN_DIST", f.dist.is_some()),
+            ),
+            (
+                "scheduler",
+                origin(false, "KILN_SCHEDULER", f.scheduler.is_some()),
+            ),
+            (
+                "ca_file",
+                origin(false, "KILN_CA_FILE", f.ca_file.is_some()),
+            ),
+            (
+                "token_file",
+                origin(false, "KILN_TOKEN_FILE", f.token_file.is_some()),
+            ),
+            (
+                "cross_check",
+                origin(false, "KILN_CROSS_CHECK", f.cross_check.is_some()),
+            ),
+        ];
         let dir = match flags.dir.clone().or_else(|| env.get("KILN_DIR").map(PathBuf::from)).or(file.dir) {
             Some(d) => d,
             None => match cache_home(env) {
@@ -233,6 +347,7 @@ impl Config {
             })?,
             dist_toolchains: file.dist_toolchains.unwrap_or_default(),
             source,
+            origins,
         })
     }
 }
@@ -330,6 +445,35 @@ mod tests {
         };
         let c = cfg(&[("KILN_DIR", "/from/env")], &flags);
         assert_eq!(c.dir, Path::new("/from/flag"));
+    }
+
+    #[test]
+    fn each_setting_says_where_it_came_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kiln.toml");
+        std::fs::write(&file, "max_size = \"2G\"\nhash_dir = false\ndist = true\n").unwrap();
+        let env = Env::from_pairs([
+            ("KILN_CONFIG", file.to_str().unwrap()),
+            ("KILN_DIR", "/from/env"),
+            ("KILN_HASH_DIR", "1"),
+        ]);
+        let flags = Overrides {
+            dist: Some(true),
+            ..Overrides::default()
+        };
+        let c = Config::load(&env, &flags).unwrap();
+        for (name, want) in [
+            ("dir", Origin::Env("KILN_DIR")),
+            ("max_size", Origin::File),
+            ("hash_dir", Origin::Env("KILN_HASH_DIR")),
+            ("dist", Origin::Flag),
+            ("stats", Origin::Default),
+            ("scheduler", Origin::Default),
+        ] {
+            assert_eq!(c.origin(name), want, "{name}");
+        }
+        assert_eq!(c.origin("max_size").to_string(), "file");
+        assert_eq!(c.origin("dir").to_string(), "env KILN_DIR");
     }
 
     #[test]

@@ -76,10 +76,21 @@ pub struct Probe {
 /// is not a literal (a macro), which kiln cannot follow. Mentions that are not calls, such as
 /// `#ifdef __has_include`, are not probes.
 pub fn include_probes(data: &[u8]) -> Option<Vec<Probe>> {
+    probes_or_computed(data).ok()
+}
+
+/// The first `__has_include` of a file whose argument kiln cannot read literally, as written
+/// (to the end of its line), for the debug line that says why a compile is in preprocessor mode.
+pub fn computed_probe(data: &[u8]) -> Option<String> {
+    probes_or_computed(data).err()
+}
+
+fn probes_or_computed(data: &[u8]) -> Result<Vec<Probe>, String> {
     let mut out = Vec::new();
     let mut at = 0;
     while let Some(found) = memchr::memmem::find(&data[at..], b"__has_include") {
-        let mut i = at + found + b"__has_include".len();
+        let call = at + found;
+        let mut i = call + b"__has_include".len();
         if data[i..].starts_with(b"_next") {
             i += b"_next".len();
         }
@@ -94,21 +105,29 @@ pub fn include_probes(data: &[u8]) -> Option<Vec<Probe>> {
         if data.get(i) != Some(&b'(') {
             continue;
         }
+        let computed = || {
+            let line = data[call..]
+                .split(|c| *c == b'\n')
+                .next()
+                .unwrap_or_default();
+            String::from_utf8_lossy(line).trim_end().to_owned()
+        };
         i = skip_ws(i + 1);
         let close = match data.get(i) {
             Some(b'<') => b'>',
             Some(b'"') => b'"',
-            _ => return None,
+            _ => return Err(computed()),
         };
         let start = i + 1;
         let len = data[start..]
             .iter()
-            .position(|c| *c == close || *c == b'\n')?;
+            .position(|c| *c == close || *c == b'\n')
+            .ok_or_else(computed)?;
         if data[start + len] != close {
-            return None;
+            return Err(computed());
         }
         let name = std::str::from_utf8(&data[start..start + len])
-            .ok()?
+            .map_err(|_| computed())?
             .to_owned();
         out.push(Probe {
             name,
@@ -116,7 +135,7 @@ pub fn include_probes(data: &[u8]) -> Option<Vec<Probe>> {
         });
         at = start + len;
     }
-    Some(out)
+    Ok(out)
 }
 
 /// What `stat` says about a file: enough to notice any change made after it was hashed.
@@ -156,6 +175,82 @@ pub fn nanos(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
         .unwrap_or(0)
+}
+
+/// An instant on the file system's own clock: the change time kiln stamps on a file of its
+/// own just before a compile. Any later change to another file of the same file system gets a
+/// change time at least as late, so a file whose ctime is strictly earlier last changed before
+/// the mark, and every read after the mark saw its final content. That holds on any clock
+/// granularity (both stamps are truncated alike) and lets a header generated milliseconds
+/// before the compile be cached, where [`TIMESTAMP_SLACK`] alone would refuse it (issue 15).
+///
+/// Only files on the mark's own device are compared with it: another file system may keep
+/// coarser times or, over a network, another machine's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    ctime_ns: i64,
+    dev: u64,
+}
+
+impl Mark {
+    /// Stamps a fresh file in `dir` (removed at once; kiln keeps only its stat). The file is
+    /// stat'ed before it is written to: kernels with fine-grained timestamps (Linux 6.13 and
+    /// later) then stamp the write with the exact time rather than the last clock tick, so a
+    /// file written in the same tick, just before, still compares as earlier.
+    pub fn take(dir: &Path) -> io::Result<Mark> {
+        use std::io::Write;
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!(
+            ".mark.{}.{}",
+            std::process::id(),
+            nanos(SystemTime::now())
+        ));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let _ = std::fs::remove_file(&path);
+        file.metadata()?;
+        file.write_all(b"m")?;
+        let stat = Stat::of(&file.metadata()?);
+        Ok(Mark {
+            ctime_ns: stat.ctime_ns,
+            dev: stat.dev,
+        })
+    }
+}
+
+/// When a file last changed, as far as its stat can tell, relative to the start of a compile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    /// Before the compile started: what was read during it is what is there now.
+    Before,
+    /// After the compile started: it changed during the compile.
+    After,
+    /// Too close to the start to tell (the same clock tick as the mark, or within the
+    /// timestamp slack of the start on a file system the mark cannot speak for).
+    Unknown,
+}
+
+/// Whether the file with this stat changed during a compile that started at `started` (the
+/// wall clock) and `mark` (the file system's clock, when one could be taken).
+pub fn last_change(stat: &Stat, started: SystemTime, mark: Option<Mark>) -> Since {
+    if !stat.changed_since(started) {
+        return Since::Before;
+    }
+    if let Some(mark) = mark.filter(|m| m.dev == stat.dev) {
+        // The ctime, not the mtime: anyone may set an mtime, only a change sets the ctime.
+        return match stat.ctime_ns.cmp(&mark.ctime_ns) {
+            std::cmp::Ordering::Less => Since::Before,
+            std::cmp::Ordering::Greater => Since::After,
+            std::cmp::Ordering::Equal => Since::Unknown,
+        };
+    }
+    if stat.changed_ns() >= nanos(started) + TIMESTAMP_SLACK.as_nanos() as i64 {
+        Since::After
+    } else {
+        Since::Unknown
+    }
 }
 
 /// A hashed file.
@@ -251,6 +346,62 @@ mod tests {
         assert_eq!(include_probes(b"#if __has_include(HEADER)\n"), None);
         assert_eq!(include_probes(b"#if __has_include(\"open\n"), None);
         assert_eq!(include_probes(b"int x;"), Some(vec![]));
+        assert_eq!(
+            computed_probe(
+                b"#if __has_include(\"a.h\")\n#elif __has_include_next(CFG) || 1\n#endif\n"
+            )
+            .as_deref(),
+            Some("__has_include_next(CFG) || 1")
+        );
+        assert_eq!(computed_probe(b"#if __has_include(<a.h>)\n"), None);
+    }
+
+    #[test]
+    fn a_mark_orders_changes_on_its_file_system() {
+        let dir = tempfile::tempdir().unwrap();
+        let started = SystemTime::now();
+        let before = dir.path().join("before.h");
+        std::fs::write(&before, "int x;").unwrap();
+        let mark = Mark::take(&dir.path().join("tmp")).unwrap();
+        let after = dir.path().join("after.h");
+        std::fs::write(&after, "int y;").unwrap();
+        let s = |p: &Path| stat(p).unwrap();
+        // Written just before the mark: a generated header, cacheable. Where the kernel stamps
+        // only whole clock ticks, the same tick cannot be told apart, and never reads as Before.
+        let verdict = last_change(&s(&before), started, Some(mark));
+        assert!(
+            matches!(verdict, Since::Before | Since::Unknown),
+            "{verdict:?}"
+        );
+        // Written after it: a change during the compile, whatever the clock's granularity.
+        assert!(matches!(
+            last_change(&s(&after), started, Some(mark)),
+            Since::After | Since::Unknown
+        ));
+        assert_ne!(last_change(&s(&after), started, Some(mark)), Since::Before);
+        // Without a mark (or on another device) only the slack decides: too close to tell.
+        assert_eq!(last_change(&s(&before), started, None), Since::Unknown);
+        let other = Mark {
+            dev: s(&before).dev + 1,
+            ..mark
+        };
+        assert_eq!(
+            last_change(&s(&before), started, Some(other)),
+            Since::Unknown
+        );
+        // Old files are older than any mark.
+        let old = Stat {
+            mtime_ns: nanos(started) - 10_000_000_000,
+            ctime_ns: nanos(started) - 10_000_000_000,
+            ..s(&before)
+        };
+        assert_eq!(last_change(&old, started, None), Since::Before);
+        // A change well after the start is After even without a mark.
+        let late = Stat {
+            ctime_ns: nanos(SystemTime::now()) + 10_000_000_000,
+            ..old
+        };
+        assert_eq!(last_change(&late, started, None), Since::After);
     }
 
     #[test]

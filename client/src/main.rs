@@ -24,14 +24,24 @@ Wrapping a compile:
   CC=\"kiln gcc\" make, or CMAKE_C_COMPILER_LAUNCHER=kiln, or a link named gcc pointing to kiln.
 
 Configuration: a TOML file (KILN_CONFIG, default ~/.config/kiln/kiln.toml), overridden by
-KILN_* variables (KILN_DIR, KILN_CACHE_SIZE, KILN_BASE_DIR, KILN_DISABLE, KILN_READONLY,
-KILN_RECACHE, KILN_HASH_DIR, KILN_STATS, KILN_REMOTE_CACHE, KILN_NO_PUSH, KILN_DIST,
-KILN_SCHEDULER), overridden by flags.
-The farm: KILN_SCHEDULER=http://HOST:PORT and --dist (or KILN_DIST=1) compile misses on a
-builder; kiln dist-status shows the builders. kiln toolchain package COMPILER OUT writes the
+KILN_* variables, overridden by flags; kiln config shows each value and where it came from.
+  KILN_DIR            the cache directory (default ~/.cache/kiln)
+  KILN_CACHE_SIZE     size cap, e.g. 500M, 20G (default 10G; 0 for no limit)
+  KILN_CACHE_FILES    entry-count cap (default none)
+  KILN_BASE_DIR, KILN_HASH_DIR, KILN_DISABLE, KILN_READONLY, KILN_RECACHE, KILN_STATS
+  KILN_REMOTE_CACHE   a kiln-cache server, https://HOST:PORT; KILN_NO_PUSH, KILN_REMOTE_ASYNC
+  KILN_SCHEDULER      the farm's scheduler, https://HOST:PORT (http:// only for a scheduler
+                      run --insecure)
+  KILN_DIST=1         compile misses on the farm (or --dist)
+  KILN_CA_FILE        the CA the scheduler's and remote cache's certificates chain to
+                      (default: the system's roots)
+  KILN_TOKEN_FILE     a file holding the client token for the scheduler and remote cache
+  KILN_CROSS_CHECK    share of farm results compiled again here and compared, e.g. 0.01
+  KILN_LOG            debug explains each hit and miss on stderr (kiln's own messages;
+                      a filter such as debug,h2=trace adds the network libraries')
+The farm: kiln dist-status shows the builders. kiln toolchain package COMPILER OUT writes the
 archive a builder runs COMPILER from, and prints its digest and size.
-Go: GOCACHEPROG=\"kiln go-cacheprog\". KILN_LOG=debug explains each
-hit and miss on stderr.";
+Go: GOCACHEPROG=\"kiln go-cacheprog\".";
 
 #[derive(Parser, Debug)]
 #[command(name = "kiln", version, about = ABOUT, after_help = AFTER_HELP)]
@@ -66,6 +76,10 @@ enum Command {
     },
     /// Serve Go's build cache: GOCACHEPROG="kiln go-cacheprog" (Go 1.24 and later).
     GoCacheprog,
+    /// Make DIR a masquerade directory: links named gcc, g++, cc, c++, clang and clang++ to
+    /// kiln, for each compiler found in PATH (existing files are left alone). Put DIR first in
+    /// PATH and every build tool's compiler calls go through kiln.
+    Masquerade { dir: std::path::PathBuf },
     /// Toolchain archives: the compiler as the farm's builders run it.
     Toolchain {
         #[command(subcommand)]
@@ -100,6 +114,7 @@ const SUBCOMMANDS: &[&str] = &[
     "go-cacheprog",
     "dist-status",
     "toolchain",
+    "masquerade",
     "remote-push",
     "help",
     "--help",
@@ -121,7 +136,13 @@ fn main() -> ExitCode {
     // (`kiln-0.1`), but no compiler is called kiln-something.
     let code = if !invoked_as.starts_with("kiln") && !invoked_as.is_empty() {
         // A masquerade link: `gcc -> kiln`.
-        wrap(&env, &invoked_as, argv[1..].to_vec(), Overrides::default())
+        wrap(
+            &env,
+            &invoked_as,
+            argv[1..].to_vec(),
+            Overrides::default(),
+            true,
+        )
     } else {
         match argv.get(1).and_then(|a| a.to_str()) {
             None => {
@@ -150,7 +171,7 @@ fn main() -> ExitCode {
                         }
                     }
                 };
-                wrap(&env, &compiler, rest.cloned().collect(), flags)
+                wrap(&env, &compiler, rest.cloned().collect(), flags, false)
             }
         }
     };
@@ -158,28 +179,18 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(env: &Env) {
-    let Some(level) = env.get("KILN_LOG") else {
-        return;
-    };
-    let level = match level.to_ascii_lowercase().as_str() {
-        "trace" => tracing::Level::TRACE,
-        "debug" => tracing::Level::DEBUG,
-        "info" => tracing::Level::INFO,
-        "error" => tracing::Level::ERROR,
-        _ => tracing::Level::WARN,
-    };
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    kiln_client::log::init(env.get("KILN_LOG"));
 }
 
 /// Wraps one compile. Never fails the build for kiln's own sake: when the configuration or the
 /// cache is unusable, the compiler runs directly.
-fn wrap(env: &Env, compiler_name: &str, args: Vec<OsString>, flags: Overrides) -> i32 {
+fn wrap(
+    env: &Env,
+    compiler_name: &str,
+    args: Vec<OsString>,
+    flags: Overrides,
+    masquerade: bool,
+) -> i32 {
     let self_exe = std::env::current_exe().unwrap_or_else(|_| "kiln".into());
     let compiler = match compiler::find(compiler_name, env, &self_exe) {
         Ok(c) => c,
@@ -205,6 +216,9 @@ fn wrap(env: &Env, compiler_name: &str, args: Vec<OsString>, flags: Overrides) -
             return 127;
         }
     };
+    if masquerade && config.stats && !config.disable {
+        kiln_client::masquerade::note_missing(&config.dir, compiler_name, env, &self_exe);
+    }
     use std::io::IsTerminal;
     let inv = Invocation {
         config: &config,
@@ -225,6 +239,62 @@ fn subcommand(env: &Env, cli: Cli) -> i32 {
             1
         }
     }
+}
+
+/// `kiln config`: every setting in effect, and the layer it came from (default, file, the
+/// environment variable, or a flag).
+fn config_text(config: &Config) -> String {
+    let path = |p: &Option<std::path::PathBuf>, none: &str| {
+        p.as_ref()
+            .map_or(none.to_string(), |p| p.display().to_string())
+    };
+    let text = |t: &Option<String>| t.clone().unwrap_or_else(|| "(none)".into());
+    let rows: Vec<(&str, String)> = vec![
+        ("dir", config.dir.display().to_string()),
+        (
+            "max_size",
+            if config.max_size == 0 {
+                "no limit".into()
+            } else {
+                stats::human_bytes(config.max_size)
+            },
+        ),
+        (
+            "max_files",
+            if config.max_files == 0 {
+                "no limit".into()
+            } else {
+                config.max_files.to_string()
+            },
+        ),
+        ("base_dir", path(&config.base_dir, "(none)")),
+        ("hash_dir", config.hash_dir.to_string()),
+        ("read_only", config.read_only.to_string()),
+        ("recache", config.recache.to_string()),
+        ("disable", config.disable.to_string()),
+        ("stats", config.stats.to_string()),
+        ("remote_cache", text(&config.remote_cache)),
+        ("no_push", config.no_push.to_string()),
+        ("remote_async", config.remote_async.to_string()),
+        ("dist", config.dist.to_string()),
+        ("scheduler", text(&config.scheduler)),
+        ("ca_file", path(&config.ca_file, "(the system's roots)")),
+        // The token's file, never the token.
+        ("token_file", path(&config.token_file, "(none)")),
+        ("cross_check", config.cross_check.to_string()),
+    ];
+    let mut out = format!(
+        "{:<19} {}\n",
+        "configuration file",
+        path(&config.source, "(none)")
+    );
+    for (name, value) in rows {
+        out.push_str(&format!(
+            "{name:<19} {value:<40} ({})\n",
+            config.origin(name)
+        ));
+    }
+    out
 }
 
 fn run_subcommand(env: &Env, cli: Cli) -> anyhow::Result<()> {
@@ -250,62 +320,13 @@ fn run_subcommand(env: &Env, cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
                 print!("{}", stats::to_text(&doc));
+                let self_exe = std::env::current_exe().unwrap_or_else(|_| "kiln".into());
+                if let Some(hint) = kiln_client::masquerade::hint(&config.dir, &self_exe) {
+                    print!("\n{hint}");
+                }
             }
         }
-        Command::Config => {
-            println!(
-                "configuration file  {}",
-                config
-                    .source
-                    .as_ref()
-                    .map_or("(none)".into(), |p| p.display().to_string())
-            );
-            println!("dir                 {}", config.dir.display());
-            println!(
-                "max_size            {}",
-                stats::human_bytes(config.max_size)
-            );
-            println!(
-                "max_files           {}",
-                if config.max_files == 0 {
-                    "no limit".into()
-                } else {
-                    config.max_files.to_string()
-                }
-            );
-            println!(
-                "base_dir            {}",
-                config
-                    .base_dir
-                    .as_ref()
-                    .map_or("(none)".into(), |p| p.display().to_string())
-            );
-            println!("hash_dir            {}", config.hash_dir);
-            println!("read_only           {}", config.read_only);
-            println!("recache             {}", config.recache);
-            println!("disable             {}", config.disable);
-            println!("stats               {}", config.stats);
-            println!("dist                {}", config.dist);
-            println!(
-                "scheduler           {}",
-                config.scheduler.as_deref().unwrap_or("(none)")
-            );
-            println!(
-                "remote_cache        {}",
-                config.remote_cache.as_deref().unwrap_or("(none)")
-            );
-            let path = |p: &Option<std::path::PathBuf>, none: &str| {
-                p.as_ref()
-                    .map_or(none.to_string(), |p| p.display().to_string())
-            };
-            println!(
-                "ca_file             {}",
-                path(&config.ca_file, "(the system's roots)")
-            );
-            // The token's file, never the token.
-            println!("token_file          {}", path(&config.token_file, "(none)"));
-            println!("cross_check         {}", config.cross_check);
-        }
+        Command::Config => print!("{}", config_text(&config)),
         Command::Cleanup => {
             let r = store
                 .cleanup()
@@ -380,6 +401,31 @@ fn run_subcommand(env: &Env, cli: Cli) -> anyhow::Result<()> {
                 );
             }
         },
+        Command::Masquerade { dir } => {
+            let self_exe = std::env::current_exe().context("cannot find kiln's own path")?;
+            let done = kiln_client::masquerade::create(&dir, &self_exe, env)?;
+            let list = |names: &[String]| names.join(" ");
+            if !done.linked.is_empty() {
+                println!("linked              {}", list(&done.linked));
+            }
+            if !done.present.is_empty() {
+                println!("already linked      {}", list(&done.present));
+            }
+            if !done.no_compiler.is_empty() {
+                println!("not in PATH         {}", list(&done.no_compiler));
+            }
+            if !done.occupied.is_empty() {
+                println!(
+                    "left alone          {} (files that are not kiln)",
+                    list(&done.occupied)
+                );
+            }
+            println!(
+                "Put {} first in PATH: export PATH={}:$PATH",
+                dir.display(),
+                dir.display()
+            );
+        }
         Command::Clear => {
             let n = store
                 .clear()

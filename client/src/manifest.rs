@@ -17,7 +17,7 @@ use kiln_cache::Digest;
 use crate::codec::{Reader, Writer};
 use crate::files::{self, Stat};
 
-const FORMAT: u8 = 4;
+const FORMAT: u8 = 5;
 /// Results kept per manifest; the oldest go first.
 const MAX_ENTRIES: usize = 32;
 /// Past this many distinct file records a manifest starts over.
@@ -63,6 +63,8 @@ pub struct Manifest {
     /// Direct mode cannot be trusted for this key (a project file uses `__has_include`): results
     /// are keyed by the preprocessor's output instead, and the lists below are empty.
     pub preprocessor: bool,
+    /// Why, for `KILN_LOG=debug`: the file and its `__has_include` that kiln cannot follow.
+    pub preprocessor_why: String,
     pub files: Vec<FileRecord>,
     pub dirs: Vec<DirRecord>,
     pub negatives: Vec<Negative>,
@@ -104,6 +106,7 @@ impl Manifest {
         let mut w = Writer::default();
         w.u8(FORMAT);
         w.u8(u8::from(self.preprocessor));
+        w.str(&self.preprocessor_why);
         w.u32(self.files.len() as u32);
         for f in &self.files {
             w.str(&f.path);
@@ -148,6 +151,7 @@ impl Manifest {
         }
         let mut m = Manifest {
             preprocessor: r.u8()? != 0,
+            preprocessor_why: r.str()?,
             ..Manifest::default()
         };
         for _ in 0..r.u32()? {

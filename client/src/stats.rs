@@ -305,9 +305,14 @@ pub fn to_text(j: &serde_json::Value) -> String {
             format!("{} gets, {hits}, {} puts", n("go_gets"), n("go_puts")),
         );
     }
+    // Each hit saves its own compile's time; summed over a parallel build they can exceed
+    // the build's wall time, so the line says what it adds up (issue 15).
     line(
-        "Time saved",
-        format!("{:.1} s", n("time_saved_ms") as f64 / 1000.0),
+        "Compile time saved",
+        format!(
+            "{:.1} s, summed over compiles (a parallel build's wall time gains less)",
+            n("time_saved_ms") as f64 / 1000.0
+        ),
     );
     let max = n("cache_max_size_bytes");
     let limit = if max > 0 {

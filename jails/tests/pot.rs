@@ -104,15 +104,34 @@ impl Host {
 
 enum Fault {
     Fail(Output),
-    Delay(Duration),
+    /// Tell the test the command was reached, then wait until the test lets it go.
+    Hold {
+        reached: tokio::sync::oneshot::Sender<()>,
+        release: std::sync::mpsc::Receiver<()>,
+    },
 }
 
+/// How long a test waits for an event before it fails rather than hang. Never an ordering:
+/// every wait is for an event (a command run, a state reached), and this bounds only a bug.
+const HANG: Duration = Duration::from_secs(120);
+
 /// Records every command (program by its file name) and passes it to the simulator, unless a
-/// fault planted for commands starting with some text says otherwise.
-#[derive(Default)]
+/// fault planted for commands starting with some text says otherwise. Every command started
+/// or finished is an event tests can wait for.
 struct Recorder {
     log: Mutex<Vec<Vec<String>>>,
     faults: Mutex<Vec<(String, Fault)>>,
+    events: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Recorder {
+    fn default() -> Recorder {
+        Recorder {
+            log: Mutex::default(),
+            faults: Mutex::default(),
+            events: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl std::fmt::Debug for Recorder {
@@ -129,11 +148,46 @@ impl Recorder {
             .push((prefix.into(), Fault::Fail(out)));
     }
 
-    fn delay(&self, prefix: &str, by: Duration) {
-        self.faults
-            .lock()
-            .unwrap()
-            .push((prefix.into(), Fault::Delay(by)));
+    /// Holds the first command starting with `prefix` before it runs: the receiver hears
+    /// when it is reached, and the command runs once the sender is used or dropped.
+    fn hold(
+        &self,
+        prefix: &str,
+    ) -> (
+        tokio::sync::oneshot::Receiver<()>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (reached, heard) = tokio::sync::oneshot::channel();
+        let (release, held) = std::sync::mpsc::channel();
+        self.faults.lock().unwrap().push((
+            prefix.into(),
+            Fault::Hold {
+                reached,
+                release: held,
+            },
+        ));
+        (heard, release)
+    }
+
+    fn event(&self) {
+        self.events.send_modify(|n| *n += 1);
+    }
+
+    /// Waits until `done` holds, checking it again after every command started or finished.
+    async fn until(&self, what: &str, done: impl Fn() -> bool) {
+        loop {
+            // Subscribed before the check: an event between the two is not missed.
+            let mut events = self.events.subscribe();
+            if done() {
+                return;
+            }
+            if tokio::time::timeout(HANG, events.changed()).await.is_err() {
+                panic!(
+                    "{what}: still not so after {HANG:?}; commands: {:#?}",
+                    self.lines()
+                );
+            }
+        }
     }
 
     fn raw(&self) -> Vec<Vec<String>> {
@@ -156,15 +210,10 @@ impl Recorder {
 
     /// Waits until a command starting with `prefix` has been run.
     async fn wait_for(&self, prefix: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.lines().iter().any(|l| l.starts_with(prefix)) {
-            assert!(
-                Instant::now() < deadline,
-                "no `{prefix}` in {:#?}",
-                self.lines()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.until(&format!("a `{prefix}` command"), || {
+            self.lines().iter().any(|l| l.starts_with(prefix))
+        })
+        .await;
     }
 }
 
@@ -179,6 +228,7 @@ impl CommandRunner for Recorder {
         }
         let line = render(&shown);
         self.log.lock().unwrap().push(shown);
+        self.event();
         let fault = {
             let mut faults = self.faults.lock().unwrap();
             faults
@@ -186,12 +236,18 @@ impl CommandRunner for Recorder {
                 .position(|(p, _)| line.starts_with(p.as_str()))
                 .map(|i| faults.remove(i).1)
         };
-        match fault {
-            Some(Fault::Fail(out)) => return Ok(out),
-            Some(Fault::Delay(by)) => std::thread::sleep(by),
-            None => {}
-        }
-        SystemRunner.run(argv, timeout)
+        let out = match fault {
+            Some(Fault::Fail(out)) => Ok(out),
+            Some(Fault::Hold { reached, release }) => {
+                let _ = reached.send(());
+                // Used or dropped, the sender lets the command go.
+                let _ = release.recv();
+                SystemRunner.run(argv, timeout)
+            }
+            None => SystemRunner.run(argv, timeout),
+        };
+        self.event();
+        out
     }
 }
 
@@ -748,12 +804,13 @@ async fn pot_many_jobs_on_two_toolchains_never_drive_one_pot_concurrently() {
     let journal = f.host.journal();
     assert!(!journal.contains("CONCURRENT"), "{journal}");
     assert!(!journal.contains("SNAPSHOT-LOST"), "{journal}");
-    // Every pot is gone once the pool has shut down.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while f.host.pots() != ["kiln-template"] {
-        assert!(Instant::now() < deadline, "{:?}", f.host.pots());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Every pot goes once the pool has shut down: containers still recycling when it did are
+    // destroyed as they finish. Each command that finishes may be the last.
+    f.rec
+        .until("only the template left", || {
+            f.host.pots() == ["kiln-template"]
+        })
+        .await;
     // Each image was destroyed after every container cloned from it.
     let raw = f.rec.raw();
     let destroyed = |name: &String| {
@@ -786,26 +843,26 @@ async fn pot_many_jobs_on_two_toolchains_never_drive_one_pot_concurrently() {
 #[tokio::test]
 async fn pot_making_one_image_does_not_hold_up_another_toolchains_jobs() {
     let f = fixture(1);
-    // The slow toolchain's image takes 3 s to snapshot.
-    f.rec
-        .delay("pot snapshot -p kiln-image-slow", Duration::from_secs(3));
+    // The slow toolchain's image stays mid-snapshot until the fast job is done: ordered by
+    // events, not by how long either takes on a loaded machine.
+    let (reached, release) = f.rec.hold("pot snapshot -p kiln-image-slow");
     let slow = {
         let pool = f.pool.clone();
         let archive = toolchain(f.host.dir.path(), "slow");
-        tokio::spawn(async move {
-            pool.prepare("slow", archive).await.unwrap();
-            Instant::now()
-        })
+        tokio::spawn(async move { pool.prepare("slow", archive).await })
     };
-    f.rec.wait_for("pot snapshot -p IMAGE1").await;
-    let (outcome, _) = job(&f, "fast", "true").await;
-    let fast_done = Instant::now();
+    reached
+        .await
+        .expect("the slow image's snapshot was reached");
+    // Were image making serialised, this job would wait for the held snapshot forever.
+    let (outcome, _) = tokio::time::timeout(HANG, job(&f, "fast", "true"))
+        .await
+        .expect("a job on another toolchain waited for the slow image");
     assert_eq!(outcome.exit_code, Some(0));
-    let slow_done = slow.await.unwrap();
-    assert!(
-        fast_done < slow_done,
-        "a job on another toolchain waited for the slow image"
-    );
+    assert!(!slow.is_finished(), "the slow image was made while held");
+    drop(release);
+    slow.await.unwrap().unwrap();
+    assert!(f.pool.has_image("slow") && f.pool.has_image("fast"));
 }
 
 #[test]

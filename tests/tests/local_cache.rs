@@ -331,6 +331,15 @@ fn masquerade_link_and_launcher_forms() {
         ok(&out);
     }
     assert_eq!((p.stat("hits"), p.stat("misses")), (1, 1));
+    // A directory linking gcc but not cc: `make` would bypass kiln, and kiln stats says so.
+    let text = String::from_utf8_lossy(&ok(&p.kiln(&["stats"])).stdout).into_owned();
+    assert!(
+        text.contains(&format!(
+            "the masquerade directory {} has no cc or c++ link",
+            bin.display()
+        )) && text.contains("kiln masquerade"),
+        "{text}"
+    );
     // The launcher form, with the compiler by absolute path (CMAKE_C_COMPILER_LAUNCHER=kiln).
     let gcc = String::from_utf8(p.bare(&["which", "gcc"]).stdout).unwrap();
     ok(&p.kiln(&[
@@ -816,4 +825,247 @@ fn cmake_launcher_rebuild_is_served_from_the_cache() {
         .unwrap());
     assert_eq!((p.stat("hits"), p.stat("misses")), (3, 3));
     assert!(p.path("build/libdemo.a").exists());
+}
+
+/// A CMake project whose header and source are written by `add_custom_command` right before
+/// the compiles that read them, as protobuf, bison or moc outputs are (issue 15): they are
+/// complete before each compile starts, so a second build from a clean build directory is
+/// served from the cache. Both builds regenerate them, so compiles start within milliseconds
+/// of the writes.
+#[test]
+fn a_header_generated_just_before_its_compiles_is_cached() {
+    require("cmake");
+    require("ninja");
+    require("gcc");
+    let p = Project::new();
+    p.write(
+        "CMakeLists.txt",
+        r##"cmake_minimum_required(VERSION 3.16)
+project(gen C)
+add_custom_command(
+  OUTPUT ${CMAKE_CURRENT_BINARY_DIR}/gen.h ${CMAKE_CURRENT_BINARY_DIR}/gen.c
+  COMMAND sh ${CMAKE_CURRENT_SOURCE_DIR}/gen.sh ${CMAKE_CURRENT_BINARY_DIR}
+  DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/gen.sh)
+add_library(gen STATIC a.c b.c c.c ${CMAKE_CURRENT_BINARY_DIR}/gen.c)
+target_include_directories(gen PRIVATE ${CMAKE_CURRENT_BINARY_DIR})
+"##,
+    );
+    // The generator, as protoc or bison would: it writes a header and a source afresh on
+    // every build.
+    p.write(
+        "gen.sh",
+        "printf '#define ANSWER 42\\n' > \"$1/gen.h\"\n\
+         printf '#include \"gen.h\"\\nint gen(void) { return ANSWER; }\\n' > \"$1/gen.c\"\n",
+    );
+    for name in ["a", "b", "c"] {
+        p.write(
+            &format!("{name}.c"),
+            &format!("#include \"gen.h\"\nint {name}(void) {{ return ANSWER; }}\n"),
+        );
+    }
+    settle();
+    let launcher = format!(
+        "-DCMAKE_C_COMPILER_LAUNCHER={}",
+        kiln_tests::kiln_bin().display()
+    );
+    let build = || {
+        let _ = std::fs::remove_dir_all(p.path("build"));
+        ok(&p
+            .command("cmake")
+            .args(["-S", ".", "-B", "build", "-G", "Ninja", &launcher])
+            .output()
+            .unwrap());
+        ok(&p
+            .command("cmake")
+            .args(["--build", "build"])
+            .output()
+            .unwrap());
+        p.read("build/libgen.a")
+    };
+    let first = build();
+    let s = p.stats();
+    assert_eq!((p.stat("hits"), p.stat("misses")), (0, 4), "{s}");
+    let second = build();
+    let s = p.stats();
+    assert_eq!((p.stat("hits"), p.stat("misses")), (4, 4), "{s}");
+    assert_eq!(first, second, "the library from cached objects differs");
+}
+
+/// A header that really changes while the compiler runs: a compiler wrapper compiles, then
+/// rewrites the header before it exits (ordered by the script, not by timing). kiln must not
+/// store a result keyed by the new content for an object made from the old one.
+#[test]
+fn a_header_rewritten_during_the_compile_is_not_stored() {
+    require("gcc");
+    let p = Project::new();
+    p.write("inc/h.h", "#define V 1\n");
+    p.write("main.c", "#include \"h.h\"\nint v(void) { return V; }\n");
+    let wrapper = p.path("bin/cc-rewrites");
+    p.write(
+        "bin/cc-rewrites",
+        "#!/bin/sh\ngcc \"$@\" || exit\ncase \"$*\" in *-c*) echo '#define V 2' > inc/h.h;; esac\n",
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    settle();
+    let args = [
+        wrapper.to_str().unwrap(),
+        "-c",
+        "main.c",
+        "-o",
+        "main.o",
+        "-Iinc",
+    ];
+    let out = p
+        .command(kiln_tests::kiln_bin())
+        .env("KILN_LOG", "debug")
+        .args(args)
+        .output()
+        .unwrap();
+    ok(&out);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(p.reason("modified_during_compile"), 1, "{}", p.stats());
+    assert!(
+        log.contains("inc/h.h") && log.contains("changed during the compile"),
+        "the debug line names the header: {log}"
+    );
+    assert!(p.entries('R').is_empty(), "a result was stored");
+}
+
+/// `KILN_LOG=debug` says which file and which argument made a compile uncacheable or put it in
+/// preprocessor mode, and `gcc --version` is counted as what it is (issue 15).
+#[test]
+fn debug_lines_name_the_file_and_the_argument() {
+    require("gcc");
+    let p = Project::new();
+    p.write(
+        "inc/m.h",
+        "#define PROBE \"opt.h\"\n#if __has_include(PROBE)\n#include PROBE\n#endif\n",
+    );
+    p.write("src/y.c", "#include \"m.h\"\nint y(void) { return 1; }\n");
+    p.write("src/t.c", "#include \"t.h\"\n");
+    p.write("inc/t.h", "const char *t = __TIME__;\n");
+    settle();
+    let debug = |args: &[&str]| {
+        let out = p
+            .command(kiln_tests::kiln_bin())
+            .env("KILN_LOG", "debug")
+            .args(args)
+            .output()
+            .unwrap();
+        ok(&out);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let log = debug(&["gcc", "--version"]);
+    assert!(
+        log.contains("uncacheable (not_a_compile)") && log.contains("`--version`"),
+        "{log}"
+    );
+    assert_eq!(p.reason("not_a_compile"), 1, "{}", p.stats());
+    assert_eq!(p.reason("nondeterministic"), 0, "{}", p.stats());
+    let log = debug(&["gcc", "-c", "src/y.c", "-o", "y.o", "-Iinc", "-v"]);
+    assert!(
+        log.contains("uncacheable (nondeterministic): src/y.c, because of `-v`"),
+        "{log}"
+    );
+    let log = debug(&["gcc", "-c", "src/t.c", "-o", "t.o", "-Iinc"]);
+    assert!(
+        log.contains("not stored: uncacheable (time_macros): inc/t.h"),
+        "{log}"
+    );
+    let args = ["gcc", "-c", "src/y.c", "-o", "y.o", "-Iinc"];
+    for _ in 0..2 {
+        let log = debug(&args);
+        assert!(
+            log.contains("preprocessor mode: inc/m.h uses `__has_include(PROBE)`"),
+            "{log}"
+        );
+    }
+    assert_eq!(p.stat("hits"), 1, "{}", p.stats());
+}
+
+/// `kiln config` says where each value came from, `kiln --help` names the variables a farm
+/// client needs with the scheme the scheduler speaks, and `kiln stats` says its saved time is
+/// a sum (issue 15).
+#[test]
+fn config_help_and_stats_say_what_they_show() {
+    let p = Project::new();
+    p.write("kiln.toml", "max_files = 500\nhash_dir = false\n");
+    let out = p
+        .command(kiln_tests::kiln_bin())
+        .env("KILN_CONFIG", p.path("kiln.toml"))
+        .env("KILN_CACHE_SIZE", "0")
+        .arg("config")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&ok(&out).stdout).into_owned();
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .to_owned()
+    };
+    assert!(row("max_size").contains("no limit"), "{text}");
+    assert!(row("max_size").ends_with("(env KILN_CACHE_SIZE)"), "{text}");
+    assert!(row("max_files").ends_with("(file)"), "{text}");
+    assert!(row("hash_dir").ends_with("(file)"), "{text}");
+    assert!(row("dir").ends_with("(env KILN_DIR)"), "{text}");
+    assert!(row("scheduler").ends_with("(default)"), "{text}");
+
+    let help = String::from_utf8_lossy(&ok(&p.kiln(&["--help"])).stdout).into_owned();
+    for needed in [
+        "KILN_SCHEDULER      the farm's scheduler, https://",
+        "KILN_CA_FILE",
+        "KILN_TOKEN_FILE",
+        "KILN_CROSS_CHECK",
+        "0 for no limit",
+    ] {
+        assert!(help.contains(needed), "--help lacks {needed:?}:\n{help}");
+    }
+    assert!(!help.contains("KILN_SCHEDULER=http://"), "{help}");
+
+    // Saved time is summed over compiles, which the line says rather than pass for wall time.
+    let stats = String::from_utf8_lossy(&ok(&p.kiln(&["stats"])).stdout).into_owned();
+    assert!(
+        stats.contains("Compile time saved") && stats.contains("summed over compiles"),
+        "{stats}"
+    );
+}
+
+/// `kiln masquerade DIR` links the names build tools call, `cc` included: a plain `make`, whose
+/// built-in rule runs `cc`, is then served from the cache (issue 15).
+#[test]
+fn kiln_masquerade_links_cc_so_plain_make_is_cached() {
+    require("gcc");
+    require("cc");
+    require("c++");
+    require("make");
+    let p = Project::new();
+    p.write("hello.c", "int hello(void) { return 42; }\n");
+    // No Makefile rule of our own: make's built-in `%.o: %.c` calls `cc`.
+    p.write("Makefile", "all: hello.o\n");
+    settle();
+    let links = p.path("links");
+    let out = p.kiln(&["masquerade", links.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&ok(&out).stdout).into_owned();
+    assert!(
+        text.contains("cc") && text.contains("export PATH="),
+        "{text}"
+    );
+    for name in ["gcc", "cc"] {
+        let target = std::fs::read_link(links.join(name)).unwrap();
+        assert_eq!(target, kiln_tests::kiln_bin(), "{name}");
+    }
+    let path = format!("{}:{}", links.display(), std::env::var("PATH").unwrap());
+    for _ in 0..2 {
+        let _ = std::fs::remove_file(p.path("hello.o"));
+        ok(&p.command("make").env("PATH", &path).output().unwrap());
+        assert!(p.path("hello.o").exists());
+    }
+    assert_eq!((p.stat("hits"), p.stat("misses")), (1, 1), "{}", p.stats());
+    // Run again, it changes nothing and says so; stats has no hint, as cc and c++ are linked.
+    let out = p.kiln(&["masquerade", links.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&ok(&out).stdout).contains("already linked"));
+    let stats = String::from_utf8_lossy(&ok(&p.kiln(&["stats"])).stdout).into_owned();
+    assert!(!stats.contains("Hint"), "{stats}");
 }
