@@ -1,35 +1,12 @@
-//! `KILN_LOG`: what kiln writes about itself on stderr.
-//!
-//! A bare level (`KILN_LOG=debug`) is for kiln's own explanations (hit, miss, why): kiln's
-//! crates log at that level and every other crate at `warn` at most, so the network crates'
-//! HTTP/2 frame logs (h2, hyper, tonic, rustls, tower) do not bury them (issue 15). A filter
-//! in `tracing`'s target syntax (`debug,h2=trace`, `kiln_client=trace,tonic=debug`) is taken as
-//! written, for whoever does want the others.
+//! `KILN_LOG`: what kiln writes about itself on stderr, read as the servers read it
+//! (`kiln_proto::logging::filter`): a bare level is for kiln's own explanations (hit, miss,
+//! why) and leaves the network crates at `warn`; a target filter is taken as written.
 
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::filter::Targets;
 
-/// The crates whose events are kiln's own (targets are module paths, matched by prefix).
-const OWN: [&str; 4] = ["kiln_client", "kiln_cache", "kiln_proto", "kiln"];
-
-/// The filter a `KILN_LOG` value stands for, or why it cannot be read.
-pub fn filter(spec: &str) -> Result<Targets, String> {
-    let spec = spec.trim();
-    if spec.contains(['=', ',']) {
-        return spec
-            .parse::<Targets>()
-            .map_err(|e| format!("KILN_LOG={spec:?} is not a filter ({e}); e.g. KILN_LOG=debug or KILN_LOG=debug,h2=trace"));
-    }
-    let level: LevelFilter = spec.parse().map_err(|_| {
-        format!("KILN_LOG={spec:?} is not a level: use error, warn, info, debug or trace")
-    })?;
-    let others = level.min(LevelFilter::WARN);
-    Ok(OWN
-        .iter()
-        .fold(Targets::new().with_default(others), |t, own| {
-            t.with_target(*own, level)
-        }))
-}
+/// The rule is the servers' too: one reading of `KILN_LOG` for every kiln program.
+pub use kiln_proto::logging::filter;
 
 /// Starts logging on stderr when `KILN_LOG` is set. A value that cannot be read is said once
 /// and treated as `warn`, so a typo never fails a build.
