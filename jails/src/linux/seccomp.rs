@@ -115,7 +115,36 @@ fn arch() -> Result<TargetArch, String> {
         .map_err(|e| format!("no system call filter for this architecture: {e}"))
 }
 
-/// The filter that refuses [`REFUSED`] and namespace-making `clone`s with `EPERM`.
+/// Rules matching a call whose first argument compares (`op`, given the value) with one of
+/// `values`, read as `len`.
+fn first_argument_is(
+    values: impl IntoIterator<Item = u64>,
+    len: SeccompCmpArgLen,
+    op: impl Fn(u64) -> SeccompCmpOp,
+) -> Result<Vec<SeccompRule>, String> {
+    values
+        .into_iter()
+        .map(|v| {
+            let cond =
+                SeccompCondition::new(0, len.clone(), op(v), v).map_err(|e| e.to_string())?;
+            SeccompRule::new(vec![cond]).map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+/// A filter answering every call in `rules` with `errno`, and allowing the rest.
+fn answering(rules: BTreeMap<i64, Vec<SeccompRule>>, errno: i32) -> Result<SeccompFilter, String> {
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(errno as u32),
+        arch()?,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// The filter that refuses [`REFUSED`], namespace-making `clone`s and the sockets of
+/// [`REFUSED_FAMILIES`] with `EPERM`.
 fn refusals() -> Result<SeccompFilter, String> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for nr in REFUSED
@@ -125,44 +154,24 @@ fn refusals() -> Result<SeccompFilter, String> {
     {
         rules.insert(nr, Vec::new());
     }
-    let clone_rules = NAMESPACE_FLAGS
-        .iter()
-        .map(|flag| {
-            let cond = SeccompCondition::new(
-                0,
-                SeccompCmpArgLen::Qword,
-                SeccompCmpOp::MaskedEq(*flag),
-                *flag,
-            )
-            .map_err(|e| e.to_string())?;
-            SeccompRule::new(vec![cond]).map_err(|e| e.to_string())
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+    // Any one namespace flag set, whatever the others.
+    let clone = first_argument_is(
+        NAMESPACE_FLAGS,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq,
+    )?;
     for nr in numbers(libc::SYS_clone) {
-        rules.insert(nr, clone_rules.clone());
+        rules.insert(nr, clone.clone());
     }
-    let family_rules = REFUSED_FAMILIES
-        .iter()
-        .map(|family| {
-            let cond =
-                SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *family as u64)
-                    .map_err(|e| e.to_string())?;
-            SeccompRule::new(vec![cond]).map_err(|e| e.to_string())
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+    let families = REFUSED_FAMILIES.iter().map(|f| *f as u64);
+    let socket = first_argument_is(families, SeccompCmpArgLen::Dword, |_| SeccompCmpOp::Eq)?;
     for nr in [libc::SYS_socket, libc::SYS_socketpair]
         .into_iter()
         .flat_map(numbers)
     {
-        rules.insert(nr, family_rules.clone());
+        rules.insert(nr, socket.clone());
     }
-    SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch()?,
-    )
-    .map_err(|e| e.to_string())
+    answering(rules, libc::EPERM)
 }
 
 /// The filter that sends `clone3` back to `clone`.
@@ -171,13 +180,7 @@ fn clone3() -> Result<SeccompFilter, String> {
         .into_iter()
         .map(|nr| (nr, Vec::new()))
         .collect();
-    SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch()?,
-    )
-    .map_err(|e| e.to_string())
+    answering(rules, libc::ENOSYS)
 }
 
 /// The compiled filters, in the order they are installed.
