@@ -131,14 +131,16 @@ fn spawn_kiln(p: &Project, args: &[&str]) -> std::process::Child {
 }
 
 /// A source that takes the compiler a while, so a builder can be killed in the middle.
-fn slow_source(p: &Project) {
+/// Writes a source that takes a while to compile as `src/NAME`. Each test names its own: tests
+/// run side by side and find their compile by its file name among every process's.
+fn slow_source(p: &Project, name: &str) {
     let mut text = String::from("#include \"util.h\"\n");
     for i in 0..3000 {
         text.push_str(&format!(
             "int f{i}(int x) {{ int s = 0; for (int j = 0; j < x; j++) s += (j * {i}) % 7 + helper(j); return s; }}\n"
         ));
     }
-    p.write("src/slow.c", &text);
+    p.write(&format!("src/{name}"), &text);
     kiln_tests::settle();
 }
 
@@ -169,10 +171,18 @@ fn a_header_edited_while_the_farm_compiles_is_not_stored_as_it_was_read() {
     // content for a compile whose header changed before it was stored.
     let farm = Farm::start(1, 1);
     let p = project(&farm);
-    slow_source(&p);
-    let args = ["gcc", "-c", "src/slow.c", "-o", "slow.o", "-O2", "-Iinc"];
+    slow_source(&p, "slow_edit.c");
+    let args = [
+        "gcc",
+        "-c",
+        "src/slow_edit.c",
+        "-o",
+        "slow.o",
+        "-O2",
+        "-Iinc",
+    ];
     let child = spawn_kiln(&p, &args);
-    wait_for_cc1("slow.c");
+    wait_for_cc1("slow_edit.c");
     p.write("inc/util.h", &format!("{HEADER}/* edited */\n"));
     ok(&child.wait_with_output().unwrap());
     let s = p.stats();
@@ -193,8 +203,16 @@ fn a_header_edited_while_the_farm_compiles_is_not_stored_as_it_was_read() {
 fn a_builder_killed_mid_job_does_not_fail_the_build() {
     let mut farm = Farm::start(2, 1);
     let p = project(&farm);
-    slow_source(&p);
-    let args = ["gcc", "-c", "src/slow.c", "-o", "slow.o", "-O2", "-Iinc"];
+    slow_source(&p, "slow_killed.c");
+    let args = [
+        "gcc",
+        "-c",
+        "src/slow_killed.c",
+        "-o",
+        "slow.o",
+        "-O2",
+        "-Iinc",
+    ];
     let child = spawn_kiln(&p, &args);
     // Wait until the job runs on a builder, then kill that builder.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -694,15 +712,23 @@ fn the_dashboard_shows_the_builders_and_jobs_in_a_real_browser() {
     );
 
     // While the farm compiles: the job in flight and its builder's busy slot.
-    slow_source(&p);
+    slow_source(&p, "slow_shown.c");
     let child = spawn_kiln(
         &p,
-        &["gcc", "-c", "src/slow.c", "-o", "slow.o", "-O2", "-Iinc"],
+        &[
+            "gcc",
+            "-c",
+            "src/slow_shown.c",
+            "-o",
+            "slow.o",
+            "-O2",
+            "-Iinc",
+        ],
     );
-    wait_for_cc1("slow.c");
+    wait_for_cc1("slow_shown.c");
     let dom = chromium(&url, &["--dump-dom"]);
     let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
-    for shown in ["slow.c", "1 of 4 slots busy", "1 job in flight"] {
+    for shown in ["slow_shown.c", "1 of 4 slots busy", "1 job in flight"] {
         assert!(dom.contains(shown), "{shown} is not on the page: {dom}");
     }
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");

@@ -327,7 +327,8 @@ fn a_frozen_scheduler_means_local_compiles_within_seconds() {
             "int f{i}(int x) {{ int s = 0; for (int j = 0; j < x; j++) s += (j * {i}) % 7 + helper(j); return s; }}\n"
         ));
     }
-    p.write("src/slow.c", &slow);
+    // Its own name: the make test beside it looks for compilers of "slow" sources.
+    p.write("src/held.c", &slow);
     kiln_tests::settle();
     let spawn = |args: &[&str]| {
         p.command(kiln_bin())
@@ -337,9 +338,9 @@ fn a_frozen_scheduler_means_local_compiles_within_seconds() {
             .spawn()
             .unwrap()
     };
-    let in_flight = spawn(&["gcc", "-c", "src/slow.c", "-o", "slow.o", "-O2", "-Iinc"]);
+    let in_flight = spawn(&["gcc", "-c", "src/held.c", "-o", "held.o", "-O2", "-Iinc"]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !cc1_running("slow.c") {
+    while !cc1_running("held.c") {
         assert!(Instant::now() < deadline, "the farm never ran the job");
         std::thread::sleep(Duration::from_millis(20));
     }
