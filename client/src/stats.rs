@@ -63,8 +63,8 @@ pub fn warn_unwritable(cache_dir: &Path, e: &dyn std::fmt::Display, then: &str) 
     WARNED.call_once(|| {
         eprintln!(
             "kiln: warning: cannot write to the cache directory {} ({e}); {then}. Set KILN_DIR \
-             to a directory kiln can write, or make this one writable (its permissions, a \
-             read-only mount, a full disk)",
+             to a directory kiln can write, or make this one writable (its permissions, or a \
+             read-only mount)",
             cache_dir.display()
         );
     });
@@ -83,11 +83,18 @@ pub fn warn_unwritable_deps(cache_dir: &Path, stderr: &[u8], ours: &str) {
             "the compiler could not write its dependency list there",
             |(_, r)| r.trim(),
         );
-    warn_unwritable(
-        cache_dir,
-        &reason,
-        "compiling without the cache, and keeping no statistics",
-    );
+    // Only a directory kiln cannot write at all is worth a word on the compile's stderr. A full
+    // disk is passing (eviction makes room) and is counted as an error; a build's stderr stays
+    // the compiler's own.
+    if reason.contains("Read-only file system") || reason.contains("Permission denied") {
+        warn_unwritable(
+            cache_dir,
+            &reason,
+            "compiling without the cache, and keeping no statistics",
+        );
+    } else {
+        tracing::debug!(%reason, "the compiler could not write kiln's dependency list");
+    }
 }
 
 /// Counts one outcome, plus `corrupt` damaged entries met on the way.
