@@ -10,7 +10,8 @@
 //! served only while every blob it names is in the store (an evicted output is a miss, not a
 //! result the client cannot fetch). Bodies are held in memory up to `--max-body`, as the HTTP
 //! protocols' are; ByteStream reads are sent in chunks, and a write may be resumed after its
-//! connection broke (`QueryWriteStatus` says how much arrived).
+//! connection broke (`QueryWriteStatus` says how much arrived; unfinished uploads are kept up to
+//! 256 MiB in all).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -33,8 +34,10 @@ pub(crate) const PROTOCOL: usize = 5;
 /// The most a batch call may carry, and the size of a ByteStream read's chunks.
 const MAX_BATCH: usize = 4 << 20;
 const READ_CHUNK: usize = 64 << 10;
-/// Unfinished uploads kept for resuming, at most.
+/// Unfinished uploads kept for resuming, at most, and the bytes they may hold together: a
+/// client that begins uploads and walks away cannot make the server hold more.
 const MAX_PARTIAL: usize = 64;
+const MAX_PARTIAL_BYTES: usize = 256 << 20;
 
 /// The four services over one state.
 #[derive(Clone)]
@@ -737,10 +740,14 @@ impl Reapi {
     /// Keeps an unfinished upload for a resume, dropping the others when too many wait.
     fn keep_partial(&self, name: String, data: Vec<u8>) {
         let mut partial = self.partial.lock().unwrap_or_else(|e| e.into_inner());
-        if partial.len() >= MAX_PARTIAL {
+        let held: usize = partial.values().map(Vec::len).sum();
+        if partial.len() >= MAX_PARTIAL || held + data.len() > MAX_PARTIAL_BYTES {
+            // Whoever resumes one of these starts it again (QueryWriteStatus says 0).
             partial.clear();
         }
-        partial.insert(name, data);
+        if data.len() <= MAX_PARTIAL_BYTES {
+            partial.insert(name, data);
+        }
     }
 }
 
