@@ -73,6 +73,14 @@ impl Jobs {
     }
 }
 
+impl Drop for Jobs {
+    /// A session dropped mid-way (the builder shutting down) takes its jobs with it, so none
+    /// goes on placing inputs or reading outputs while the pool shuts down.
+    fn drop(&mut self) {
+        self.abort_all();
+    }
+}
+
 /// The builder's job slots. A slot is taken as a [`Slot`] guard and comes back when the last
 /// holder of the guard drops it, so a job ends the same way whether it finished, failed or was
 /// aborted (`Jobs::cancel`, `abort_all`): issue 15 saw an interrupted build leave every slot

@@ -42,9 +42,11 @@ const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a single call (status, a report) may wait for its reply.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// While a job runs on a builder the scheduler may say nothing for minutes; HTTP/2 pings show
-/// it is still there. One unanswered this long ends the job as stalled.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// it is still there. One unanswered this long ends the job as stalled. A ping waits behind the
+/// upload in flight (a first toolchain is tens of MB), so the answer is given time enough for a
+/// slow uplink's window, and a frozen scheduler is still found in well under a minute.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The longest a remote compile may take, transfers included.
 const JOB_TIMEOUT: Duration = Duration::from_secs(900);
 /// The largest output accepted from a builder.
@@ -471,7 +473,12 @@ async fn exchange(
     inputs: &HashMap<Digest, Input>,
 ) -> Result<Done, Fallback> {
     let mut client = connect(req.scheduler).await?;
-    let (tx, rx) = mpsc::channel::<FromClient>(16);
+    // Room for the spec and the whole source, which are sent before the call starts reading
+    // the channel: a larger source would otherwise wait for ever on a full channel.
+    let source_chunks = source
+        .as_ref()
+        .map_or(0, |d| d.len().div_ceil(kiln_proto::content::CHUNK));
+    let (tx, rx) = mpsc::channel::<FromClient>(16 + source_chunks);
     let send = |msg: from_client::Msg| FromClient { msg: Some(msg) };
     // What the builder may give back: exactly these paths, nothing else (issue 16).
     let requested = spec.outputs.clone();
