@@ -35,6 +35,26 @@ async fn channel(server: &CacheServer) -> Channel {
         .unwrap()
 }
 
+type Cas = re::content_addressable_storage_client::ContentAddressableStorageClient<Channel>;
+
+/// `FindMissingBlobs` of `digests` in `instance`: the missing ones, or the call's error.
+async fn missing(
+    cas: &mut Cas,
+    digests: Vec<re::Digest>,
+    instance: &str,
+) -> Result<Vec<re::Digest>, tonic::Status> {
+    let request = re::FindMissingBlobsRequest {
+        instance_name: instance.into(),
+        blob_digests: digests,
+        ..Default::default()
+    };
+    Ok(cas
+        .find_missing_blobs(request)
+        .await?
+        .into_inner()
+        .missing_blob_digests)
+}
+
 fn upload(data: &[u8]) -> re::batch_update_blobs_request::Request {
     re::batch_update_blobs_request::Request {
         digest: Some(digest(data)),
@@ -71,18 +91,8 @@ fn the_cas_and_the_action_cache_keep_what_they_are_given_and_check_it() {
             ch.clone(),
         );
         let hello = b"hello, remote cache\n";
-        let find = |d: Vec<re::Digest>, instance: &str| re::FindMissingBlobsRequest {
-            instance_name: instance.into(),
-            blob_digests: d,
-            ..Default::default()
-        };
-        let missing = cas
-            .find_missing_blobs(find(vec![digest(hello)], ""))
-            .await
-            .unwrap()
-            .into_inner()
-            .missing_blob_digests;
-        assert_eq!(missing, [digest(hello)]);
+        let absent = missing(&mut cas, vec![digest(hello)], "").await.unwrap();
+        assert_eq!(absent, [digest(hello)]);
 
         // One good blob and one whose bytes do not match its digest.
         let mut lying = upload(b"what it says");
@@ -103,13 +113,10 @@ fn the_cas_and_the_action_cache_keep_what_they_are_given_and_check_it() {
             "{:?}",
             done[1]
         );
-        let missing = cas
-            .find_missing_blobs(find(vec![digest(hello), digest(b"what it says")], ""))
+        let absent = missing(&mut cas, vec![digest(hello), digest(b"what it says")], "")
             .await
-            .unwrap()
-            .into_inner()
-            .missing_blob_digests;
-        assert_eq!(missing, [digest(b"what it says")], "a lying blob was kept");
+            .unwrap();
+        assert_eq!(absent, [digest(b"what it says")], "a lying blob was kept");
 
         let read = cas
             .batch_read_blobs(re::BatchReadBlobsRequest {
@@ -129,13 +136,10 @@ fn the_cas_and_the_action_cache_keep_what_they_are_given_and_check_it() {
         let (code, body) = server.request("GET", &format!("/cas/{}", digest(hello).hash), b"");
         assert_eq!((code, body.as_slice()), (200, &hello[..]));
         // Another instance is another cache.
-        let missing = cas
-            .find_missing_blobs(find(vec![digest(hello)], "team-b"))
+        let absent = missing(&mut cas, vec![digest(hello)], "team-b")
             .await
-            .unwrap()
-            .into_inner()
-            .missing_blob_digests;
-        assert_eq!(missing, [digest(hello)]);
+            .unwrap();
+        assert_eq!(absent, [digest(hello)]);
 
         // An action result naming a blob the CAS lacks is refused, naming the blob.
         let mut ac = re::action_cache_client::ActionCacheClient::new(ch.clone());
@@ -209,19 +213,18 @@ fn the_cas_and_the_action_cache_keep_what_they_are_given_and_check_it() {
         assert_eq!(gone.code(), tonic::Code::NotFound, "{gone:?}");
 
         // Wrong digests are the client's error.
-        let bad = cas
-            .find_missing_blobs(find(
-                vec![re::Digest {
-                    hash: "XYZ".into(),
-                    size_bytes: 1,
-                }],
-                "",
-            ))
-            .await
-            .unwrap_err();
+        let bad = missing(
+            &mut cas,
+            vec![re::Digest {
+                hash: "XYZ".into(),
+                size_bytes: 1,
+            }],
+            "",
+        )
+        .await
+        .unwrap_err();
         assert_eq!(bad.code(), tonic::Code::InvalidArgument);
-        let bad = cas
-            .find_missing_blobs(find(vec![digest(hello)], "a/../b"))
+        let bad = missing(&mut cas, vec![digest(hello)], "a/../b")
             .await
             .unwrap_err();
         assert_eq!(bad.code(), tonic::Code::InvalidArgument);
@@ -348,17 +351,10 @@ fn bytestream_writes_resume_after_a_break_and_reads_take_offsets() {
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
         let mut cas =
             re::content_addressable_storage_client::ContentAddressableStorageClient::new(ch);
-        let missing = cas
-            .find_missing_blobs(re::FindMissingBlobsRequest {
-                instance_name: "ci".into(),
-                blob_digests: vec![digest(b"12345")],
-                ..Default::default()
-            })
+        let absent = missing(&mut cas, vec![digest(b"12345")], "ci")
             .await
-            .unwrap()
-            .into_inner()
-            .missing_blob_digests;
-        assert_eq!(missing.len(), 1, "a refused write was kept");
+            .unwrap();
+        assert_eq!(absent.len(), 1, "a refused write was kept");
     });
 }
 
