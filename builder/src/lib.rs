@@ -38,9 +38,9 @@ pub struct Config {
     pub scheduler: String,
     /// The CA the scheduler's certificate must chain to, and this builder's own certificate
     /// for mutual TLS.
-    pub tls: kiln_proto::tls::ClientFiles,
+    pub tls: kiln_net::tls::ClientFiles,
     /// The builder token it presents, unless its certificate speaks for it.
-    pub token: kiln_proto::auth::Credential,
+    pub token: kiln_net::auth::Credential,
     /// How this builder appears in status.
     pub name: String,
     /// Jobs at once.
@@ -67,8 +67,8 @@ impl Config {
     pub fn new(scheduler: &str, work_dir: PathBuf, jail_helper: PathBuf) -> Config {
         Config {
             scheduler: scheduler.to_string(),
-            tls: kiln_proto::tls::ClientFiles::default(),
-            token: kiln_proto::auth::Credential::None,
+            tls: kiln_net::tls::ClientFiles::default(),
+            token: kiln_net::auth::Credential::None,
             name: hostname(),
             slots: std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
             work_dir,
@@ -136,7 +136,7 @@ impl Shared {
 /// With `http`, `GET /metrics` is served there until then, with TLS or not as `listen` says.
 pub async fn serve(
     config: Config,
-    http: Option<(tokio::net::TcpListener, kiln_proto::tls::Listen)>,
+    http: Option<(tokio::net::TcpListener, kiln_net::tls::Listen)>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let jail = Jail::open(&config)?;
@@ -164,7 +164,7 @@ pub async fn serve(
         let app = axum::Router::new()
             .route("/metrics", axum::routing::get(metrics_page))
             .with_state(shared.clone());
-        tokio::spawn(kiln_proto::tls::serve_http(
+        tokio::spawn(kiln_net::tls::serve_http(
             listener,
             listen,
             app,
@@ -219,7 +219,7 @@ async fn metrics_page(
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            kiln_proto::metrics::CONTENT_TYPE,
+            kiln_net::metrics::CONTENT_TYPE,
         )],
         shared.metrics_text(),
     )
@@ -264,7 +264,7 @@ async fn session(shared: Arc<Shared>, trouble: &mut LinkTrouble) -> anyhow::Resu
     let config = &shared.config;
     // Both are read at each dial, so a renewed token or CA is picked up without a restart.
     let interceptor = config.token.interceptor().map_err(|e| anyhow::anyhow!(e))?;
-    let endpoint = kiln_proto::tls::endpoint(&config.scheduler, &config.tls)?
+    let endpoint = kiln_net::tls::endpoint(&config.scheduler, &config.tls)?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))

@@ -70,7 +70,7 @@ struct Args {
     max_toolchain_unpacked: u64,
     /// Logs on stderr for people (`human`) or as JSON lines (`json`); the level is KILN_LOG's.
     #[arg(long, default_value = "human", value_name = "FORMAT")]
-    log_format: kiln_proto::logging::LogFormat,
+    log_format: kiln_net::logging::LogFormat,
     /// Serve Prometheus metrics at https://ADDR/metrics with --http-tls-cert (http:// with
     /// --insecure); the builder needs no open port otherwise.
     #[arg(long, value_name = "ADDR")]
@@ -154,7 +154,7 @@ fn size(text: &str) -> Result<u64, String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    kiln_proto::logging::init(args.log_format, std::env::var("KILN_LOG").ok().as_deref());
+    kiln_net::logging::init(args.log_format, std::env::var("KILN_LOG").ok().as_deref());
     if args.jail == "linux" {
         // Without root, the builder is root in a user namespace of its own (rootless mode).
         // Done before the runtime starts threads: a threaded process can unshare neither its
@@ -195,8 +195,8 @@ fn main() -> anyhow::Result<()> {
     match &args.token_file {
         Some(path) => {
             // Read now so a missing file is an error at start-up, not a retry loop.
-            kiln_proto::auth::read_token(path).map_err(anyhow::Error::msg)?;
-            config.token = kiln_proto::auth::Credential::File(path.clone());
+            kiln_net::auth::read_token(path).map_err(anyhow::Error::msg)?;
+            config.token = kiln_net::auth::Credential::File(path.clone());
         }
         None => anyhow::ensure!(
             identity.is_some() || args.insecure,
@@ -205,12 +205,12 @@ fn main() -> anyhow::Result<()> {
              credentials"
         ),
     }
-    config.tls = kiln_proto::tls::ClientFiles {
+    config.tls = kiln_net::tls::ClientFiles {
         ca: args.ca.clone(),
         identity,
     };
     // Checked now, with the file named, rather than at every dial.
-    kiln_proto::tls::endpoint(&config.scheduler, &config.tls)?;
+    kiln_net::tls::endpoint(&config.scheduler, &config.tls)?;
     if args.jail == "pot" {
         config.jail = kiln_builder::JailKind::Pot(args.pot.config());
     }
@@ -230,14 +230,14 @@ fn main() -> anyhow::Result<()> {
     config.uid_base = args.uid_base;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let shutdown = kiln_proto::shutdown_signal();
+        let shutdown = kiln_net::shutdown_signal();
         let http = match &args.http {
             Some(at) => {
                 let files = args
                     .http_tls_cert
                     .clone()
                     .zip(args.http_tls_key.clone())
-                    .map(|(cert, key)| kiln_proto::tls::ServerFiles {
+                    .map(|(cert, key)| kiln_net::tls::ServerFiles {
                         cert,
                         key,
                         client_ca: None,
@@ -249,7 +249,7 @@ fn main() -> anyhow::Result<()> {
                      text"
                 );
                 let listen =
-                    kiln_proto::tls::Listen::choose(files, args.insecure, "kiln-builder --http")?;
+                    kiln_net::tls::Listen::choose(files, args.insecure, "kiln-builder --http")?;
                 let l = tokio::net::TcpListener::bind(at)
                     .await
                     .with_context(|| format!("cannot listen on {at} (--http)"))?;

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use kiln_proto::metrics::{Exposition, Histogram};
+use kiln_net::metrics::{Exposition, Histogram};
 
 /// What the builder counts.
 #[derive(Debug, Default)]

@@ -358,18 +358,18 @@ fn is_url(text: &str) -> bool {
 
 impl Config {
     /// The TLS files for the farm's and remote cache's `https://` URLs.
-    pub fn tls(&self) -> kiln_proto::tls::ClientFiles {
-        kiln_proto::tls::ClientFiles {
+    pub fn tls(&self) -> kiln_net::tls::ClientFiles {
+        kiln_net::tls::ClientFiles {
             ca: self.ca_file.clone(),
             identity: None,
         }
     }
 
     /// The token presented to the scheduler and the remote cache.
-    pub fn credential(&self) -> kiln_proto::auth::Credential {
+    pub fn credential(&self) -> kiln_net::auth::Credential {
         match &self.token_file {
-            Some(path) => kiln_proto::auth::Credential::File(path.clone()),
-            None => kiln_proto::auth::Credential::None,
+            Some(path) => kiln_net::auth::Credential::File(path.clone()),
+            None => kiln_net::auth::Credential::None,
         }
     }
 }

@@ -313,8 +313,8 @@ pub fn compile(req: &Request<'_>) -> Result<Done, Fallback> {
 #[derive(Debug, Clone)]
 pub struct Farm {
     pub url: String,
-    pub tls: kiln_proto::tls::ClientFiles,
-    pub token: kiln_proto::auth::Credential,
+    pub tls: kiln_net::tls::ClientFiles,
+    pub token: kiln_net::auth::Credential,
 }
 
 impl Farm {
@@ -331,14 +331,14 @@ impl Farm {
 type Client = SchedulerClient<
     tonic::service::interceptor::InterceptedService<
         tonic::transport::Channel,
-        kiln_proto::auth::Bearer,
+        kiln_net::auth::Bearer,
     >,
 >;
 
 async fn connect(farm: &Farm) -> Result<Client, Fallback> {
     let url = &farm.url;
     let interceptor = farm.token.interceptor().map_err(Fallback::Refused)?;
-    let endpoint = kiln_proto::tls::endpoint(url, &farm.tls)
+    let endpoint = kiln_net::tls::endpoint(url, &farm.tls)
         .map_err(|e| Fallback::Config(e.to_string()))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
@@ -430,7 +430,7 @@ async fn gone_or_stalled(farm: &Farm, fallback: Fallback) -> Fallback {
     let Fallback::Unreachable(why) = &fallback else {
         return fallback;
     };
-    let Ok(endpoint) = kiln_proto::tls::endpoint(&farm.url, &farm.tls) else {
+    let Ok(endpoint) = kiln_net::tls::endpoint(&farm.url, &farm.tls) else {
         return fallback;
     };
     let endpoint = endpoint.connect_timeout(PROBE_TIMEOUT);
@@ -1030,11 +1030,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let farm = Farm {
             url: "https://127.0.0.1:1".into(),
-            tls: kiln_proto::tls::ClientFiles {
+            tls: kiln_net::tls::ClientFiles {
                 ca: Some(dir.path().join("missing-ca.pem")),
                 identity: None,
             },
-            token: kiln_proto::auth::Credential::None,
+            token: kiln_net::auth::Credential::None,
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

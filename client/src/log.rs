@@ -1,12 +1,12 @@
 //! `KILN_LOG`: what kiln writes about itself on stderr, read as the servers read it
-//! (`kiln_proto::logging::filter`): a bare level is for kiln's own explanations (hit, miss,
+//! (`kiln_net::logging::filter`): a bare level is for kiln's own explanations (hit, miss,
 //! why) and leaves the network crates at `warn`; a target filter is taken as written.
 
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::filter::Targets;
 
 /// The rule is the servers' too: one reading of `KILN_LOG` for every kiln program.
-pub use kiln_proto::logging::filter;
+pub use kiln_net::logging::filter;
 
 /// Starts logging on stderr when `KILN_LOG` is set. A value that cannot be read is said once
 /// and treated as `warn`, so a typo never fails a build.

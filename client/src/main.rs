@@ -344,7 +344,7 @@ fn run_subcommand(env: &Env, cli: Cli) -> anyhow::Result<()> {
                 .context("no scheduler is configured: set KILN_SCHEDULER=https://HOST:PORT")?;
             let status =
                 kiln_client::dist::status(&farm).map_err(
-                    |e| match kiln_proto::tls::handshake_hint(&e.to_string()) {
+                    |e| match kiln_net::tls::handshake_hint(&e.to_string()) {
                         Some(hint) => e.context(hint),
                         None => e,
                     },

@@ -70,7 +70,7 @@ pub struct Counts {
 type Client = CacheClient<
     tonic::service::interceptor::InterceptedService<
         tonic::transport::Channel,
-        kiln_proto::auth::Bearer,
+        kiln_net::auth::Bearer,
     >,
 >;
 
@@ -78,8 +78,8 @@ type Client = CacheClient<
 #[derive(Debug)]
 pub struct Remote {
     base: String,
-    tls: kiln_proto::tls::ClientFiles,
-    token: kiln_proto::auth::Credential,
+    tls: kiln_net::tls::ClientFiles,
+    token: kiln_net::auth::Credential,
     push: bool,
     down_marker: PathBuf,
     /// Set by the first failure: the rest of this process leaves the server alone too.
@@ -124,7 +124,7 @@ impl Remote {
             .build()
             .map_err(|e| self.transport(e))?;
         let interceptor = self.token.interceptor().map_err(|e| self.transport(e))?;
-        let endpoint = kiln_proto::tls::endpoint(&self.base, &self.tls)
+        let endpoint = kiln_net::tls::endpoint(&self.base, &self.tls)
             .map_err(|e| self.transport(e))?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)

@@ -37,8 +37,8 @@ use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
+use kiln_archive::{link_stays_inside, Manifest, Source};
 use kiln_cache::{Digest, Hasher};
-use kiln_proto::archive::{link_stays_inside, Manifest, Source};
 use serde::{Deserialize, Serialize};
 
 use crate::process;
@@ -738,7 +738,7 @@ fn check(manifest: &Manifest) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::env::Env;
-    use kiln_proto::archive::{unpack, Limits};
+    use kiln_archive::{unpack, Limits};
     use std::os::unix::fs::symlink;
     use std::process::Command;
 

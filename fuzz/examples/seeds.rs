@@ -11,7 +11,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use kiln_jails::linux::helper::Job;
-use kiln_proto::archive::{Manifest, Source};
+use kiln_archive::{Manifest, Source};
 use kiln_proto::content::chunks;
 use kiln_proto::v1::{self, from_builder, from_client, to_builder, to_client};
 use kiln_proto::{wire_digest, Digest, PROTOCOL_VERSION};

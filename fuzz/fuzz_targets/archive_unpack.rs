@@ -1,4 +1,4 @@
-//! `kiln_proto::archive::unpack` on hostile archives. The first byte picks how the rest becomes
+//! `kiln_archive::unpack` on hostile archives. The first byte picks how the rest becomes
 //! an archive:
 //!
 //! - 0: as is (the gzip layer is fuzzed too);
@@ -21,7 +21,7 @@ use std::path::{Component, Path, PathBuf};
 
 use flate2::write::GzEncoder;
 use flate2::Compression;
-use kiln_proto::archive::{unpack, Limits};
+use kiln_archive::{unpack, Limits};
 use libfuzzer_sys::arbitrary::{self, Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 

@@ -7,10 +7,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use kiln_archive::{Manifest, Source};
 use kiln_jails::inroot::{Placer, Root};
 use kiln_jails::linux::LinuxJail;
 use kiln_jails::{Backend, Limits, Pool, RunSpec};
-use kiln_proto::archive::{Manifest, Source};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();

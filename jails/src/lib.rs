@@ -50,10 +50,10 @@ pub struct Limits {
 
 impl Limits {
     /// The unpacker's caps for a toolchain archive.
-    pub fn archive(&self) -> kiln_proto::archive::Limits {
-        kiln_proto::archive::Limits {
+    pub fn archive(&self) -> kiln_archive::Limits {
+        kiln_archive::Limits {
             max_bytes: self.toolchain_unpacked,
-            ..kiln_proto::archive::Limits::default()
+            ..kiln_archive::Limits::default()
         }
     }
 }
@@ -115,7 +115,7 @@ pub enum JailError {
         source: nix::Error,
     },
     #[error("unpacking the toolchain: {0}")]
-    Archive(#[from] kiln_proto::archive::ArchiveError),
+    Archive(#[from] kiln_archive::ArchiveError),
     /// A path the job named is not usable inside the jail.
     #[error("path {path:?}: {why}")]
     Path { path: PathBuf, why: String },

@@ -351,11 +351,8 @@ impl Backend for LinuxJail {
         ));
         let file = fs::File::open(archive)
             .map_err(JailError::io(format!("opening {}", archive.display())))?;
-        let unpacked = kiln_proto::archive::unpack(
-            std::io::BufReader::new(file),
-            &tmp,
-            &self.limits.archive(),
-        );
+        let unpacked =
+            kiln_archive::unpack(std::io::BufReader::new(file), &tmp, &self.limits.archive());
         if let Err(e) = unpacked {
             let _ = fs::remove_dir_all(&tmp);
             return Err(e.into());

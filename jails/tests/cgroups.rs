@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kiln_archive::{Manifest, Source};
 use kiln_jails::inroot::Root;
 use kiln_jails::linux::LinuxJail;
 use kiln_jails::{Backend, Limits, Pool, RunSpec};
-use kiln_proto::archive::{Manifest, Source};
 
 /// Where kiln makes cgroups on this machine: the v2 tree, or v1's memory and pids trees.
 fn kiln_cgroup_parents() -> Vec<PathBuf> {

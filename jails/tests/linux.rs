@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use kiln_archive::{Manifest, Source};
 use kiln_jails::inroot::{Placer, Root};
 use kiln_jails::linux::LinuxJail;
 use kiln_jails::{Backend, Limits, Outcome, Pool, RunSpec};
-use kiln_proto::archive::{Manifest, Source};
 
 struct Fixture {
     _dir: tempfile::TempDir,

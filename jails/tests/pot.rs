@@ -12,11 +12,11 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kiln_archive::{Manifest, Source};
 use kiln_jails::inroot::Root;
 use kiln_jails::pot::command::render;
 use kiln_jails::pot::{CommandRunner, Output, PotConfig, PotJail, SystemRunner};
 use kiln_jails::{Backend, Limits, Outcome, Pool, RunSpec};
-use kiln_proto::archive::{Manifest, Source};
 
 const UID: u32 = 62_500;
 const START: &str = r#"cd "$1" || exit 1; printf 'kiln-pot: in the jail\n' >&2; shift; exec "$@""#;

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use kiln_proto::auth::Tokens;
-use kiln_proto::tls::Peer;
+use kiln_net::auth::Tokens;
+use kiln_net::tls::Peer;
 use tonic::{Request, Status};
 
 /// The credentials the scheduler accepts. With nothing configured a role is open: that is only
@@ -78,9 +78,9 @@ impl Auth {
         }
         let token = request
             .metadata()
-            .get(kiln_proto::auth::HEADER)
+            .get(kiln_net::auth::HEADER)
             .and_then(|v| v.to_str().ok())
-            .and_then(kiln_proto::auth::presented);
+            .and_then(kiln_net::auth::presented);
         let Some(token) = token else {
             if self.open(role) {
                 return Ok(Caller {
@@ -110,7 +110,7 @@ impl Auth {
             && self
                 .local_builder
                 .as_ref()
-                .is_some_and(|h| *h == kiln_proto::auth::hash(&token))
+                .is_some_and(|h| *h == kiln_net::auth::hash(&token))
         {
             return Ok(Caller {
                 name: "local builder".into(),

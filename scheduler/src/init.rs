@@ -169,8 +169,8 @@ pub fn farm(dir: &Path, extra_names: &[String]) -> anyhow::Result<()> {
         &[],
         vec![ExtendedKeyUsagePurpose::ClientAuth],
     )?;
-    let client_token = kiln_proto::auth::generate();
-    let builder_token = kiln_proto::auth::generate();
+    let client_token = kiln_net::auth::generate();
+    let builder_token = kiln_net::auth::generate();
     create(&dir.join(CA), &ca.pem(), false)?;
     create(&dir.join(CA_KEY), &ca_pem_key, true)?;
     create(&dir.join(SERVER_CERT), &server, false)?;
@@ -188,7 +188,7 @@ pub fn farm(dir: &Path, extra_names: &[String]) -> anyhow::Result<()> {
         &format!(
             "{}clients {}\n",
             TOKENS_HEADER,
-            kiln_proto::auth::hash(&client_token)
+            kiln_net::auth::hash(&client_token)
         ),
         false,
     )?;
@@ -197,7 +197,7 @@ pub fn farm(dir: &Path, extra_names: &[String]) -> anyhow::Result<()> {
         &format!(
             "{}builders {}\n",
             TOKENS_HEADER,
-            kiln_proto::auth::hash(&builder_token)
+            kiln_net::auth::hash(&builder_token)
         ),
         false,
     )?;
@@ -215,10 +215,10 @@ pub fn add_token(tokens: &Path, name: &str, jobs: Option<u32>, out: &Path) -> an
         "a token's name is one word without '#', like ci or alice-laptop"
     );
     // The file must already parse, so a typo in it is not buried under a new line.
-    kiln_proto::auth::Tokens::open(tokens)?;
-    let token = kiln_proto::auth::generate();
+    kiln_net::auth::Tokens::open(tokens)?;
+    let token = kiln_net::auth::generate();
     create(out, &format!("{token}\n"), true)?;
-    let mut line = format!("{name} {}", kiln_proto::auth::hash(&token));
+    let mut line = format!("{name} {}", kiln_net::auth::hash(&token));
     if let Some(jobs) = jobs {
         line.push_str(&format!(" jobs={jobs}"));
     }

@@ -54,7 +54,7 @@ struct Args {
     http: Option<String>,
     /// Logs on stderr for people (`human`) or as JSON lines (`json`); the level is KILN_LOG's.
     #[arg(long, default_value = "human", value_name = "FORMAT")]
-    log_format: kiln_proto::logging::LogFormat,
+    log_format: kiln_net::logging::LogFormat,
     /// A kiln-cache (https://HOST:PORT) whose hit rate the dashboard charts.
     #[arg(long, value_name = "URL")]
     cache: Option<String>,
@@ -157,7 +157,7 @@ fn main() -> anyhow::Result<()> {
         }
         None => {}
     }
-    kiln_proto::logging::init(args.log_format, std::env::var("KILN_LOG").ok().as_deref());
+    kiln_net::logging::init(args.log_format, std::env::var("KILN_LOG").ok().as_deref());
     if args.local_builder {
         // Before any thread exists (see kiln-builder).
         if let Err(e) = kiln_jails::linux::private_mounts() {
@@ -170,20 +170,20 @@ fn main() -> anyhow::Result<()> {
 
 /// The scheduler's TLS and credentials from its flags: complete, or `--insecure` for what is
 /// missing, with a warning for each gap.
-fn security(args: &Args) -> anyhow::Result<(kiln_proto::tls::Listen, kiln_scheduler::auth::Auth)> {
+fn security(args: &Args) -> anyhow::Result<(kiln_net::tls::Listen, kiln_scheduler::auth::Auth)> {
     let files = args
         .tls_cert
         .clone()
         .zip(args.tls_key.clone())
-        .map(|(cert, key)| kiln_proto::tls::ServerFiles {
+        .map(|(cert, key)| kiln_net::tls::ServerFiles {
             cert,
             key,
             client_ca: args.builder_ca.clone(),
         });
-    let listen = kiln_proto::tls::Listen::choose(files, args.insecure, "kiln-scheduler")?;
+    let listen = kiln_net::tls::Listen::choose(files, args.insecure, "kiln-scheduler")?;
     let tokens = |path: &Option<PathBuf>| -> anyhow::Result<_> {
         Ok(match path {
-            Some(p) => Some(std::sync::Arc::new(kiln_proto::auth::Tokens::open(p)?)),
+            Some(p) => Some(std::sync::Arc::new(kiln_net::auth::Tokens::open(p)?)),
             None => None,
         })
     };
@@ -217,7 +217,7 @@ fn security(args: &Args) -> anyhow::Result<(kiln_proto::tls::Listen, kiln_schedu
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let shutdown = kiln_proto::shutdown_signal();
+    let shutdown = kiln_net::shutdown_signal();
     let (listen, mut auth) = security(&args)?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -229,14 +229,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The in-process builder presents a token made now, over a plain-text loopback port of its
     // own when the main one has TLS (it holds no CA to verify the server certificate with).
     let local = if args.local_builder {
-        let token = kiln_proto::auth::generate();
-        auth.local_builder = Some(kiln_proto::auth::hash(&token));
+        let token = kiln_net::auth::generate();
+        auth.local_builder = Some(kiln_net::auth::hash(&token));
         let url = match &listen {
-            kiln_proto::tls::Listen::Insecure => format!("http://{addr}"),
-            kiln_proto::tls::Listen::Tls(_) => {
+            kiln_net::tls::Listen::Insecure => format!("http://{addr}"),
+            kiln_net::tls::Listen::Tls(_) => {
                 let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
                 let url = format!("http://{}", l.local_addr()?);
-                listeners.push((l, kiln_proto::tls::Listen::Insecure));
+                listeners.push((l, kiln_net::tls::Listen::Insecure));
                 url
             }
         };
@@ -248,13 +248,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         heartbeat: Duration::from_secs(args.heartbeat.max(1)),
         toolchain_cache: args.toolchain_cache,
         cache: args.cache.clone(),
-        cache_tls: kiln_proto::tls::ClientFiles {
+        cache_tls: kiln_net::tls::ClientFiles {
             ca: args.cache_ca.clone(),
             identity: None,
         },
         cache_token: match &args.cache_token_file {
-            Some(p) => kiln_proto::auth::Credential::File(p.clone()),
-            None => kiln_proto::auth::Credential::None,
+            Some(p) => kiln_net::auth::Credential::File(p.clone()),
+            None => kiln_net::auth::Credential::None,
         },
         listen: listen.clone(),
         auth,
@@ -271,7 +271,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         };
         let work_dir = std::path::absolute(&args.work_dir)?;
         let mut config = kiln_builder::Config::new(&url, work_dir, helper);
-        config.token = kiln_proto::auth::Credential::Token(token);
+        config.token = kiln_net::auth::Credential::Token(token);
         config.name = format!("{}-local", config.name);
         if let Some(slots) = args.slots {
             config.slots = slots.max(1);

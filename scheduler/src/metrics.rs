@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use kiln_proto::metrics::{Exposition, Histogram};
+use kiln_net::metrics::{Exposition, Histogram};
 
 /// How a job left the scheduler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -36,15 +36,15 @@ pub struct Config {
     /// A kiln-cache (`https://HOST:PORT`) whose counts the dashboard's hit-rate chart reads.
     pub cache: Option<String>,
     /// The CA its certificate chains to.
-    pub cache_tls: kiln_proto::tls::ClientFiles,
+    pub cache_tls: kiln_net::tls::ClientFiles,
     /// The token it wants, when it keeps reads private.
-    pub cache_token: kiln_proto::auth::Credential,
+    pub cache_token: kiln_net::auth::Credential,
     /// How often that is read.
     pub cache_poll: Duration,
     /// TLS for the gRPC and HTTP listeners, or plain text.
-    pub listen: kiln_proto::tls::Listen,
+    pub listen: kiln_net::tls::Listen,
     /// The HTTP listener's own, when it differs from [`Config::listen`].
-    pub http_listen: Option<kiln_proto::tls::Listen>,
+    pub http_listen: Option<kiln_net::tls::Listen>,
     /// The credentials clients and builders must present.
     pub auth: Auth,
 }
@@ -57,10 +57,10 @@ impl Default for Config {
             max_attempts: 2,
             max_toolchain: 1 << 30,
             cache: None,
-            cache_tls: kiln_proto::tls::ClientFiles::default(),
-            cache_token: kiln_proto::auth::Credential::None,
+            cache_tls: kiln_net::tls::ClientFiles::default(),
+            cache_token: kiln_net::auth::Credential::None,
             cache_poll: Duration::from_secs(10),
-            listen: kiln_proto::tls::Listen::Insecure,
+            listen: kiln_net::tls::Listen::Insecure,
             http_listen: None,
             auth: Auth::default(),
         }
@@ -271,7 +271,7 @@ impl Scheduler {
     async fn cache_lookups(&self, url: &str) -> Result<(u64, u64), String> {
         let config = &self.inner.config;
         let interceptor = config.cache_token.interceptor()?;
-        let channel = kiln_proto::tls::endpoint(url, &config.cache_tls)
+        let channel = kiln_net::tls::endpoint(url, &config.cache_tls)
             .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(3))
@@ -925,7 +925,7 @@ impl SchedulerRpc for Scheduler {
     ) -> Result<Response<Self::JoinStream>, Status> {
         let peer = request
             .extensions()
-            .get::<kiln_proto::tls::Peer>()
+            .get::<kiln_net::tls::Peer>()
             .and_then(|p| p.addr);
         let caller = self
             .inner
@@ -1050,7 +1050,7 @@ impl SchedulerRpc for Scheduler {
                 self.inner.metrics.count(Outcome::Refused);
                 let peer = request
                     .extensions()
-                    .get::<kiln_proto::tls::Peer>()
+                    .get::<kiln_net::tls::Peer>()
                     .and_then(|p| p.addr);
                 tracing::warn!(?peer, code = ?status.code(), reason = %status.message(), "refused a job: its credential failed");
                 return Err(status);
@@ -1219,7 +1219,7 @@ pub async fn serve(
 /// plain-text loopback one that only its in-process builder's token opens.
 pub async fn serve_listeners(
     config: Config,
-    listeners: Vec<(tokio::net::TcpListener, kiln_proto::tls::Listen)>,
+    listeners: Vec<(tokio::net::TcpListener, kiln_net::tls::Listen)>,
     http: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -1238,7 +1238,7 @@ pub async fn serve_listeners(
             .route("/api/status", axum::routing::get(api_status))
             .with_state(scheduler.clone());
         let mut stop = stop_rx.clone();
-        tokio::spawn(kiln_proto::tls::serve_http(
+        tokio::spawn(kiln_net::tls::serve_http(
             listener,
             listen,
             app,
@@ -1253,7 +1253,7 @@ pub async fn serve_listeners(
     let incoming = listeners
         .into_iter()
         .enumerate()
-        .map(|(i, (listener, listen))| (i, kiln_proto::tls::incoming(listener, listen)))
+        .map(|(i, (listener, listen))| (i, kiln_net::tls::incoming(listener, listen)))
         .collect::<tokio_stream::StreamMap<usize, _>>();
     let incoming = tokio_stream::StreamExt::map(incoming, |(_, conn)| conn);
     let served = tonic::transport::Server::builder()
@@ -1285,7 +1285,7 @@ async fn metrics(
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            kiln_proto::metrics::CONTENT_TYPE,
+            kiln_net::metrics::CONTENT_TYPE,
         )],
         scheduler.metrics_text(),
     )

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_proto::auth::Credential;
-use kiln_proto::tls::ClientFiles;
+use kiln_net::auth::Credential;
+use kiln_net::tls::ClientFiles;
 use kiln_proto::v1::scheduler_client::SchedulerClient;
 use kiln_proto::v1::{
     from_builder, from_client, to_builder, to_client, Finished, FromBuilder, FromClient, Heartbeat,
@@ -308,7 +308,7 @@ struct SchedulerInfo {
 type Grpc = SchedulerClient<
     tonic::service::interceptor::InterceptedService<
         tonic::transport::Channel,
-        kiln_proto::auth::Bearer,
+        kiln_net::auth::Bearer,
     >,
 >;
 
@@ -317,7 +317,7 @@ async fn client_of(s: &SchedulerInfo, token: &Credential) -> Result<Grpc, String
         ca: s.ca.clone(),
         identity: None,
     };
-    let channel = kiln_proto::tls::endpoint(&s.url, &files)
+    let channel = kiln_net::tls::endpoint(&s.url, &files)
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true)

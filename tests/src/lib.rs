@@ -453,7 +453,7 @@ fn potsim_host(dir: &Path, i: usize) -> kiln_jails::pot::PotConfig {
 pub type GrpcClient = kiln_proto::v1::scheduler_client::SchedulerClient<
     tonic::service::interceptor::InterceptedService<
         tonic::transport::Channel,
-        kiln_proto::auth::Bearer,
+        kiln_net::auth::Bearer,
     >,
 >;
 
@@ -560,30 +560,30 @@ impl Farm {
     pub fn client(&self) -> kiln_client::dist::Farm {
         kiln_client::dist::Farm {
             url: self.url(),
-            tls: kiln_proto::tls::ClientFiles {
+            tls: kiln_net::tls::ClientFiles {
                 ca: Some(self.secret("ca.pem")),
                 identity: None,
             },
-            token: kiln_proto::auth::Credential::File(self.secret("client.token")),
+            token: kiln_net::auth::Credential::File(self.secret("client.token")),
         }
     }
 
     /// A gRPC client of the scheduler that presents the client token, for tests that speak
     /// the protocol themselves.
     pub async fn grpc(&self) -> GrpcClient {
-        self.grpc_with(kiln_proto::auth::Credential::File(
+        self.grpc_with(kiln_net::auth::Credential::File(
             self.secret("client.token"),
         ))
         .await
     }
 
     /// [`Farm::grpc`] presenting `token` instead.
-    pub async fn grpc_with(&self, token: kiln_proto::auth::Credential) -> GrpcClient {
+    pub async fn grpc_with(&self, token: kiln_net::auth::Credential) -> GrpcClient {
         let farm = kiln_client::dist::Farm {
             token,
             ..self.client()
         };
-        let channel = kiln_proto::tls::endpoint(&farm.url, &farm.tls)
+        let channel = kiln_net::tls::endpoint(&farm.url, &farm.tls)
             .unwrap()
             .connect()
             .await
@@ -595,9 +595,9 @@ impl Farm {
     }
 
     /// The scheduler's security, as `kiln-scheduler` makes it from the files init wrote.
-    fn security(&self) -> (kiln_proto::tls::Listen, kiln_scheduler::auth::Auth) {
-        let listen = kiln_proto::tls::Listen::Tls(
-            kiln_proto::tls::server_config(&kiln_proto::tls::ServerFiles {
+    fn security(&self) -> (kiln_net::tls::Listen, kiln_scheduler::auth::Auth) {
+        let listen = kiln_net::tls::Listen::Tls(
+            kiln_net::tls::server_config(&kiln_net::tls::ServerFiles {
                 cert: self.secret("server.pem"),
                 key: self.secret("server.key"),
                 client_ca: Some(self.secret("ca.pem")),
@@ -606,7 +606,7 @@ impl Farm {
         );
         let tokens = |name: &str| {
             Some(std::sync::Arc::new(
-                kiln_proto::auth::Tokens::open(&self.secret(name)).unwrap(),
+                kiln_net::auth::Tokens::open(&self.secret(name)).unwrap(),
             ))
         };
         let auth = kiln_scheduler::auth::Auth {
@@ -628,7 +628,7 @@ impl Farm {
         let config = kiln_scheduler::Config {
             listen,
             // The dashboard and metrics stay plain for the tests' own HTTP client and browser.
-            http_listen: Some(kiln_proto::tls::Listen::Insecure),
+            http_listen: Some(kiln_net::tls::Listen::Insecure),
             auth,
             heartbeat: std::time::Duration::from_millis(500),
             cache: self.cache.clone(),
@@ -692,7 +692,7 @@ impl Farm {
         let mut config = kiln_builder::Config::new(&self.url(), work, jail_helper().to_path_buf());
         config.name = format!("builder{i}");
         config.tls.ca = Some(self.secret("ca.pem"));
-        config.token = kiln_proto::auth::Credential::File(self.secret("builder.token"));
+        config.token = kiln_net::auth::Credential::File(self.secret("builder.token"));
         config.slots = self.slots;
         config.uid_base = uid_base(i);
         change(&mut config);
@@ -708,7 +708,7 @@ impl Farm {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = self.runtime.spawn(kiln_builder::serve(
             config,
-            Some((http, kiln_proto::tls::Listen::Insecure)),
+            Some((http, kiln_net::tls::Listen::Insecure)),
             async {
                 let _ = rx.await;
             },

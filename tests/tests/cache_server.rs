@@ -241,11 +241,7 @@ fn real_waf_clean_build_is_all_hits() {
     );
     // A cache that checks tokens, with waf (whose client cannot send one) let through.
     let tokens = p.path("tokens");
-    std::fs::write(
-        &tokens,
-        format!("ci {}\n", kiln_proto::auth::hash("secret")),
-    )
-    .unwrap();
+    std::fs::write(&tokens, format!("ci {}\n", kiln_net::auth::hash("secret"))).unwrap();
     let server = CacheServer::start(
         &p.path("store"),
         &[

@@ -330,7 +330,7 @@ fn peers_of_another_protocol_version_are_refused_with_both_versions_named() {
             })),
         };
         let mut client = farm
-            .grpc_with(kiln_proto::auth::Credential::File(
+            .grpc_with(kiln_net::auth::Credential::File(
                 farm.secret("builder.token"),
             ))
             .await;

@@ -244,11 +244,11 @@ impl RealScheduler {
     fn status_json(&self) -> Option<serde_json::Value> {
         let farm = kiln_client::dist::Farm {
             url: self.url.clone(),
-            tls: kiln_proto::tls::ClientFiles {
+            tls: kiln_net::tls::ClientFiles {
                 ca: Some(self.secret("ca.pem").into()),
                 identity: None,
             },
-            token: kiln_proto::auth::Credential::File(self.secret("client.token").into()),
+            token: kiln_net::auth::Credential::File(self.secret("client.token").into()),
         };
         let status = kiln_client::dist::status(&farm).ok()?;
         Some(kiln_client::dist::status_json(&status))
@@ -383,7 +383,7 @@ fn the_scheduler_logs_and_counts_a_job_refused_for_its_token() {
     let mut p = scheduler.project();
     let wrong = p.path("wrong.token");
     // Well formed, but not one the scheduler knows.
-    let token = kiln_proto::auth::generate();
+    let token = kiln_net::auth::generate();
     std::fs::write(&wrong, format!("{token}\n")).unwrap();
     for (k, v) in p.env.iter_mut() {
         if k == "KILN_TOKEN_FILE" {

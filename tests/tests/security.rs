@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use kiln_proto::auth::Credential;
+use kiln_net::auth::Credential;
 use kiln_proto::v1::{from_client, to_client, Chunk, FromClient, InputFile, JobSpec};
 use kiln_proto::Digest;
 use kiln_tests::sample::{project, HEADER};
@@ -89,11 +89,11 @@ fn calls_without_the_right_token_are_refused_naming_the_credential() {
             }
         }
         // Nor does a builder's certificate, which needs no token to join.
-        let certified = kiln_proto::tls::ClientFiles {
+        let certified = kiln_net::tls::ClientFiles {
             ca: Some(farm.secret("ca.pem")),
             identity: Some((farm.secret("builder.pem"), farm.secret("builder.key"))),
         };
-        let channel = kiln_proto::tls::endpoint(&farm.url(), &certified)
+        let channel = kiln_net::tls::endpoint(&farm.url(), &certified)
             .unwrap()
             .connect()
             .await
@@ -318,7 +318,7 @@ fn a_server_presenting_a_builders_certificate_is_refused_by_kiln() {
 
 /// Whether `pem`'s first certificate names `host` (DNS names are stored as plain ASCII).
 fn certificate_names(pem: &std::path::Path, host: &str) -> bool {
-    let certs = kiln_proto::tls::read_certs("certificate", pem).unwrap();
+    let certs = kiln_net::tls::read_certs("certificate", pem).unwrap();
     certs[0].windows(host.len()).any(|w| w == host.as_bytes())
 }
 
@@ -844,7 +844,7 @@ fn malformed_and_oversized_messages_get_errors_and_the_scheduler_goes_on() {
             #[prost(bytes = "vec", tag = "1")]
             data: Vec<u8>,
         }
-        let channel = kiln_proto::tls::endpoint(&farm.url(), &farm.client().tls)
+        let channel = kiln_net::tls::endpoint(&farm.url(), &farm.client().tls)
             .unwrap()
             .connect()
             .await
@@ -968,7 +968,7 @@ fn a_cross_check_catches_a_builder_whose_outputs_differ_and_marks_it_suspect() {
     let up = "../".repeat(gcc_rel.components().count() - 1);
     manifest.add(
         gcc_rel,
-        kiln_proto::archive::Source::Symlink(
+        kiln_archive::Source::Symlink(
             format!("{up}{}", clang.strip_prefix("/").unwrap().display()).into(),
         ),
     );
@@ -1054,7 +1054,7 @@ fn lying_builder(
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::spawn(move || {
         runtime().block_on(async move {
-            let channel = kiln_proto::tls::endpoint(&to_farm.url, &to_farm.tls)
+            let channel = kiln_net::tls::endpoint(&to_farm.url, &to_farm.tls)
                 .unwrap()
                 .connect()
                 .await
@@ -1219,7 +1219,7 @@ fn kiln_cache_calls_a_malformed_message_an_invalid_argument() {
     let store = tempfile::tempdir().unwrap();
     let server = kiln_tests::CacheServer::start(store.path(), &[]);
     runtime().block_on(async {
-        let channel = kiln_proto::tls::endpoint(&server.url(), &Default::default())
+        let channel = kiln_net::tls::endpoint(&server.url(), &Default::default())
             .unwrap()
             .connect()
             .await

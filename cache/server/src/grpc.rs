@@ -36,7 +36,7 @@ impl CacheService {
     fn authorize<T>(&self, request: &Request<T>, write: bool) -> Result<(), Status> {
         let header = request
             .metadata()
-            .get(kiln_proto::auth::HEADER)
+            .get(kiln_net::auth::HEADER)
             .and_then(|v| v.to_str().ok());
         self.0
             .access(header, write)

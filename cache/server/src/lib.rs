@@ -28,7 +28,7 @@ use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use kiln_cache::{Digest, Hasher, Kind, Limits, Lookup, Store};
-use kiln_proto::metrics::{Exposition, CONTENT_TYPE};
+use kiln_net::metrics::{Exposition, CONTENT_TYPE};
 use sha2::Digest as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::TcpListener;
@@ -44,9 +44,9 @@ pub struct ServerConfig {
     /// The largest body accepted; larger uploads get 413.
     pub max_body: usize,
     /// TLS, or plain text.
-    pub listen: kiln_proto::tls::Listen,
+    pub listen: kiln_net::tls::Listen,
     /// The tokens that may write (any protocol); `None` lets anyone write.
-    pub tokens: Option<Arc<kiln_proto::auth::Tokens>>,
+    pub tokens: Option<Arc<kiln_net::auth::Tokens>>,
     /// Reads need a token too.
     pub private: bool,
     /// Protocols (`waf`, `bazel`, `ccache`) that need no token at all, for clients that cannot
@@ -120,7 +120,7 @@ struct AppState {
     store: Arc<Store>,
     max_body: usize,
     counts: Arc<Counts>,
-    tokens: Option<Arc<kiln_proto::auth::Tokens>>,
+    tokens: Option<Arc<kiln_net::auth::Tokens>>,
     private: bool,
     /// By protocol index: writes need no token.
     anonymous: [bool; PROTOCOL_COUNT],
@@ -137,7 +137,7 @@ impl AppState {
             return Ok(());
         }
         let what = if write { "writing" } else { "reading" };
-        let Some(token) = header.and_then(kiln_proto::auth::presented) else {
+        let Some(token) = header.and_then(kiln_net::auth::presented) else {
             return Err(format!(
                 "{what} needs a client token (Authorization: Bearer TOKEN, or TOKEN as the \
                  password of the URL's user:password)"
@@ -296,7 +296,7 @@ pub async fn serve(
         )
         .into_axum_router()
         .fallback_service(Router::new().fallback(handle).with_state(state));
-    kiln_proto::tls::serve_http(listener, config.listen, app, async move {
+    kiln_net::tls::serve_http(listener, config.listen, app, async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     })

@@ -26,7 +26,7 @@ struct Args {
     max_size: u64,
     /// Logs on stderr for people (`human`) or as JSON lines (`json`); the level is KILN_LOG's.
     #[arg(long, default_value = "human", value_name = "FORMAT")]
-    log_format: kiln_proto::logging::LogFormat,
+    log_format: kiln_net::logging::LogFormat,
     /// Entry-count cap, 0 for none.
     #[arg(long, default_value_t = 0)]
     max_files: u64,
@@ -62,20 +62,20 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let shutdown = kiln_proto::shutdown_signal();
-    kiln_proto::logging::init(args.log_format, std::env::var("KILN_LOG").ok().as_deref());
+    let shutdown = kiln_net::shutdown_signal();
+    kiln_net::logging::init(args.log_format, std::env::var("KILN_LOG").ok().as_deref());
     let files = args
         .tls_cert
         .clone()
         .zip(args.tls_key.clone())
-        .map(|(cert, key)| kiln_proto::tls::ServerFiles {
+        .map(|(cert, key)| kiln_net::tls::ServerFiles {
             cert,
             key,
             client_ca: None,
         });
-    let listen = kiln_proto::tls::Listen::choose(files, args.insecure, "kiln-cache")?;
+    let listen = kiln_net::tls::Listen::choose(files, args.insecure, "kiln-cache")?;
     let tokens = match &args.tokens {
-        Some(path) => Some(std::sync::Arc::new(kiln_proto::auth::Tokens::open(path)?)),
+        Some(path) => Some(std::sync::Arc::new(kiln_net::auth::Tokens::open(path)?)),
         None => {
             anyhow::ensure!(
                 args.insecure,

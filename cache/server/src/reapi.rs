@@ -58,7 +58,7 @@ impl Reapi {
     fn authorize<T>(&self, request: &Request<T>, write: bool) -> Result<(), Status> {
         let header = request
             .metadata()
-            .get(kiln_proto::auth::HEADER)
+            .get(kiln_net::auth::HEADER)
             .and_then(|v| v.to_str().ok());
         self.st
             .access(header, write)

@@ -19,12 +19,12 @@ pub(crate) fn install(
     archive: &Path,
     root: &Path,
     staging_name: &str,
-    limits: &kiln_proto::archive::Limits,
+    limits: &kiln_archive::Limits,
 ) -> Result<(), JailError> {
     let staging = root.join(staging_name);
     let file =
         fs::File::open(archive).map_err(JailError::io(format!("opening {}", archive.display())))?;
-    let unpacked = kiln_proto::archive::unpack(io::BufReader::new(file), &staging, limits);
+    let unpacked = kiln_archive::unpack(io::BufReader::new(file), &staging, limits);
     let merged = unpacked
         .map_err(JailError::from)
         .and_then(|_| merge(&staging, root, Path::new("/")));
@@ -81,7 +81,7 @@ fn merge(from_dir: &Path, to_dir: &Path, jail_dir: &Path) -> Result<(), JailErro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_proto::archive::{Manifest, Source};
+    use kiln_archive::{Manifest, Source};
 
     #[test]
     fn pot_toolchains_merge_over_the_template_and_never_through_its_links() {

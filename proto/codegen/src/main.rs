@@ -1,10 +1,16 @@
-//! Writes the generated tonic/prost code for `kiln.v1` into `proto/src/gen/`.
+//! Writes the generated tonic/prost code for `kiln.v1` into `proto/src/gen/`, or into the
+//! directory given as the one argument (CI generates into a scratch directory and compares it
+//! with the committed code).
 
 use std::path::PathBuf;
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = root.join("src/gen");
+    let out = match std::env::args_os().nth(1) {
+        Some(dir) => PathBuf::from(dir),
+        None => root.join("src/gen"),
+    };
+    std::fs::create_dir_all(&out).expect("creating the output directory");
     tonic_prost_build::configure()
         .out_dir(&out)
         .build_transport(true)
