@@ -45,6 +45,9 @@ pub struct Config {
     pub remote_async: bool,
     /// Send misses to the compile farm (`dist`, `KILN_DIST`, `kiln --dist`).
     pub dist: bool,
+    /// Share one warm connection to the scheduler between compiles through a per-user agent
+    /// that kiln starts on demand (`agent`, `KILN_AGENT`; on by default).
+    pub agent: bool,
     /// The farm's scheduler (`scheduler`, `KILN_SCHEDULER`, `https://HOST:PORT`, or
     /// `http://` for one run `--insecure`).
     pub scheduler: Option<String>,
@@ -115,6 +118,7 @@ struct FileConfig {
     no_push: Option<bool>,
     remote_async: Option<bool>,
     dist: Option<bool>,
+    agent: Option<bool>,
     scheduler: Option<String>,
     ca_file: Option<PathBuf>,
     token_file: Option<PathBuf>,
@@ -234,6 +238,7 @@ impl Config {
                 "dist",
                 origin(flags.dist.is_some(), "KILN_DIST", f.dist.is_some()),
             ),
+            ("agent", origin(false, "KILN_AGENT", f.agent.is_some())),
             (
                 "scheduler",
                 origin(false, "KILN_SCHEDULER", f.scheduler.is_some()),
@@ -320,6 +325,7 @@ impl Config {
             dist: flags
                 .dist
                 .map_or_else(|| flag("KILN_DIST", file.dist, false), Ok)?,
+            agent: flag("KILN_AGENT", file.agent, true)?,
             scheduler: match env
                 .get("KILN_SCHEDULER")
                 .map(str::to_owned)

@@ -24,6 +24,7 @@ use kiln_proto::v1::{
 use kiln_proto::{digest_of, wire_digest, Digest, MAX_MESSAGE, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
 
 use crate::env::{Env, COMPILER_VARS};
 use crate::progress::Progress;
@@ -315,16 +316,23 @@ pub struct Farm {
     pub url: String,
     pub tls: kiln_net::tls::ClientFiles,
     pub token: kiln_net::auth::Credential,
+    /// The agent's socket, when compiles share its connection ([`crate::agent`]).
+    pub agent: Option<PathBuf>,
 }
 
 impl Farm {
     /// The configured scheduler, if any.
     pub fn from_config(cfg: &crate::config::Config) -> Option<Farm> {
-        Some(Farm {
+        let mut farm = Farm {
             url: cfg.scheduler.clone()?,
             tls: cfg.tls(),
             token: cfg.credential(),
-        })
+            agent: None,
+        };
+        if cfg.agent {
+            farm.agent = crate::agent::socket(&cfg.dir, &farm);
+        }
+        Some(farm)
     }
 }
 
@@ -335,16 +343,30 @@ type Client = SchedulerClient<
     >,
 >;
 
-async fn connect(farm: &Farm) -> Result<Client, Fallback> {
-    let url = &farm.url;
-    let interceptor = farm.token.interceptor().map_err(Fallback::Refused)?;
-    let endpoint = kiln_net::tls::endpoint(url, &farm.tls)
-        .map_err(|e| Fallback::Config(e.to_string()))?
+/// The settings of every connection to the scheduler, direct or the agent's.
+pub(crate) fn endpoint_settings(endpoint: Endpoint) -> Endpoint {
+    endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(true)
+        // Flow-control windows that grow with the link: h2's fixed 64 KiB default caps a
+        // download at 64 KiB per round trip, a few Mbit/s over a WAN.
+        .http2_adaptive_window(true)
+}
+
+async fn connect(farm: &Farm) -> Result<Client, Fallback> {
+    let url = &farm.url;
+    let interceptor = farm.token.interceptor().map_err(Fallback::Refused)?;
+    let endpoint =
+        kiln_net::tls::endpoint(url, &farm.tls).map_err(|e| Fallback::Config(e.to_string()))?;
+    if let Some(socket) = &farm.agent {
+        if let Some(channel) = crate::agent::channel(socket, endpoint_settings).await {
+            return Ok(client(channel, interceptor));
+        }
+    }
+    let endpoint = endpoint_settings(endpoint);
     let channel = match tokio::time::timeout(HANDSHAKE_TIMEOUT, endpoint.connect()).await {
         Ok(Ok(channel)) => channel,
         Ok(Err(e)) => {
@@ -361,9 +383,13 @@ async fn connect(farm: &Farm) -> Result<Client, Fallback> {
             ))
         }
     };
-    Ok(SchedulerClient::with_interceptor(channel, interceptor)
+    Ok(client(channel, interceptor))
+}
+
+fn client(channel: tonic::transport::Channel, interceptor: kiln_net::auth::Bearer) -> Client {
+    SchedulerClient::with_interceptor(channel, interceptor)
         .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE))
+        .max_encoding_message_size(MAX_MESSAGE)
 }
 
 fn stalled(url: &str, what: &str, after: Duration) -> Fallback {
@@ -1035,6 +1061,7 @@ mod tests {
                 identity: None,
             },
             token: kiln_net::auth::Credential::None,
+            agent: None,
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

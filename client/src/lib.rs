@@ -1,6 +1,7 @@
 //! `kiln`, the compiler wrapper: argument classification, cache keys, the local cache flow and
 //! statistics. The binary (`main.rs`) only parses kiln's own command line and calls in here.
 
+pub mod agent;
 pub mod args;
 pub mod closure;
 mod codec;

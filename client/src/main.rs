@@ -33,6 +33,8 @@ KILN_* variables, overridden by flags; kiln config shows each value and where it
   KILN_SCHEDULER      the farm's scheduler, https://HOST:PORT (http:// only for a scheduler
                       run --insecure)
   KILN_DIST=1         compile misses on the farm (or --dist)
+  KILN_AGENT=0        each compile connects to the scheduler itself, instead of sharing the
+                      connection of a per-user agent kiln starts on demand (kiln agent)
   KILN_CA_FILE        the CA the scheduler's and remote cache's certificates chain to
                       (default: the system's roots)
   KILN_TOKEN_FILE     a file holding the client token for the scheduler and remote cache
@@ -85,6 +87,17 @@ enum Command {
         #[command(subcommand)]
         command: ToolchainCommand,
     },
+    /// Serve the per-user agent in the foreground: one warm connection to the farm's scheduler
+    /// that compiles share instead of each paying for its own. Compiles with --dist start it
+    /// on demand (KILN_AGENT=0 turns that off), and it exits when unused.
+    Agent {
+        /// The socket to serve (default: the one compiles of this configuration look for).
+        #[arg(long)]
+        socket: Option<std::path::PathBuf>,
+        /// Exit after this many seconds without a compile.
+        #[arg(long, default_value_t = kiln_client::agent::IDLE.as_secs())]
+        idle: u64,
+    },
     /// Upload a stored result and its manifest to the remote cache; kiln runs this itself, in
     /// the background, with KILN_REMOTE_ASYNC=1.
     #[command(hide = true)]
@@ -116,6 +129,7 @@ const SUBCOMMANDS: &[&str] = &[
     "toolchain",
     "masquerade",
     "remote-push",
+    "agent",
     "help",
     "--help",
     "-h",
@@ -277,6 +291,7 @@ fn config_text(config: &Config) -> String {
         ("no_push", config.no_push.to_string()),
         ("remote_async", config.remote_async.to_string()),
         ("dist", config.dist.to_string()),
+        ("agent", config.agent.to_string()),
         ("scheduler", text(&config.scheduler)),
         ("ca_file", path(&config.ca_file, "(the system's roots)")),
         // The token's file, never the token.
@@ -357,6 +372,20 @@ fn run_subcommand(env: &Env, cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", kiln_client::dist::status_text(&status));
             }
+        }
+        Command::Agent { socket, idle } => {
+            let farm = kiln_client::dist::Farm::from_config(&config)
+                .context("no scheduler is configured: set KILN_SCHEDULER=https://HOST:PORT")?;
+            let socket = socket
+                .or_else(|| kiln_client::agent::socket(&config.dir, &farm))
+                .with_context(|| {
+                    format!(
+                        "the agent's socket under {} would be too long a path for a Unix \
+                         socket: give --socket, or a shorter KILN_DIR",
+                        config.dir.display()
+                    )
+                })?;
+            kiln_client::agent::serve(&socket, &farm, std::time::Duration::from_secs(idle))?;
         }
         Command::GoCacheprog => {
             let counts = kiln_client::gocache::serve(

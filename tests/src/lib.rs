@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub mod link;
+
 /// The workspace's binaries (`kiln`, `kiln-cache`), built on first use so they are never stale.
 fn built(name: &str) -> PathBuf {
     static BUILD: OnceLock<()> = OnceLock::new();
@@ -556,6 +558,20 @@ impl Farm {
         self.secrets.join(name)
     }
 
+    /// A relay in front of the scheduler, shaped like `shape` ([`link`]): the URL that reaches
+    /// the scheduler through it, and what went through it.
+    pub fn link(&self, shape: link::Shape) -> (String, std::sync::Arc<link::Counts>) {
+        let listener = self
+            .runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let counts = std::sync::Arc::new(link::Counts::default());
+        self.runtime
+            .spawn(link::relay(listener, self.addr, shape, counts.clone()));
+        (url, counts)
+    }
+
     /// How a client reaches this farm.
     pub fn client(&self) -> kiln_client::dist::Farm {
         kiln_client::dist::Farm {
@@ -565,6 +581,7 @@ impl Farm {
                 identity: None,
             },
             token: kiln_net::auth::Credential::File(self.secret("client.token")),
+            agent: None,
         }
     }
 

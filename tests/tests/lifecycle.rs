@@ -249,6 +249,7 @@ impl RealScheduler {
                 identity: None,
             },
             token: kiln_net::auth::Credential::File(self.secret("client.token").into()),
+            agent: None,
         };
         let status = kiln_client::dist::status(&farm).ok()?;
         Some(kiln_client::dist::status_json(&status))
