@@ -56,7 +56,7 @@ BenchError = lc.BenchError
 log, banner, loud, run_cmd = lc.log, lc.banner, lc.loud, lc.run_cmd
 
 ALL_PROJECTS = ("lua", "leveldb")
-DIST_TOOLS = ("sccache-dist", "distcc", "distcc-pump", "icecc", "kiln", "kiln-plaintext")
+DIST_TOOLS = ("sccache-dist", "distcc", "distcc-pump", "icecc", "kiln", "kiln-plaintext", "kiln-wan")
 LUA_FLAGS = ["-std=gnu99", "-g", "-O2", "-Wall", "-Wextra",
              "-DLUA_COMPAT_5_3", "-DLUA_USE_LINUX", "-c"]
 LUA_EXCLUDE = {"lua.c", "luac.c"}
@@ -962,8 +962,69 @@ class KilnPlaintext(Kiln):
     plaintext = True
 
 
+class KilnWan(Kiln):
+    """kiln's farm reached through a slow link (the `slowlink` relay: --link-rtt-ms, --link-mbit),
+    as a laptop borrowing the farm over a WAN would. The relay counts the connections and bytes
+    the client made, per run."""
+    name = "kiln-wan"
+
+    def build(self) -> None:
+        super().build()
+        if self.args.no_kiln_build:
+            return
+        cmd = ["cargo", "build", "--release", "-p", "kiln-tests", "--example", "slowlink"]
+        logf = self.work / "slowlink-build.log"
+        with open(logf, "w") as f:
+            p = subprocess.run(cmd, cwd=Path(self.args.kiln_repo), stdout=f, stderr=subprocess.STDOUT)
+        if p.returncode != 0:
+            raise Skip(f"`{shlex.join(cmd)}` failed (exit {p.returncode}):\n{tail(logf, 12)}")
+
+    def start_farm(self) -> None:
+        super().start_farm()
+        relay = Path(self.args.kiln_repo) / "target" / "release" / "examples" / "slowlink"
+        if not relay.is_file():
+            raise Skip(f"{relay} not built")
+        port = free_port()
+        target = self.url.split("://", 1)[1]
+        self.link_stats = self.farm_dir / "link.json"
+        lp = self.daemon("slowlink", [str(relay), "--listen", f"127.0.0.1:{port}", "--target", target,
+                                      "--rtt-ms", str(self.args.link_rtt_ms), "--mbit", str(self.args.link_mbit),
+                                      "--stats", str(self.link_stats)],
+                         self.farm_dir / "slowlink.log", env=clean_env())
+        if not wait_port("127.0.0.1", port, 20, lp):
+            raise Skip(f"slowlink did not listen:\n{tail(self.farm_dir / 'slowlink.log')}")
+        self.url = self.url.replace(target, f"127.0.0.1:{port}")
+        self.env.update(KILN_SCHEDULER=self.url)
+        self.notes.append(f"kiln-wan: client to scheduler through a link of {self.args.link_rtt_ms} ms RTT, "
+                          f"{self.args.link_mbit} Mbit/s each way")
+
+    def _link(self) -> dict:
+        try:
+            return json.loads(self.link_stats.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def after_warmup(self) -> None:
+        super().after_warmup()
+        time.sleep(0.5)     # the relay rewrites its stats file every 200 ms
+        self.link_before = self._link()
+
+    def counters(self) -> dict:
+        out = super().counters()
+        time.sleep(0.5)
+        now = self._link()
+        for k in ("connections", "bytes_up", "bytes_down"):
+            if k in now:
+                out[f"link_{k}"] = now[k] - self.link_before.get(k, 0)
+        remote = out.get("remote")
+        if remote:
+            out["link_bytes_up_per_remote_compile"] = round(out.get("link_bytes_up", 0) / remote)
+            out["link_bytes_down_per_remote_compile"] = round(out.get("link_bytes_down", 0) / remote)
+        return out
+
+
 TOOL_CLASSES = {"sccache-dist": SccacheDist, "distcc": Distcc, "distcc-pump": DistccPump,
-                "icecc": Icecc, "kiln": Kiln, "kiln-plaintext": KilnPlaintext}
+                "icecc": Icecc, "kiln": Kiln, "kiln-plaintext": KilnPlaintext, "kiln-wan": KilnWan}
 
 
 # --------------------------------------------------------------------------
@@ -1319,9 +1380,15 @@ def parse_args(argv=None):
                "2 setup error.  Object differences are reported, not errors.")
     ap.add_argument("--work", default="/tmp/kiln-bench", type=Path,
                     help="work directory; sources are shared with local-cache.py (default: %(default)s)")
-    ap.add_argument("--tools", type=csv_list(DIST_TOOLS), default=[t for t in DIST_TOOLS if t != "kiln-plaintext"],
+    ap.add_argument("--tools", type=csv_list(DIST_TOOLS),
+                    default=[t for t in DIST_TOOLS if t not in ("kiln-plaintext", "kiln-wan")],
                     help="tools to measure, comma separated (default: %(default)s); plain always runs; "
-                         "kiln-plaintext is kiln's farm without TLS and tokens, to price them")
+                         "kiln-plaintext is kiln's farm without TLS and tokens, to price them; kiln-wan "
+                         "reaches the farm through a slow link, as a laptop would")
+    ap.add_argument("--link-rtt-ms", type=int, default=60,
+                    help="kiln-wan: the link's round-trip time in ms (default: %(default)s)")
+    ap.add_argument("--link-mbit", type=float, default=50,
+                    help="kiln-wan: the link's rate each way in Mbit/s (default: %(default)s)")
     ap.add_argument("--projects", type=csv_list(ALL_PROJECTS), default=list(ALL_PROJECTS),
                     help="projects, comma separated (default: lua,leveldb)")
     ap.add_argument("--jobs", type=int_list, default=[1, 4],
