@@ -6,14 +6,20 @@
 //! The agent is `kiln agent`, started on demand by the first compile that finds none, listening
 //! on a Unix socket in the cache directory (`DIR/agent/<key>.sock`, the directory `0700`). It
 //! forwards each HTTP/2 stream it is given onto its one connection to the scheduler, untouched:
-//! requests keep the caller's own token, so the agent holds no credential and grants nothing a
-//! caller does not already have. The key names the scheduler, the CA, and this very `kiln`
+//! requests keep the caller's own token, and the agent adds none to them, so it grants nothing
+//! a caller does not already have (its own calls, the fallback reports below, carry the user's
+//! token from the same configuration). The key names the scheduler, the CA, and this very `kiln`
 //! executable, so another configuration or a rebuilt `kiln` gets an agent of its own.
 //!
 //! The agent is only ever an optimisation. A compile that cannot reach it (none yet, a stale
 //! socket, a frozen or broken agent) starts one in the background and goes to the scheduler
 //! directly, as kiln did before the agent existed. The agent exits when nothing has used it for
-//! its idle time (`--idle`), or as soon as its socket is removed or replaced. It holds a lock on
+//! its idle time (`--idle`), or as soon as its socket is removed or replaced.
+//!
+//! It also carries news the other way: a compile that fell back to a local compile says why in
+//! one datagram to `<key>.fallbacks` ([`tell_fallback`]), and the agent passes the counts on to
+//! the scheduler every few seconds with the user's token, so operators see fallbacks by client
+//! and cause without a compile ever waiting on it. It holds a lock on
 //! `<key>.lock` beside the socket for its whole life, and that file holds its pid.
 
 use std::convert::Infallible;
@@ -26,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::{UnixDatagram, UnixListener, UnixStream};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::dist::Farm;
@@ -37,6 +43,8 @@ pub const IDLE: Duration = Duration::from_secs(600);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the agent looks at its socket and its idle time.
 const TICK: Duration = Duration::from_secs(1);
+/// How often the agent passes on the fallbacks compiles told it of.
+const REPORT_EVERY: Duration = Duration::from_secs(5);
 /// The longest Unix socket path the kernel takes (`sun_path`, less its terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -132,6 +140,22 @@ fn start(socket: &Path) {
     }
 }
 
+/// Tells the agent of `farm`, if one runs, that a compile fell back to a local compile for
+/// `cause`; the agent passes the counts on to the scheduler. One datagram: nothing waits for
+/// it, and nothing fails when no agent listens.
+pub fn tell_fallback(farm: &Farm, cause: &str) {
+    let Some(socket) = &farm.agent else { return };
+    let Ok(datagram) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let _ = datagram.set_nonblocking(true);
+    let _ = datagram.send_to(cause.as_bytes(), fallbacks_socket(socket));
+}
+
+fn fallbacks_socket(socket: &Path) -> PathBuf {
+    socket.with_extension("fallbacks")
+}
+
 /// Why an agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -225,6 +249,13 @@ async fn run(socket: &Path, farm: &Farm, idle: Duration) -> Result<(), AgentErro
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_error("removing the stale", socket)(e)),
     }
+    let told = fallbacks_socket(socket);
+    let _ = fs::remove_file(&told);
+    let datagrams = UnixDatagram::bind(&told).map_err(io_error("listening on", &told))?;
+    fs::set_permissions(&told, fs::Permissions::from_mode(0o600))
+        .map_err(io_error("restricting", &told))?;
+    let pending = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
+    let _reporter = Reporter::start(farm, upstream.clone(), pending.clone());
     let listener = UnixListener::bind(socket).map_err(io_error("listening on", socket))?;
     fs::set_permissions(socket, fs::Permissions::from_mode(0o600))
         .map_err(io_error("restricting", socket))?;
@@ -236,8 +267,17 @@ async fn run(socket: &Path, farm: &Farm, idle: Duration) -> Result<(), AgentErro
     let open = Arc::new(AtomicUsize::new(0));
     let last_used = Arc::new(Mutex::new(Instant::now()));
     let mut tick = tokio::time::interval(TICK);
+    let mut datagram = [0u8; 64];
     loop {
         tokio::select! {
+            told = datagrams.recv(&mut datagram) => {
+                let Ok(n) = told else { continue };
+                let cause = String::from_utf8_lossy(&datagram[..n]);
+                // Only kiln's own causes: the scheduler turns them into metric labels.
+                if let Some(name) = crate::dist::Fallback::NAMES.iter().find(|c| **c == cause) {
+                    *pending.lock().expect("the agent's counts lock is never poisoned").entry(*name).or_insert(0u64) += 1;
+                }
+            }
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let guard = Open::new(&open, &last_used);
@@ -255,10 +295,68 @@ async fn run(socket: &Path, farm: &Farm, idle: Duration) -> Result<(), AgentErro
                 if open.load(Ordering::Acquire) == 0 && since >= idle {
                     tracing::info!(idle_s = since.as_secs(), "agent idle; exiting");
                     let _ = fs::remove_file(socket);
+                    let _ = fs::remove_file(&told);
                     return Ok(());
                 }
             }
         }
+    }
+}
+
+/// Passes fallback counts on to the scheduler every [`REPORT_EVERY`], in a task of its own so
+/// a slow scheduler never holds up the relay. Counts a call fails to deliver are kept for the
+/// next; a scheduler that does not know the call (an older one) is not asked again.
+#[derive(Debug)]
+struct Reporter(tokio::task::JoinHandle<()>);
+
+type Pending = Arc<Mutex<std::collections::BTreeMap<&'static str, u64>>>;
+
+impl Reporter {
+    fn start(farm: &Farm, upstream: Channel, pending: Pending) -> Reporter {
+        let token = farm.token.interceptor();
+        Reporter(tokio::spawn(async move {
+            let Ok(token) = token else {
+                return;
+            };
+            let mut scheduler = kiln_proto::v1::scheduler_client::SchedulerClient::with_interceptor(
+                upstream, token,
+            );
+            let mut every = tokio::time::interval(REPORT_EVERY);
+            loop {
+                every.tick().await;
+                let counts = std::mem::take(&mut *pending.lock().expect("never poisoned"));
+                if counts.is_empty() {
+                    continue;
+                }
+                let report = kiln_proto::v1::FallbackReport {
+                    protocol_version: kiln_proto::PROTOCOL_VERSION,
+                    counts: counts
+                        .iter()
+                        .map(|(cause, count)| kiln_proto::v1::FallbackCount {
+                            cause: (*cause).into(),
+                            count: *count,
+                        })
+                        .collect(),
+                };
+                match scheduler.fallbacks(report).await {
+                    Ok(_) => {}
+                    Err(s) if s.code() == tonic::Code::Unimplemented => return,
+                    Err(s) => {
+                        tracing::debug!(error = %s.message(), "fallback report not delivered; kept");
+                        let mut pending = pending.lock().expect("never poisoned");
+                        for (cause, count) in counts {
+                            *pending.entry(cause).or_insert(0) += count;
+                        }
+                    }
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -73,6 +73,25 @@ impl Exposition {
         }
     }
 
+    /// A counter with two labels: `((first, second), count)` pairs.
+    pub fn counter_by_two(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: (&str, &str),
+        values: &[((&str, &str), u64)],
+    ) {
+        self.family(name, help, "counter");
+        for ((a, b), n) in values {
+            let (a, b) = (escape_label(a), escape_label(b));
+            let _ = writeln!(
+                self.out,
+                "{name}{{{}=\"{a}\",{}=\"{b}\"}} {n}",
+                labels.0, labels.1
+            );
+        }
+    }
+
     pub fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
         self.family(name, help, "histogram");
         for (bound, n) in BUCKETS.iter().zip(&h.counts) {

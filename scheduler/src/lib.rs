@@ -12,6 +12,7 @@
 //! is told to compile locally. "No capacity" is an immediate answer, never a queue.
 
 pub mod auth;
+mod fallbacks;
 pub mod init;
 mod metrics;
 pub mod placement;

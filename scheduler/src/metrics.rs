@@ -69,6 +69,8 @@ pub struct Metrics {
     pub job: Histogram,
     /// Jobs received, by the name of the client's token (`anyone` on an open farm).
     clients: Mutex<BTreeMap<String, u64>>,
+    /// Compiles clients reported running locally instead, by client and cause.
+    fallbacks: Mutex<BTreeMap<(String, String), u64>>,
 }
 
 /// The registry's side of a scrape.
@@ -96,6 +98,24 @@ impl Metrics {
         *clients.entry(client.to_owned()).or_default() += 1;
     }
 
+    /// The client whose token is named `client` compiled `count` jobs locally for `cause`.
+    pub fn fallbacks_from(&self, client: &str, cause: &str, count: u64) {
+        let mut fallbacks = self.fallbacks.lock().unwrap_or_else(|e| e.into_inner());
+        let n = fallbacks
+            .entry((client.to_owned(), cause.to_owned()))
+            .or_default();
+        *n = n.saturating_add(count);
+    }
+
+    /// Reported fallbacks, by client and cause, for the dashboard.
+    pub fn fallbacks(&self) -> Vec<(String, String, u64)> {
+        let fallbacks = self.fallbacks.lock().unwrap_or_else(|e| e.into_inner());
+        fallbacks
+            .iter()
+            .map(|((client, cause), n)| (client.clone(), cause.clone(), *n))
+            .collect()
+    }
+
     /// The exposition text.
     pub fn render(&self, g: Gauges) -> String {
         let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
@@ -118,6 +138,18 @@ impl Metrics {
             "Jobs received, by the name of the client's token in the tokens file.",
             "client",
             &clients,
+        );
+        let fallbacks = self.fallbacks();
+        let fallbacks: Vec<((&str, &str), u64)> = fallbacks
+            .iter()
+            .map(|(client, cause, n)| ((client.as_str(), cause.as_str()), *n))
+            .collect();
+        e.counter_by_two(
+            "kiln_scheduler_client_fallbacks_total",
+            "Compiles clients ran locally instead of on the farm, as they reported them, by the \
+             name of the client's token and the cause (kiln stats' names).",
+            ("client", "cause"),
+            &fallbacks,
         );
         e.counter(
             "kiln_scheduler_job_retries_total",
@@ -191,6 +223,9 @@ mod tests {
         m.received_from("ci");
         m.received_from("alice");
         m.received_from("ci");
+        m.fallbacks_from("alice", "stalled", 2);
+        m.fallbacks_from("alice", "stalled", 1);
+        m.fallbacks_from("ci", "no_capacity", 4);
         let text = m.render(Gauges {
             builders: 2,
             slots: 8,
@@ -203,6 +238,8 @@ mod tests {
             "kiln_scheduler_jobs_total{outcome=\"abandoned\"} 0",
             "kiln_scheduler_client_jobs_total{client=\"ci\"} 2",
             "kiln_scheduler_client_jobs_total{client=\"alice\"} 1",
+            "kiln_scheduler_client_fallbacks_total{client=\"alice\",cause=\"stalled\"} 3",
+            "kiln_scheduler_client_fallbacks_total{client=\"ci\",cause=\"no_capacity\"} 4",
             "kiln_scheduler_job_seconds_count 0",
             "kiln_scheduler_slots 8",
             "kiln_scheduler_slots_busy 3",

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use kiln_proto::content::{chunk_digest, chunks, Assembly};
 use kiln_proto::v1::scheduler_server::{Scheduler as SchedulerRpc, SchedulerServer};
 use kiln_proto::v1::{
-    from_builder, from_client, refused, to_builder, to_client, BuilderStatus, Chunk, FromBuilder,
-    FromClient, JobCancel, JobChunk, JobStart, JobStatus, Need, Placed, Refused, ReportReply,
-    StatusReply, StatusRequest, SuspectReport, ToBuilder, ToClient, Welcome,
+    from_builder, from_client, refused, to_builder, to_client, BuilderStatus, Chunk,
+    FallbackReport, FromBuilder, FromClient, JobCancel, JobChunk, JobStart, JobStatus, Need,
+    Placed, Refused, ReportReply, StatusReply, StatusRequest, SuspectReport, ToBuilder, ToClient,
+    Welcome,
 };
 use kiln_proto::{digest_of, version_mismatch, Digest, MAX_MESSAGE, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, watch};
@@ -1197,6 +1198,31 @@ impl SchedulerRpc for Scheduler {
             .metrics
             .suspect_reports
             .fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(ReportReply {}))
+    }
+
+    async fn fallbacks(
+        &self,
+        request: Request<FallbackReport>,
+    ) -> Result<Response<ReportReply>, Status> {
+        let caller =
+            self.inner
+                .config
+                .auth
+                .check(&request, Role::Client, "fallback reports need")?;
+        let r = request.into_inner();
+        if r.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(version_mismatch(
+                "the client",
+                r.protocol_version,
+            )));
+        }
+        crate::fallbacks::check(&r).map_err(Status::invalid_argument)?;
+        for c in &r.counts {
+            self.inner
+                .metrics
+                .fallbacks_from(&caller.name, &c.cause, c.count);
+        }
         Ok(Response::new(ReportReply {}))
     }
 }

@@ -186,3 +186,38 @@ fn an_agent_serves_only_its_own_user() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("is not a private directory"), "{stderr}");
 }
+
+#[test]
+fn fallbacks_reach_the_schedulers_metrics_by_client_and_cause() {
+    let mut farm = Farm::start(1, 1);
+    let (p, _counts) = linked(&farm);
+    compile(&p, 0);
+    agent_socket(&p);
+    // With no builder the scheduler has nowhere to place a job: the compile runs here.
+    farm.kill_builder(0);
+    compile(&p, 1);
+    compile(&p, 2);
+    assert_eq!(stat(&p, "dist_fallbacks"), 2, "{}", p.stats());
+    let by_cause = p.stats()["dist_fallbacks_by_cause"].clone();
+    let (cause, _) = by_cause
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(_, n)| n.as_i64() == Some(2))
+        .unwrap_or_else(|| panic!("one cause for both fallbacks: {by_cause}"));
+    // Labelled with the name of the client's token, which kiln-scheduler init wrote first in
+    // its tokens file.
+    let tokens = std::fs::read_to_string(farm.secret("client-tokens")).unwrap();
+    let client = tokens
+        .lines()
+        .find(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let line =
+        format!("kiln_scheduler_client_fallbacks_total{{client=\"{client}\",cause=\"{cause}\"}}");
+    let reported = wait_for(&format!("{line} in the scheduler's metrics"), || {
+        farm.metrics().get(&line).copied().filter(|n| *n >= 2.0)
+    });
+    assert_eq!(reported, 2.0);
+}

@@ -480,6 +480,22 @@ pub struct SuspectReport {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReportReply {}
 #[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct FallbackReport {
+    #[prost(uint32, tag = "1")]
+    pub protocol_version: u32,
+    #[prost(message, repeated, tag = "2")]
+    pub counts: ::prost::alloc::vec::Vec<FallbackCount>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FallbackCount {
+    #[prost(string, tag = "1")]
+    pub cause: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub count: u64,
+}
+#[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CacheGet {
     #[prost(uint32, tag = "1")]
@@ -703,6 +719,31 @@ pub mod scheduler_client {
             req.extensions_mut().insert(GrpcMethod::new("kiln.v1.Scheduler", "Report"));
             self.inner.unary(req, path, codec).await
         }
+        /// Compiles a client ran locally instead of on the farm since its last report, by cause
+        /// (`kiln stats`' names: unreachable, stalled, no_capacity…), so operators see fallbacks by
+        /// client and cause. Sent in the background by the client's agent, never by a compile. A
+        /// scheduler without this call answers UNIMPLEMENTED and the client stops sending it.
+        pub async fn fallbacks(
+            &mut self,
+            request: impl tonic::IntoRequest<super::FallbackReport>,
+        ) -> std::result::Result<tonic::Response<super::ReportReply>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::Codec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/kiln.v1.Scheduler/Fallbacks",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("kiln.v1.Scheduler", "Fallbacks"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -752,6 +793,14 @@ pub mod scheduler_server {
         async fn report(
             &self,
             request: tonic::Request<super::SuspectReport>,
+        ) -> std::result::Result<tonic::Response<super::ReportReply>, tonic::Status>;
+        /// Compiles a client ran locally instead of on the farm since its last report, by cause
+        /// (`kiln stats`' names: unreachable, stalled, no_capacity…), so operators see fallbacks by
+        /// client and cause. Sent in the background by the client's agent, never by a compile. A
+        /// scheduler without this call answers UNIMPLEMENTED and the client stops sending it.
+        async fn fallbacks(
+            &self,
+            request: tonic::Request<super::FallbackReport>,
         ) -> std::result::Result<tonic::Response<super::ReportReply>, tonic::Status>;
     }
     #[derive(Debug)]
@@ -991,6 +1040,49 @@ pub mod scheduler_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ReportSvc(inner);
+                        let codec = crate::codec::Codec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/kiln.v1.Scheduler/Fallbacks" => {
+                    #[allow(non_camel_case_types)]
+                    struct FallbacksSvc<T: Scheduler>(pub Arc<T>);
+                    impl<T: Scheduler> tonic::server::UnaryService<super::FallbackReport>
+                    for FallbacksSvc<T> {
+                        type Response = super::ReportReply;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::FallbackReport>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Scheduler>::fallbacks(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = FallbacksSvc(inner);
                         let codec = crate::codec::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
