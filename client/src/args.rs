@@ -6,132 +6,71 @@
 
 use std::path::{Path, PathBuf};
 
-/// Why a command is run by the real compiler without the cache. The names are stable: they
-/// appear in `kiln stats`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Reason {
-    /// No `-c` or `-S`: the command links.
-    Link,
-    /// `-E`: preprocess only.
-    Preprocess,
-    /// `-M` or `-MM` without `-MD`: dependencies only.
-    DependenciesOnly,
-    /// More than one source file in one command.
-    MultipleSources,
-    /// No source file found.
-    NoSource,
-    /// The source is standard input (`-`).
-    StdinSource,
-    /// `-save-temps` and friends write intermediate files.
-    SaveTemps,
-    /// Compiling a header creates a precompiled header.
-    PchCreation,
-    /// An option kiln does not know, which may change the output.
-    UnknownOption,
-    /// Output that kiln cannot capture: `-o -`, `-aux-info`, dump files, `-fstack-usage`...
-    ExtraOutput,
-    /// `-fsyntax-only` and similar produce no object.
-    NoOutput,
-    /// Options whose output is not reproducible: `-v`, `-time`, `-ftime-report`...
-    Nondeterministic,
-    /// The command asks the compiler about itself and compiles nothing: `--version`, `--help`,
-    /// `-dumpversion`, `-print-search-dirs`, `-###`...
-    NotACompile,
-    /// `@file` that cannot be read, nested too deeply, or malformed.
-    ResponseFile,
-    /// `--coverage` / `-ftest-coverage` write a `.gcno` beside the object.
-    Coverage,
-    /// Several `-arch` options (one object per architecture).
-    MultipleArch,
-    /// A language kiln does not cache: plain assembly, CUDA...
-    Language,
-    /// `-Wp,` or `-Xpreprocessor` with options kiln cannot follow.
-    PreprocessorPassthrough,
-    /// Inputs that bring code kiln cannot hash: `-fplugin`, `-specs`, `-B`, `-wrapper`, modules.
-    ExternalInputs,
-    /// An argument that is not UTF-8.
-    NonUtf8,
-    /// `__TIME__` or `__TIMESTAMP__` in the source or a header (without `SOURCE_DATE_EPOCH`).
-    TimeMacros,
-    /// `.incbin` in a source or header pulls in a file kiln does not track.
-    Incbin,
-    /// A source or header changed while it was compiled (its change time is after the
-    /// compile began, its stat changed since kiln read it, or it changed again as kiln read it).
-    ModifiedDuringCompile,
-    /// A source or header was written so close to the compile's start that its timestamps
-    /// cannot tell whether the compiler read it before or after: the same clock tick, or on a
-    /// file system other than kiln's cache directory, within the timestamp slack.
-    InputTooRecent,
-    /// Environment variables that make the compiler write extra files.
-    Environment,
-    /// An output that is not a regular file: `-o /dev/null`, a pipe, a symbolic link.
-    SpecialOutput,
-    /// A precompiled header would be used, which no dependency list names.
-    PrecompiledHeader,
-}
+use crate::names::named_enum;
 
-impl Reason {
-    pub const ALL: [Reason; 27] = [
-        Reason::Link,
-        Reason::Preprocess,
-        Reason::DependenciesOnly,
-        Reason::MultipleSources,
-        Reason::NoSource,
-        Reason::StdinSource,
-        Reason::SaveTemps,
-        Reason::PchCreation,
-        Reason::UnknownOption,
-        Reason::ExtraOutput,
-        Reason::NoOutput,
-        Reason::Nondeterministic,
-        Reason::NotACompile,
-        Reason::ResponseFile,
-        Reason::Coverage,
-        Reason::MultipleArch,
-        Reason::Language,
-        Reason::PreprocessorPassthrough,
-        Reason::ExternalInputs,
-        Reason::NonUtf8,
-        Reason::TimeMacros,
-        Reason::Incbin,
-        Reason::ModifiedDuringCompile,
-        Reason::InputTooRecent,
-        Reason::Environment,
-        Reason::SpecialOutput,
-        Reason::PrecompiledHeader,
-    ];
-
-    /// The stable name used in statistics.
-    pub fn name(self) -> &'static str {
-        match self {
-            Reason::Link => "link",
-            Reason::Preprocess => "preprocess",
-            Reason::DependenciesOnly => "dependencies_only",
-            Reason::MultipleSources => "multiple_sources",
-            Reason::NoSource => "no_source",
-            Reason::StdinSource => "stdin_source",
-            Reason::SaveTemps => "save_temps",
-            Reason::PchCreation => "pch_creation",
-            Reason::UnknownOption => "unknown_option",
-            Reason::ExtraOutput => "extra_output",
-            Reason::NoOutput => "no_output",
-            Reason::Nondeterministic => "nondeterministic",
-            Reason::NotACompile => "not_a_compile",
-            Reason::ResponseFile => "response_file",
-            Reason::Coverage => "coverage",
-            Reason::MultipleArch => "multiple_arch",
-            Reason::Language => "language",
-            Reason::PreprocessorPassthrough => "preprocessor_passthrough",
-            Reason::ExternalInputs => "external_inputs",
-            Reason::NonUtf8 => "non_utf8",
-            Reason::TimeMacros => "time_macros",
-            Reason::Incbin => "incbin",
-            Reason::ModifiedDuringCompile => "modified_during_compile",
-            Reason::InputTooRecent => "input_too_recent",
-            Reason::Environment => "environment",
-            Reason::SpecialOutput => "special_output",
-            Reason::PrecompiledHeader => "precompiled_header",
-        }
+named_enum! {
+    /// Why a command is run by the real compiler without the cache. The names are stable: they
+    /// appear in `kiln stats`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub enum Reason {
+        /// No `-c` or `-S`: the command links.
+        Link = "link",
+        /// `-E`: preprocess only.
+        Preprocess = "preprocess",
+        /// `-M` or `-MM` without `-MD`: dependencies only.
+        DependenciesOnly = "dependencies_only",
+        /// More than one source file in one command.
+        MultipleSources = "multiple_sources",
+        /// No source file found.
+        NoSource = "no_source",
+        /// The source is standard input (`-`).
+        StdinSource = "stdin_source",
+        /// `-save-temps` and friends write intermediate files.
+        SaveTemps = "save_temps",
+        /// Compiling a header creates a precompiled header.
+        PchCreation = "pch_creation",
+        /// An option kiln does not know, which may change the output.
+        UnknownOption = "unknown_option",
+        /// Output that kiln cannot capture: `-o -`, `-aux-info`, dump files, `-fstack-usage`...
+        ExtraOutput = "extra_output",
+        /// `-fsyntax-only` and similar produce no object.
+        NoOutput = "no_output",
+        /// Options whose output is not reproducible: `-v`, `-time`, `-ftime-report`...
+        Nondeterministic = "nondeterministic",
+        /// The command asks the compiler about itself and compiles nothing: `--version`, `--help`,
+        /// `-dumpversion`, `-print-search-dirs`, `-###`...
+        NotACompile = "not_a_compile",
+        /// `@file` that cannot be read, nested too deeply, or malformed.
+        ResponseFile = "response_file",
+        /// `--coverage` / `-ftest-coverage` write a `.gcno` beside the object.
+        Coverage = "coverage",
+        /// Several `-arch` options (one object per architecture).
+        MultipleArch = "multiple_arch",
+        /// A language kiln does not cache: plain assembly, CUDA...
+        Language = "language",
+        /// `-Wp,` or `-Xpreprocessor` with options kiln cannot follow.
+        PreprocessorPassthrough = "preprocessor_passthrough",
+        /// Inputs that bring code kiln cannot hash: `-fplugin`, `-specs`, `-B`, `-wrapper`, modules.
+        ExternalInputs = "external_inputs",
+        /// An argument that is not UTF-8.
+        NonUtf8 = "non_utf8",
+        /// `__TIME__` or `__TIMESTAMP__` in the source or a header (without `SOURCE_DATE_EPOCH`).
+        TimeMacros = "time_macros",
+        /// `.incbin` in a source or header pulls in a file kiln does not track.
+        Incbin = "incbin",
+        /// A source or header changed while it was compiled (its change time is after the
+        /// compile began, its stat changed since kiln read it, or it changed again as kiln read it).
+        ModifiedDuringCompile = "modified_during_compile",
+        /// A source or header was written so close to the compile's start that its timestamps
+        /// cannot tell whether the compiler read it before or after: the same clock tick, or on a
+        /// file system other than kiln's cache directory, within the timestamp slack.
+        InputTooRecent = "input_too_recent",
+        /// Environment variables that make the compiler write extra files.
+        Environment = "environment",
+        /// An output that is not a regular file: `-o /dev/null`, a pipe, a symbolic link.
+        SpecialOutput = "special_output",
+        /// A precompiled header would be used, which no dependency list names.
+        PrecompiledHeader = "precompiled_header",
     }
 }
 

@@ -700,27 +700,10 @@ fn replay(stdout: &[u8], stderr: &[u8]) {
     let _ = std::io::stderr().write_all(stderr);
 }
 
-/// Writes a build output through a temporary file and a rename, so the build never sees half
-/// an object.
+/// Writes a build output whole or not at all (see [`kiln_cache::replace_output`]).
 fn write_output(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .context("output has no file name")?
-        .to_string_lossy();
-    let tmp = dir.join(format!(".{name}.kiln-{}", std::process::id()));
-    fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    // Renaming over an existing file makes ext4 flush the new data to disk first
-    // (auto_da_alloc), a synchronous write on every hit; removing the old file first avoids it.
-    // Readers see the old file, then none, then the new one whole: never a part.
-    let _ = fs::remove_file(path);
-    fs::rename(&tmp, path).with_context(|| {
-        let _ = fs::remove_file(&tmp);
-        format!("cannot write {}", path.display())
-    })
+    kiln_cache::replace_output(path, bytes)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// A temporary file in the cache's `tmp/` directory, removed on drop.

@@ -15,6 +15,7 @@ pub mod gocache;
 pub mod log;
 pub mod manifest;
 pub mod masquerade;
+mod names;
 pub mod process;
 mod progress;
 pub mod remote;

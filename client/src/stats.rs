@@ -176,19 +176,14 @@ pub fn zero(cache_dir: &Path) -> std::io::Result<()> {
 /// The statistics as a JSON document.
 pub fn to_json(c: &Counters, store: &Store, limits: Limits) -> serde_json::Value {
     let (size, files) = store.usage();
-    let uncacheable: serde_json::Map<String, serde_json::Value> = Reason::ALL
+    let uncacheable: serde_json::Map<String, serde_json::Value> = Reason::NAMES
         .iter()
-        .map(|r| {
-            (
-                r.name().to_owned(),
-                json!(c.get(&format!("uncacheable.{}", r.name()))),
-            )
-        })
+        .map(|r| (r.to_string(), json!(c.get(&format!("uncacheable.{r}")))))
         .filter(|(_, v)| v.as_i64() != Some(0))
         .collect();
-    let uncacheable_total: i64 = Reason::ALL
+    let uncacheable_total: i64 = Reason::NAMES
         .iter()
-        .map(|r| c.get(&format!("uncacheable.{}", r.name())))
+        .map(|r| c.get(&format!("uncacheable.{r}")))
         .sum();
     let dist_fallbacks: serde_json::Map<String, serde_json::Value> = crate::dist::Fallback::NAMES
         .iter()

@@ -413,19 +413,11 @@ fn selected_gcc(verbose: &str) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Where `execvp` would find a bare program name.
+/// Where `execvp` would find a bare program name, when that is an absolute path (the
+/// toolchain records absolute paths).
 fn search_path(name: &str) -> Option<PathBuf> {
-    // The compiler inherits this process's environment, so it searches this PATH; glibc's
-    // default when PATH is unset is `/bin:/usr/bin`.
-    let env = crate::env::Env::capture();
-    let path = env
-        .os("PATH")
-        .map(OsString::from)
-        .unwrap_or_else(|| "/bin:/usr/bin".into());
-    std::env::split_paths(&path)
-        .filter(|dir| dir.is_absolute())
-        .map(|dir| dir.join(name))
-        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+    // The compiler inherits this process's environment, so it searches this PATH.
+    crate::env::Env::capture().find_program(name, |p, _| p.is_absolute())
 }
 
 /// Directories whose contents are shipped per job, never in a toolchain: a link from the
