@@ -2317,12 +2317,7 @@ int n = 1'000'000; /* x */ #include "not_at_line_start.h"
         let here = std::env::current_dir().unwrap();
         let mut tested = 0;
         for name in ["gcc", "g++", "clang", "clang++"] {
-            let Ok(path) =
-                crate::compiler::find(name, &crate::env::Env::capture(), Path::new("/nonexistent"))
-            else {
-                eprintln!("{name}: not installed, skipped");
-                continue;
-            };
+            let path = crate::testing::require(name);
             let id = crate::compiler::identify(&path, &records).unwrap();
             let cxx = name.ends_with("++");
             for (source, _) in SOURCES.iter().filter(|(s, _)| s.ends_with(".cpp") == cxx) {
@@ -2397,11 +2392,7 @@ int n = 1'000'000; /* x */ #include "not_at_line_start.h"
 
     #[test]
     fn a_computed_include_falls_back_to_the_preprocessor() {
-        let Ok(gcc) = crate::compiler::find("gcc", &crate::env::Env::capture(), Path::new("/x"))
-        else {
-            eprintln!("gcc: not installed, skipped");
-            return;
-        };
+        let gcc = crate::testing::require("gcc");
         let t = Tree::new();
         let src = t.file(
             "computed.c",
@@ -2426,53 +2417,5 @@ int n = 1'000'000; /* x */ #include "not_at_line_start.h"
         assert!(listed.files.contains(&src));
         assert!(!listed.files.iter().any(|f| is_toolchain_file(&id, f)));
         assert!(listed.dirs.contains(&PathBuf::from("/usr/include")));
-    }
-
-    /// `cargo test --release -p kiln-client closure::tests::scan_speed -- --ignored --nocapture`
-    #[test]
-    #[ignore = "a measurement, for release builds"]
-    fn scan_speed() {
-        let t = Tree::new();
-        let cases = [
-            (
-                "g++",
-                t.file(
-                    "x.cpp",
-                    "#include <vector>\n#include <string>\n#include <map>\n#include <iostream>\n",
-                ),
-            ),
-            (
-                "gcc",
-                t.file(
-                    "x.c",
-                    "#include <stdio.h>\n#include <stdlib.h>\n#include <string.h>\n",
-                ),
-            ),
-        ];
-        let records = t.dir("records");
-        for (compiler, src) in cases {
-            let Ok(path) =
-                crate::compiler::find(compiler, &crate::env::Env::capture(), Path::new("/x"))
-            else {
-                continue;
-            };
-            let id = crate::compiler::identify(&path, &records).unwrap();
-            let c = compile(&["-c", src.to_str().unwrap()]);
-            let env = EnvIncludePaths::default();
-            let times: Vec<Duration> = (0..300)
-                .map(|_| {
-                    let start = Instant::now();
-                    scan(&c, &id, &t.root, &env).unwrap();
-                    start.elapsed()
-                })
-                .collect();
-            let files = scan(&c, &id, &t.root, &env).unwrap().files.len();
-            let min = *times.iter().min().unwrap();
-            eprintln!(
-                "{compiler} {}: {files} files, min {min:?}, median {:?}",
-                src.display(),
-                median(times)
-            );
-        }
     }
 }

@@ -21,4 +21,6 @@ mod progress;
 pub mod remote;
 pub mod result;
 pub mod stats;
+#[cfg(test)]
+mod testing;
 pub mod toolchain;

@@ -729,7 +729,6 @@ fn check(manifest: &Manifest) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::env::Env;
     use kiln_proto::archive::{unpack, Limits};
     use std::os::unix::fs::symlink;
     use std::process::Command;
@@ -859,17 +858,6 @@ mod tests {
     }
 
     /// The compiler called `name` in PATH, if installed.
-    fn installed(name: &str) -> Option<PathBuf> {
-        let found = crate::compiler::find(name, &Env::capture(), Path::new("/nonexistent"));
-        match found {
-            Ok(path) => Some(path),
-            Err(_) => {
-                eprintln!("{name} is not installed: skipped");
-                None
-            }
-        }
-    }
-
     const COMPILERS: [&str; 4] = ["gcc", "g++", "clang", "clang++"];
 
     /// Follows `path` through the manifest's own entries, as the kernel would in the unpacked
@@ -905,12 +893,8 @@ mod tests {
 
     #[test]
     fn manifests_hold_only_relative_links_and_no_system_headers() {
-        let mut seen = 0;
         for name in COMPILERS {
-            let Some(compiler) = installed(name) else {
-                continue;
-            };
-            seen += 1;
+            let compiler = crate::testing::require(name);
             let m = manifest(&compiler).unwrap();
             for (path, source) in &m.entries {
                 assert!(
@@ -956,7 +940,6 @@ mod tests {
                 assert!(follow(&m, Path::new(&stddef)).is_some(), "{name}: {stddef}");
             }
         }
-        assert!(seen > 0, "none of {COMPILERS:?} is installed");
     }
 
     /// Runs `program` with `root` as `/`. As root this is chroot(8); otherwise a user namespace
@@ -986,9 +969,7 @@ mod tests {
     /// Packs `name`, unpacks it as a builder would, adds the job's inputs at their own paths and
     /// compiles in a chroot: the outputs must be the host's, byte for byte.
     fn compiles_in_a_chroot_as_on_the_host(name: &str) {
-        let Some(compiler) = installed(name) else {
-            return;
-        };
+        let compiler = crate::testing::require(name);
         let tmp = tempfile::tempdir().unwrap();
         let w = tmp.path().canonicalize().unwrap();
         let cxx = name.ends_with("++");
@@ -1137,12 +1118,9 @@ mod tests {
         compiles_in_a_chroot_as_on_the_host("clang++");
     }
 
-    /// The first of the compilers installed: the cheapest to pack first.
+    /// The cheapest compiler to pack.
     fn any_compiler() -> PathBuf {
-        COMPILERS
-            .iter()
-            .find_map(|name| installed(name))
-            .expect("one of gcc, g++, clang, clang++ is installed")
+        crate::testing::require(COMPILERS[0])
     }
 
     #[test]
