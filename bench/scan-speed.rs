@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kiln_client::env::Env;
+use kiln_client::search_path::SearchPath;
 use kiln_client::{args, closure, compiler};
 
 const SOURCES: [(&str, &str, &str); 2] = [
@@ -38,8 +39,8 @@ fn main() -> anyhow::Result<()> {
         let id = compiler::identify(&path, &records)?;
         let c = args::classify(vec!["-c".into(), src.to_string_lossy().into_owned()])
             .map_err(|r| anyhow::anyhow!("{file}: not a cacheable compile ({})", r.name()))?;
-        let search = closure::EnvIncludePaths::default();
-        let scan = || closure::scan(&c, &id, &root, &search);
+        let search = SearchPath::of(&c, &id, &env);
+        let scan = || closure::scan(&c, &search, &root);
         let files = scan()?.files.len();
         let mut times: Vec<Duration> = (0..300)
             .map(|_| {

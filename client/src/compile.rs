@@ -25,17 +25,19 @@ use std::time::{Instant, SystemTime};
 use anyhow::Context;
 use kiln_cache::{Digest, Hasher, Kind, Limits, Lookup, Store};
 
-use crate::args::{self, Compile, Lang, Reason};
+use crate::args::{self, Compile, Reason};
+use crate::closure::Probe;
 use crate::compiler::{self, Family, Identity};
 use crate::config::Config;
 use crate::depfile;
 use crate::dist;
 use crate::env::{Env, COMPILER_VARS, SIDE_OUTPUT_VARS};
-use crate::files::{self, Hashed, Probe, Scan, Since};
+use crate::files::{self, Hashed, Scan, Since};
 use crate::manifest::{DirRecord, FileRecord, Manifest};
 use crate::process;
 use crate::remote::{self, Remote};
 use crate::result::{CompileResult, Part};
+use crate::search_path::SearchPath;
 use crate::stats::{self, Outcome};
 use crate::{closure, toolchain};
 
@@ -109,6 +111,7 @@ impl From<anyhow::Error> for Skip {
 struct Prepared {
     compile: Compile,
     identity: Identity,
+    search: SearchPath,
     source: Hashed,
     key: Digest,
 }
@@ -244,7 +247,8 @@ fn prepare(inv: &Invocation) -> Result<Prepared, Skip> {
         }
     };
     let identity = compiler::identify(&inv.compiler, &inv.config.dir)?;
-    if precompiled_header_in_use(inv, &compile, &source.data, identity.family) {
+    let search = SearchPath::of(&compile, &identity, inv.env);
+    if precompiled_header_in_use(inv, &compile, &search, &source.data, identity.family) {
         return Err(uncacheable_by(Reason::PrecompiledHeader, &compile.source));
     }
     // The source is scanned for __TIME__ and friends only when a result is stored: a manifest
@@ -253,6 +257,7 @@ fn prepare(inv: &Invocation) -> Result<Prepared, Skip> {
     Ok(Prepared {
         compile,
         identity,
+        search,
         source,
         key,
     })
@@ -261,14 +266,13 @@ fn prepare(inv: &Invocation) -> Result<Prepared, Skip> {
 /// Whether the compile would use a precompiled header, which no dependency list names: for an
 /// `-include X`, `X.gch` or `X.pch` where `X` is looked for; for gcc also a `.gch` of the
 /// source's first `#include`.
-fn precompiled_header_in_use(inv: &Invocation, c: &Compile, source: &[u8], family: Family) -> bool {
-    let dirs = &c.include_dirs;
-    let search: Vec<&String> = dirs
-        .quote
-        .iter()
-        .chain(&dirs.angle)
-        .chain(&dirs.system)
-        .collect();
+fn precompiled_header_in_use(
+    inv: &Invocation,
+    c: &Compile,
+    search: &SearchPath,
+    source: &[u8],
+    family: Family,
+) -> bool {
     let exists = |p: PathBuf| fs::metadata(inv.cwd.join(p)).is_ok();
     let found_near = |name: &str, first: &str, suffixes: &[&str]| {
         suffixes.iter().any(|sfx| {
@@ -278,22 +282,16 @@ fn precompiled_header_in_use(inv: &Invocation, c: &Compile, source: &[u8], famil
             }
             exists(Path::new(first).join(&file))
                 || search
-                    .iter()
+                    .all()
                     .any(|d| exists(Path::new(d.as_str()).join(&file)))
         })
     };
-    let mut it = c.args.iter();
-    while let Some(a) = it.next() {
-        let name = match a.strip_prefix("-include") {
-            Some("") => it.next().map(String::as_str),
-            Some(joined) => Some(joined),
-            None => None,
-        };
-        if let Some(name) = name {
-            if found_near(name, ".", &[".gch", ".pch"]) {
-                return true;
-            }
-        }
+    if c.preprocessor
+        .includes
+        .iter()
+        .any(|name| found_near(name, ".", &[".gch", ".pch"]))
+    {
+        return true;
     }
     if family == Family::Gcc {
         if let Some(first) = first_include(source) {
@@ -998,13 +996,12 @@ fn distribute(
         ),
     }
     .map_err(|e| Fallback::Toolchain(format!("{e:#}")))?;
-    let env_paths = closure::EnvIncludePaths::from_env(inv.env, c.lang);
-    let closure = match closure::scan(c, &p.identity, &inv.cwd, &env_paths) {
+    let closure = match closure::scan(c, &p.search, &inv.cwd) {
         Ok(found) => found,
         // The preprocessor lists what a computed include or a moved search path reads.
         Err(why @ (closure::Unresolvable::Computed { .. } | closure::Unresolvable::Option(_))) => {
             tracing::debug!("{why}; asking the preprocessor for the headers");
-            closure::from_preprocessor(&inv.compiler, c, &p.identity, &inv.cwd)
+            closure::from_preprocessor(&inv.compiler, c, &p.search, &inv.cwd)
                 .map_err(|e| Fallback::Inputs(format!("{e:#}")))?
         }
         // Probes it does not list, and paths it cannot place: this compile stays here.
@@ -1138,19 +1135,18 @@ fn store_result(
     // `__has_include` in a project file (system headers use it everywhere and change only with
     // the system): the names it tests are followed like headers; one that cannot be read
     // literally makes direct mode untrustworthy for this compile.
-    let system = system_dirs(p);
+    let system = normalized(&p.search.system);
     let mut probes: Vec<(String, Probe)> = Vec::new();
     // The first file whose `__has_include` cannot be followed, and that call.
     let mut untrusted: Option<String> = None;
     let mut note_probes = |path: &str, data: &[u8], scan: Scan| {
         if scan.has_include && !under_any(path, &system) {
-            match files::include_probes(data) {
-                Some(found) => probes.extend(found.into_iter().map(|pr| (parent_of(path), pr))),
-                None if untrusted.is_none() => {
-                    let call = files::computed_probe(data).unwrap_or_default();
-                    untrusted = Some(format!("{path} uses `{call}`, which kiln cannot follow"));
+            match closure::include_probes(data) {
+                Ok(found) => probes.extend(found.into_iter().map(|pr| (parent_of(path), pr))),
+                Err(what) if untrusted.is_none() => {
+                    untrusted = Some(format!("{path} uses {what}, which kiln cannot follow"));
                 }
-                None => {}
+                Err(_) => {}
             }
         }
     };
@@ -1368,7 +1364,7 @@ fn read_output(cwd: &Path, path: &Path) -> Result<Vec<u8>, Skip> {
 
 /// The key of a result in preprocessor mode: the manifest key and the digest of `-E` output.
 fn preprocessed_key(inv: &Invocation, p: &Prepared) -> anyhow::Result<Digest> {
-    let mut args = deps_only_args(&p.compile.args);
+    let mut args = args::without_outputs(&p.compile.args);
     args.push("-E".to_owned());
     let out =
         process::capture(&inv.compiler, &args, None).context("cannot run the preprocessor")?;
@@ -1392,16 +1388,8 @@ fn parent_of(path: &str) -> String {
     }
 }
 
-/// The compiler's own include directories and `-isystem` ones, normalized.
-fn system_dirs(p: &Prepared) -> Vec<String> {
-    let own = match p.compile.lang {
-        Lang::Cxx | Lang::ObjCxx | Lang::CxxPreprocessed => &p.identity.cxx_dirs,
-        _ => &p.identity.c_dirs,
-    };
-    own.iter()
-        .chain(&p.compile.include_dirs.system)
-        .map(|d| normalize(d))
-        .collect()
+fn normalized(dirs: &[String]) -> Vec<String> {
+    dirs.iter().map(|d| normalize(d)).collect()
 }
 
 fn under_any(path: &str, dirs: &[String]) -> bool {
@@ -1427,7 +1415,7 @@ fn header_list(
         }
         _ => {
             let tmp = TempFile::new(&inv.config.dir, ".d")?;
-            let mut args = deps_only_args(&c.args);
+            let mut args = args::without_outputs(&c.args);
             args.extend([
                 "-M".to_owned(),
                 "-MF".to_owned(),
@@ -1448,28 +1436,6 @@ fn header_list(
         .into_iter()
         .filter(|h| normalize(h) != source)
         .collect())
-}
-
-/// The compile's arguments with its outputs and dependency options removed, for a `-M` run.
-fn deps_only_args(args: &[String]) -> Vec<String> {
-    let mut out = Vec::with_capacity(args.len());
-    let mut skip_next = false;
-    for a in args {
-        if skip_next {
-            skip_next = false;
-            continue;
-        }
-        match a.as_str() {
-            "-o" | "-MF" | "-MT" | "-MQ" => skip_next = true,
-            "-c" | "-S" | "-MD" | "-MMD" | "-MP" => {}
-            s if s.starts_with("-Wp,-MD,") || s.starts_with("-Wp,-MMD,") => {}
-            s if s.len() > 3
-                && (s.starts_with("-MF") || s.starts_with("-MT") || s.starts_with("-MQ")) => {}
-            s if s.len() > 2 && s.starts_with("-o") => {}
-            _ => out.push(a.clone()),
-        }
-    }
-    out
 }
 
 /// Lexical normal form of a path: no `.` components, no repeated or trailing slashes.
@@ -1506,54 +1472,15 @@ fn negative_paths(
         .parent()
         .map(|d| d.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let system = match c.lang {
-        Lang::Cxx | Lang::ObjCxx | Lang::CxxPreprocessed => &p.identity.cxx_dirs,
-        _ => &p.identity.c_dirs,
-    };
-    let dirs = &c.include_dirs;
-    // CPATH searches like -I, C_INCLUDE_PATH and friends like -isystem (an empty element is
-    // the working directory).
-    let env_dirs = |var: &str| -> Vec<String> {
-        inv.env
-            .get(var)
-            .map(|v| {
-                v.split(':')
-                    .map(|d| {
-                        if d.is_empty() {
-                            ".".to_owned()
-                        } else {
-                            d.to_owned()
-                        }
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let cpath = env_dirs("CPATH");
-    let lang_path = env_dirs(match c.lang {
-        Lang::Cxx | Lang::CxxPreprocessed => "CPLUS_INCLUDE_PATH",
-        Lang::ObjC => "OBJC_INCLUDE_PATH",
-        Lang::ObjCxx => "OBJCPLUS_INCLUDE_PATH",
-        _ => "C_INCLUDE_PATH",
-    });
     let chain: Vec<String> = std::iter::once(&source_dir)
-        .chain(&dirs.quote)
-        .chain(&dirs.angle)
-        .chain(&cpath)
-        .chain(&dirs.system)
-        .chain(&lang_path)
-        .chain(system)
-        .chain(&dirs.after)
+        .chain(p.search.all())
         .map(|d| normalize(d))
         .collect();
     // `#include "x"` looks in the including file's directory first, and `-include` in the
     // working directory: every such directory could gain a header that shadows a used one.
     let mut includers: Vec<String> = Vec::new();
-    let has_forced_include = c
-        .args
-        .iter()
-        .any(|a| a.starts_with("-include") && a != "-include-pch");
-    let system_headers = system_dirs(p);
+    let has_forced_include = !c.preprocessor.includes.is_empty();
+    let system_headers = normalized(&p.search.system);
     let project_headers = headers.iter().filter(|h| !under_any(h, &system_headers));
     for d in project_headers
         .map(|h| parent_of(h))
@@ -1753,25 +1680,6 @@ mod tests {
             relativize("/home/u/proj/a.c", base, cwd, |_| false),
             "/home/u/proj/a.c"
         );
-    }
-
-    #[test]
-    fn deps_only_strips_outputs() {
-        let args: Vec<String> = [
-            "-c",
-            "a.c",
-            "-o",
-            "a.o",
-            "-MMD",
-            "-MF",
-            "a.d",
-            "-MTx",
-            "-O2",
-            "-Wp,-MMD,k.d",
-        ]
-        .map(String::from)
-        .to_vec();
-        assert_eq!(deps_only_args(&args), ["a.c", "-O2"]);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod process;
 mod progress;
 pub mod remote;
 pub mod result;
+pub mod search_path;
 pub mod stats;
 #[cfg(test)]
 mod testing;

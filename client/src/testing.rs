@@ -10,3 +10,13 @@ pub fn require(name: &str) -> PathBuf {
             panic!("{name} is not installed ({e:#}): scripts/test.sh installs what the tests need")
         })
 }
+
+/// A gcc identity with these default include directories and no binary behind it.
+pub fn identity(c_dirs: &[&str], cxx_dirs: &[&str]) -> crate::compiler::Identity {
+    serde_json::from_value(serde_json::json!({
+        "path": "/usr/bin/cc", "family": "Gcc", "digest": "", "version": "cc 1",
+        "c_dirs": c_dirs, "cxx_dirs": cxx_dirs,
+        "stat": {"size": 0, "mtime_ns": 0, "ctime_ns": 0, "ino": 0, "dev": 0},
+    }))
+    .unwrap()
+}
