@@ -47,6 +47,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read};
+use std::ops::ControlFlow;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
@@ -948,7 +949,7 @@ fn resolve_dots(spelled: &Path) -> Result<Option<(PathBuf, Vec<PathBuf>)>, Unres
 /// Speed: it jumps with `memchr` from one `#` or possible comment or literal start to the
 /// next, so text between them costs what the vectorized search costs; whether a `#` starts its
 /// line is decided by looking back over blanks.
-fn lex(data: &[u8], mut directive: impl FnMut(usize, &[u8])) {
+fn lex(data: &[u8], mut directive: impl FnMut(usize, &[u8]) -> ControlFlow<()>) {
     let n = data.len();
     let mut line = Vec::with_capacity(256);
     let mut i = 0;
@@ -968,7 +969,9 @@ fn lex(data: &[u8], mut directive: impl FnMut(usize, &[u8])) {
             let at = next_hash;
             i = if starts_line(data, at, leading_comment_end) {
                 let end = logical_line(data, at + 1, &mut line);
-                directive(at, &line);
+                if directive(at, &line).is_break() {
+                    return;
+                }
                 end
             } else {
                 at + 1
@@ -1214,6 +1217,25 @@ fn directives(data: &[u8], wanted: &FxSet<Vec<u8>>, wrappers: &[Wrapper]) -> Fou
             b"define" => define(rest, wanted, wrappers, &mut found, line_no),
             _ => {}
         }
+        ControlFlow::Continue(())
+    });
+    found
+}
+
+/// The header name of a source's first `#include`, when it is written literally: gcc looks
+/// for a precompiled `name.gch` before it (see `compile::c_family`). The lexing stops there.
+pub fn first_include(data: &[u8]) -> Option<String> {
+    let mut found = None;
+    lex(data, |_, line| {
+        let (name, rest) = split_ident(trim(line));
+        if name != b"include" {
+            return ControlFlow::Continue(());
+        }
+        found = match include_operand(rest) {
+            Some(Operand::Quoted(n) | Operand::Angle(n)) => String::from_utf8(n).ok(),
+            _ => None,
+        };
+        ControlFlow::Break(())
     });
     found
 }
@@ -2006,6 +2028,14 @@ int n = 1'000'000; /* x */ #include "not_at_line_start.h"
         ]);
         let c = t.scan_in(&["-c", "main.c"], &env).unwrap();
         assert_eq!(t.shipped(&c), ["envinc/e.h", "h.h", "main.c", "sys/s.h"]);
+    }
+
+    #[test]
+    fn the_first_include_is_read_by_the_same_lexer() {
+        let src = b"/* #include \"no.h\" */\n// #include <no.h>\n#include_next <no.h>\n  #  include \"pch.h\"\n#include <b.h>\n";
+        assert_eq!(first_include(src).as_deref(), Some("pch.h"));
+        assert_eq!(first_include(b"#include HDR\n#include <b.h>\n"), None);
+        assert_eq!(first_include(b"int x;\n"), None);
     }
 
     #[test]

@@ -258,7 +258,7 @@ fn precompiled_header_in_use(
         return true;
     }
     if family == Driver::Gcc {
-        if let Some(first) = first_include(source) {
+        if let Some(first) = closure::first_include(source) {
             let source_dir = shadow::parent_of(&c.source);
             if found_near(&first, &source_dir, &[".gch"]) {
                 return true;
@@ -266,27 +266,6 @@ fn precompiled_header_in_use(
         }
     }
     false
-}
-
-/// The name in the first `#include` directive of a source, if any.
-fn first_include(source: &[u8]) -> Option<String> {
-    for line in source.split(|b| *b == b'\n') {
-        let line = String::from_utf8_lossy(line);
-        let Some(rest) = line.trim_start().strip_prefix('#') else {
-            continue;
-        };
-        let Some(rest) = rest.trim_start().strip_prefix("include") else {
-            continue;
-        };
-        let rest = rest.trim_start();
-        let close = match rest.chars().next()? {
-            '"' => '"',
-            '<' => '>',
-            _ => return None,
-        };
-        return rest[1..].split(close).next().map(str::to_owned);
-    }
-    None
 }
 
 fn lookup(
