@@ -22,4 +22,6 @@ mod store;
 pub use counters::Counters;
 pub use digest::{Digest, DigestParseError, Hasher};
 pub use entry::{EntryError, Kind};
-pub use store::{parse_size, write_atomically, CleanupReport, Limits, Lookup, Store, StoreError};
+pub use store::{
+    parse_size, replace_output, write_atomically, CleanupReport, Limits, Lookup, Store, StoreError,
+};

@@ -401,16 +401,42 @@ fn list_shard(dir: &Path) -> io::Result<(Vec<(PathBuf, SystemTime, u64)>, u64)> 
 /// Writes `bytes` to a temporary file beside `path` and renames it into place, so readers see
 /// the old file, or the new one whole, never a part. Creates the directory if needed.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_via_temp(path, bytes, Replace::CreatingDir)
+}
+
+/// Replaces a build output (an object, a dependency file) with `bytes`, through a temporary
+/// file and a rename as [`write_atomically`] does: the build never sees half a file. The
+/// directory is not created (the compiler would not create it either), and the old file is
+/// removed first: renaming over an existing file makes ext4 flush the new data to disk
+/// (`auto_da_alloc`), a synchronous write on every cache hit. Readers see the old file, then
+/// none, then the new one whole.
+pub fn replace_output(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_via_temp(path, bytes, Replace::RemovingOld)
+}
+
+/// What a temporary-file write does besides the rename.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Replace {
+    CreatingDir,
+    RemovingOld,
+}
+
+fn write_via_temp(path: &Path, bytes: &[u8], how: Replace) -> io::Result<()> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
+    // The prefix marks it for the store's sweep; the name says what it was for.
     let tmp = dir.join(format!(
-        "{TMP_PREFIX}{}.{}.{}",
+        "{TMP_PREFIX}{}.{}.{}.{}",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed),
-        nanos.subsec_nanos()
+        nanos.subsec_nanos(),
+        path.file_name().unwrap_or_default().to_string_lossy()
     ));
     let create = || {
         fs::OpenOptions::new()
@@ -420,13 +446,18 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     };
     let mut file = match create() {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && how == Replace::CreatingDir => {
             fs::create_dir_all(dir)?;
             create()?
         }
         Err(e) => return Err(e),
     };
-    let written = file.write_all(bytes).and_then(|()| fs::rename(&tmp, path));
+    let written = file.write_all(bytes).and_then(|()| {
+        if how == Replace::RemovingOld {
+            let _ = fs::remove_file(path);
+        }
+        fs::rename(&tmp, path)
+    });
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
     }
@@ -575,5 +606,25 @@ mod tests {
         assert_eq!(size, (entry::HEADER_LEN + 5) as u64);
         assert!(store.remove(Kind::Result, &key(1)).unwrap());
         assert_eq!(store.usage(), (0, 0));
+    }
+
+    #[test]
+    fn an_output_is_replaced_whole_and_its_directory_is_never_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("a.o");
+        std::fs::write(&out, b"old").unwrap();
+        replace_output(&out, b"new").unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"new");
+        let missing = dir.path().join("nodir").join("a.o");
+        assert!(replace_output(&missing, b"x").is_err());
+        assert!(!missing.parent().unwrap().exists());
+        write_atomically(&missing, b"x").unwrap();
+        assert_eq!(std::fs::read(&missing).unwrap(), b"x");
+        // No temporary file is left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 }

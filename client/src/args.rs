@@ -6,132 +6,71 @@
 
 use std::path::{Path, PathBuf};
 
-/// Why a command is run by the real compiler without the cache. The names are stable: they
-/// appear in `kiln stats`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Reason {
-    /// No `-c` or `-S`: the command links.
-    Link,
-    /// `-E`: preprocess only.
-    Preprocess,
-    /// `-M` or `-MM` without `-MD`: dependencies only.
-    DependenciesOnly,
-    /// More than one source file in one command.
-    MultipleSources,
-    /// No source file found.
-    NoSource,
-    /// The source is standard input (`-`).
-    StdinSource,
-    /// `-save-temps` and friends write intermediate files.
-    SaveTemps,
-    /// Compiling a header creates a precompiled header.
-    PchCreation,
-    /// An option kiln does not know, which may change the output.
-    UnknownOption,
-    /// Output that kiln cannot capture: `-o -`, `-aux-info`, dump files, `-fstack-usage`...
-    ExtraOutput,
-    /// `-fsyntax-only` and similar produce no object.
-    NoOutput,
-    /// Options whose output is not reproducible: `-v`, `-time`, `-ftime-report`...
-    Nondeterministic,
-    /// The command asks the compiler about itself and compiles nothing: `--version`, `--help`,
-    /// `-dumpversion`, `-print-search-dirs`, `-###`...
-    NotACompile,
-    /// `@file` that cannot be read, nested too deeply, or malformed.
-    ResponseFile,
-    /// `--coverage` / `-ftest-coverage` write a `.gcno` beside the object.
-    Coverage,
-    /// Several `-arch` options (one object per architecture).
-    MultipleArch,
-    /// A language kiln does not cache: plain assembly, CUDA...
-    Language,
-    /// `-Wp,` or `-Xpreprocessor` with options kiln cannot follow.
-    PreprocessorPassthrough,
-    /// Inputs that bring code kiln cannot hash: `-fplugin`, `-specs`, `-B`, `-wrapper`, modules.
-    ExternalInputs,
-    /// An argument that is not UTF-8.
-    NonUtf8,
-    /// `__TIME__` or `__TIMESTAMP__` in the source or a header (without `SOURCE_DATE_EPOCH`).
-    TimeMacros,
-    /// `.incbin` in a source or header pulls in a file kiln does not track.
-    Incbin,
-    /// A source or header changed while it was compiled (its change time is after the
-    /// compile began, its stat changed since kiln read it, or it changed again as kiln read it).
-    ModifiedDuringCompile,
-    /// A source or header was written so close to the compile's start that its timestamps
-    /// cannot tell whether the compiler read it before or after: the same clock tick, or on a
-    /// file system other than kiln's cache directory, within the timestamp slack.
-    InputTooRecent,
-    /// Environment variables that make the compiler write extra files.
-    Environment,
-    /// An output that is not a regular file: `-o /dev/null`, a pipe, a symbolic link.
-    SpecialOutput,
-    /// A precompiled header would be used, which no dependency list names.
-    PrecompiledHeader,
-}
+use crate::names::named_enum;
 
-impl Reason {
-    pub const ALL: [Reason; 27] = [
-        Reason::Link,
-        Reason::Preprocess,
-        Reason::DependenciesOnly,
-        Reason::MultipleSources,
-        Reason::NoSource,
-        Reason::StdinSource,
-        Reason::SaveTemps,
-        Reason::PchCreation,
-        Reason::UnknownOption,
-        Reason::ExtraOutput,
-        Reason::NoOutput,
-        Reason::Nondeterministic,
-        Reason::NotACompile,
-        Reason::ResponseFile,
-        Reason::Coverage,
-        Reason::MultipleArch,
-        Reason::Language,
-        Reason::PreprocessorPassthrough,
-        Reason::ExternalInputs,
-        Reason::NonUtf8,
-        Reason::TimeMacros,
-        Reason::Incbin,
-        Reason::ModifiedDuringCompile,
-        Reason::InputTooRecent,
-        Reason::Environment,
-        Reason::SpecialOutput,
-        Reason::PrecompiledHeader,
-    ];
-
-    /// The stable name used in statistics.
-    pub fn name(self) -> &'static str {
-        match self {
-            Reason::Link => "link",
-            Reason::Preprocess => "preprocess",
-            Reason::DependenciesOnly => "dependencies_only",
-            Reason::MultipleSources => "multiple_sources",
-            Reason::NoSource => "no_source",
-            Reason::StdinSource => "stdin_source",
-            Reason::SaveTemps => "save_temps",
-            Reason::PchCreation => "pch_creation",
-            Reason::UnknownOption => "unknown_option",
-            Reason::ExtraOutput => "extra_output",
-            Reason::NoOutput => "no_output",
-            Reason::Nondeterministic => "nondeterministic",
-            Reason::NotACompile => "not_a_compile",
-            Reason::ResponseFile => "response_file",
-            Reason::Coverage => "coverage",
-            Reason::MultipleArch => "multiple_arch",
-            Reason::Language => "language",
-            Reason::PreprocessorPassthrough => "preprocessor_passthrough",
-            Reason::ExternalInputs => "external_inputs",
-            Reason::NonUtf8 => "non_utf8",
-            Reason::TimeMacros => "time_macros",
-            Reason::Incbin => "incbin",
-            Reason::ModifiedDuringCompile => "modified_during_compile",
-            Reason::InputTooRecent => "input_too_recent",
-            Reason::Environment => "environment",
-            Reason::SpecialOutput => "special_output",
-            Reason::PrecompiledHeader => "precompiled_header",
-        }
+named_enum! {
+    /// Why a command is run by the real compiler without the cache. The names are stable: they
+    /// appear in `kiln stats`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub enum Reason {
+        /// No `-c` or `-S`: the command links.
+        Link = "link",
+        /// `-E`: preprocess only.
+        Preprocess = "preprocess",
+        /// `-M` or `-MM` without `-MD`: dependencies only.
+        DependenciesOnly = "dependencies_only",
+        /// More than one source file in one command.
+        MultipleSources = "multiple_sources",
+        /// No source file found.
+        NoSource = "no_source",
+        /// The source is standard input (`-`).
+        StdinSource = "stdin_source",
+        /// `-save-temps` and friends write intermediate files.
+        SaveTemps = "save_temps",
+        /// Compiling a header creates a precompiled header.
+        PchCreation = "pch_creation",
+        /// An option kiln does not know, which may change the output.
+        UnknownOption = "unknown_option",
+        /// Output that kiln cannot capture: `-o -`, `-aux-info`, dump files, `-fstack-usage`...
+        ExtraOutput = "extra_output",
+        /// `-fsyntax-only` and similar produce no object.
+        NoOutput = "no_output",
+        /// Options whose output is not reproducible: `-v`, `-time`, `-ftime-report`...
+        Nondeterministic = "nondeterministic",
+        /// The command asks the compiler about itself and compiles nothing: `--version`, `--help`,
+        /// `-dumpversion`, `-print-search-dirs`, `-###`...
+        NotACompile = "not_a_compile",
+        /// `@file` that cannot be read, nested too deeply, or malformed.
+        ResponseFile = "response_file",
+        /// `--coverage` / `-ftest-coverage` write a `.gcno` beside the object.
+        Coverage = "coverage",
+        /// Several `-arch` options (one object per architecture).
+        MultipleArch = "multiple_arch",
+        /// A language kiln does not cache: plain assembly, CUDA...
+        Language = "language",
+        /// `-Wp,` or `-Xpreprocessor` with options kiln cannot follow.
+        PreprocessorPassthrough = "preprocessor_passthrough",
+        /// Inputs that bring code kiln cannot hash: `-fplugin`, `-specs`, `-B`, `-wrapper`, modules.
+        ExternalInputs = "external_inputs",
+        /// An argument that is not UTF-8.
+        NonUtf8 = "non_utf8",
+        /// `__TIME__` or `__TIMESTAMP__` in the source or a header (without `SOURCE_DATE_EPOCH`).
+        TimeMacros = "time_macros",
+        /// `.incbin` in a source or header pulls in a file kiln does not track.
+        Incbin = "incbin",
+        /// A source or header changed while it was compiled (its change time is after the
+        /// compile began, its stat changed since kiln read it, or it changed again as kiln read it).
+        ModifiedDuringCompile = "modified_during_compile",
+        /// A source or header was written so close to the compile's start that its timestamps
+        /// cannot tell whether the compiler read it before or after: the same clock tick, or on a
+        /// file system other than kiln's cache directory, within the timestamp slack.
+        InputTooRecent = "input_too_recent",
+        /// Environment variables that make the compiler write extra files.
+        Environment = "environment",
+        /// An output that is not a regular file: `-o /dev/null`, a pipe, a symbolic link.
+        SpecialOutput = "special_output",
+        /// A precompiled header would be used, which no dependency list names.
+        PrecompiledHeader = "precompiled_header",
     }
 }
 
@@ -230,6 +169,78 @@ pub struct IncludeDirs {
     pub after: Vec<String>,
 }
 
+/// What the command line tells the preprocessor beyond the include directories: what the
+/// include scan, the cache's own `-M` and `-E` runs and precompiled-header detection all
+/// follow, read here once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Preprocessor {
+    /// `-include` files, as given, in order.
+    pub includes: Vec<String>,
+    /// `-imacros` files, as given.
+    pub imacros: Vec<String>,
+    /// Macro definitions (`-D`, `--define-macro`, `-Wp,-D`) as written: `NAME` or `NAME=body`.
+    pub defines: Vec<String>,
+    /// `-nostdinc`: none of the compiler's own directories is searched.
+    pub nostdinc: bool,
+    /// `-nostdinc++`: the C++ library's directories are not searched.
+    pub nostdincxx: bool,
+    /// The first option whose effect on the headers read the include scan does not model: one
+    /// that moves or prefixes the compiler's own directories (`--sysroot`, `-stdlib=`, `-m32`...),
+    /// or a function-like `-D` macro wrapping `__has_include`. The preprocessor (`-M -v`) can
+    /// still say what is read.
+    pub unscannable: Option<String>,
+}
+
+/// Options that change which directories the compiler searches by default, or prefix them.
+const MOVES_DEFAULT_DIRS: &[&str] = &[
+    "--sysroot",
+    "-isysroot",
+    "-iprefix",
+    "-iwithprefix",
+    "-iwithprefixbefore",
+    "-iwithsysroot",
+    "-imultilib",
+    "-imultiarch",
+    "-stdlib",
+    "-target",
+    "--target",
+    "-gcc-toolchain",
+    "--gcc-toolchain",
+    "-resource-dir",
+    "-cxx-isystem",
+    "-iframework",
+    "-F",
+    "-m32",
+    "-mx32",
+    "-m16",
+    "-mabi",
+];
+
+impl Preprocessor {
+    /// Notes an option that moves the compiler's default directories.
+    fn note_option(&mut self, arg: &str) {
+        let name = arg.split_once('=').map_or(arg, |(n, _)| n);
+        let moves = MOVES_DEFAULT_DIRS
+            .iter()
+            .any(|u| name == *u || (u.starts_with("-i") && arg.starts_with(u)))
+            || (arg.starts_with("-F") && arg.len() > 2);
+        if moves && self.unscannable.is_none() {
+            self.unscannable = Some(arg.to_owned());
+        }
+    }
+
+    /// `NAME=body` or `NAME` from `-D`.
+    fn define(&mut self, def: &str) {
+        let (name, body) = def.split_once('=').unwrap_or((def, "1"));
+        // A function-like macro from the command line that wraps `__has_include` would make
+        // probes a scan cannot see.
+        if name.contains('(') && body.contains("__has_") && self.unscannable.is_none() {
+            self.unscannable = Some(format!("-D{def}"));
+        }
+        self.defines.push(def.to_owned());
+    }
+}
+
 /// A single compile kiln can cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Compile {
@@ -271,6 +282,7 @@ pub struct Compile {
     /// `-march=native` and the like: the output depends on the host CPU.
     pub native_cpu: bool,
     pub include_dirs: IncludeDirs,
+    pub preprocessor: Preprocessor,
     /// The arguments that go into the cache key, in order: everything except the source, the
     /// output and the dependency file's location (which are hashed separately where they
     /// matter).
@@ -525,6 +537,7 @@ pub fn classify_explained(args: Vec<String>) -> Result<Compile, Refused> {
     while i < args.len() {
         let arg = args[i].as_str();
         let next = args.get(i + 1).map(String::as_str);
+        c.pre.note_option(arg);
         let consumed = c.option(arg, next).map_err(|reason| Refused {
             reason,
             arg: Some(match next {
@@ -535,6 +548,30 @@ pub fn classify_explained(args: Vec<String>) -> Result<Compile, Refused> {
         i += consumed;
     }
     c.finish(args).map_err(Refused::from)
+}
+
+/// A compile's arguments without its outputs and dependency options: what the preprocessor is
+/// run with when kiln asks it something (`-M` for the headers, `-M -v` for the farm's inputs,
+/// `-E` for preprocessor mode), so every such run reads the same command.
+pub fn without_outputs(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len() + 3);
+    let mut skip_next = false;
+    for a in args {
+        if skip_next {
+            skip_next = false;
+            continue;
+        }
+        match a.as_str() {
+            "-o" | "-MF" | "-MT" | "-MQ" => skip_next = true,
+            "-c" | "-S" | "-MD" | "-MMD" | "-MP" => {}
+            s if s.starts_with("-Wp,-MD,") || s.starts_with("-Wp,-MMD,") => {}
+            s if s.len() > 3
+                && (s.starts_with("-MF") || s.starts_with("-MT") || s.starts_with("-MQ")) => {}
+            s if s.len() > 2 && s.starts_with("-o") => {}
+            _ => out.push(a.clone()),
+        }
+    }
+    out
 }
 
 /// The first argument that names a source file, as far as a command kiln could not classify
@@ -580,6 +617,7 @@ struct Parser {
     native_cpu: bool,
     archs: usize,
     dirs: IncludeDirs,
+    pre: Preprocessor,
     hashed: Vec<String>,
 }
 
@@ -671,6 +709,18 @@ impl Parser {
                 self.dirs.after.push(value.to_owned());
                 keep(self);
             }
+            "-include" => {
+                self.pre.includes.push(value.to_owned());
+                keep(self);
+            }
+            "-imacros" => {
+                self.pre.imacros.push(value.to_owned());
+                keep(self);
+            }
+            "-D" | "--define-macro" => {
+                self.pre.define(value);
+                keep(self);
+            }
             "-arch" => {
                 self.archs += 1;
                 if self.archs > 1 {
@@ -722,6 +772,8 @@ impl Parser {
                 self.debug = true;
             }
             "-g0" | "-ggdb0" | "-gline-tables-only0" => self.debug = false,
+            "-nostdinc" => self.pre.nostdinc = true,
+            "-nostdinc++" => self.pre.nostdincxx = true,
             _ => return self.flag_family(arg),
         }
         if !matches!(arg, "-c" | "-MD" | "-MMD") {
@@ -870,6 +922,9 @@ impl Parser {
                 .iter()
                 .all(|p| p.starts_with("-D") || p.starts_with("-U") || p.starts_with("-I")) =>
             {
+                for d in parts.iter().filter_map(|p| p.strip_prefix("-D")) {
+                    self.pre.define(d);
+                }
                 self.hashed.push(format!("-Wp,{rest}"));
             }
             _ => return Err(Reason::PreprocessorPassthrough),
@@ -935,6 +990,7 @@ impl Parser {
             records_cwd: self.records_cwd,
             native_cpu: self.native_cpu,
             include_dirs: self.dirs,
+            preprocessor: self.pre,
             hashed_args: self.hashed,
         })
     }
@@ -974,6 +1030,41 @@ mod tests {
 
     fn words(s: &str) -> Vec<String> {
         s.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn what_the_preprocessor_is_told_is_read_once() {
+        let c = classify(words(
+            "-c a.c -include f.h -includeg.h -imacros m.h -DA -D B=<b.h> --define-macro=C \
+             -Wp,-DD=1,-UE -nostdinc++ -o a.o",
+        ))
+        .unwrap();
+        let p = &c.preprocessor;
+        assert_eq!(p.includes, ["f.h", "g.h"]);
+        assert_eq!(p.imacros, ["m.h"]);
+        assert_eq!(p.defines, ["A", "B=<b.h>", "C", "D=1"]);
+        assert!(!p.nostdinc && p.nostdincxx);
+        assert_eq!(p.unscannable, None);
+        for (line, option) in [
+            ("-c a.c --sysroot=/x", "--sysroot=/x"),
+            ("-c a.c --sysroot /x", "--sysroot"),
+            ("-c a.c -m32 -stdlib=libc++", "-m32"),
+            ("-c a.c -iwithprefix y", "-iwithprefix"),
+            ("-c a.c -DH(x)=__has_include(x)", "-DH(x)=__has_include(x)"),
+        ] {
+            let c = classify(words(line)).unwrap();
+            assert_eq!(
+                c.preprocessor.unscannable.as_deref(),
+                Some(option),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn preprocessor_runs_drop_outputs_and_dependency_options() {
+        let args = words("-c a.c -o a.o -MMD -MF a.d -MTx -O2 -Wp,-MMD,k.d");
+        assert_eq!(without_outputs(&args), ["a.c", "-O2"]);
     }
 
     /// Command lines as gcc and clang users write them, and what kiln makes of them.

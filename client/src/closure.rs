@@ -23,7 +23,7 @@
 //!   would silently change the object, so probed files are shipped (not scanned: only their
 //!   existence counts).
 //! - **The compiler's private headers stay home.** gcc's `lib/gcc/<target>/<version>/include`
-//!   and clang's resource directory travel in the toolchain archive (see [`is_toolchain_dir`]).
+//!   and clang's resource directory travel in the toolchain archive (see [`crate::search_path::is_toolchain_dir`]).
 //!   They are still read, because they include libc's headers (`mm_malloc.h` includes
 //!   `<stdlib.h>`, `stdint.h` does `#include_next <stdint.h>`).
 //! - **Paths as the compiler spells them.** A candidate is the search directory joined with the
@@ -47,6 +47,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read};
+use std::ops::ControlFlow;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
@@ -55,12 +56,11 @@ use anyhow::Context;
 use kiln_cache::Digest;
 use memchr::{memchr, memchr3, memmem};
 
-use crate::args::{Compile, Lang};
-use crate::compiler::Identity;
+use crate::args::{self, Compile};
 use crate::depfile;
-use crate::env::Env;
 use crate::files;
 use crate::process;
+use crate::search_path::SearchPath;
 
 /// What a builder needs beside the toolchain to run one compile.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -123,57 +123,18 @@ pub enum Unresolvable {
     Unreadable { path: PathBuf, error: String },
 }
 
-/// The include directories named by the environment: GCC and Clang read `CPATH` (searched like
-/// `-I`) and one of `C_INCLUDE_PATH`, `CPLUS_INCLUDE_PATH`, `OBJC_INCLUDE_PATH`,
-/// `OBJCPLUS_INCLUDE_PATH` by language (searched like `-isystem`). An empty element is the
+/// Lists the files `compile` may read along `path`, by scanning; `cwd` is the compile's
 /// working directory.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EnvIncludePaths {
-    pub cpath: Vec<String>,
-    pub lang: Vec<String>,
-}
-
-impl EnvIncludePaths {
-    /// The directories the environment adds for a compile in `lang`.
-    pub fn from_env(env: &Env, lang: Lang) -> EnvIncludePaths {
-        // GCC's add_env_var_paths: an unset or empty variable adds nothing, an empty element
-        // of a non-empty one adds ".".
-        let split = |var: &str| -> Vec<String> {
-            env.get(var)
-                .map(|v| {
-                    v.split(':')
-                        .map(|d| if d.is_empty() { "." } else { d }.to_owned())
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let lang_var = match lang {
-            Lang::Cxx | Lang::CxxPreprocessed => "CPLUS_INCLUDE_PATH",
-            Lang::ObjC => "OBJC_INCLUDE_PATH",
-            Lang::ObjCxx => "OBJCPLUS_INCLUDE_PATH",
-            _ => "C_INCLUDE_PATH",
-        };
-        EnvIncludePaths {
-            cpath: split("CPATH"),
-            lang: split(lang_var),
-        }
+pub fn scan(compile: &Compile, path: &SearchPath, cwd: &Path) -> Result<Closure, Unresolvable> {
+    let pre = &compile.preprocessor;
+    if let Some(option) = &pre.unscannable {
+        return Err(Unresolvable::Option(option.clone()));
     }
-}
-
-/// Lists the files `compile` may read, by scanning. `identity` gives the compiler's default
-/// include directories; `cwd` is the compile's working directory.
-pub fn scan(
-    compile: &Compile,
-    identity: &Identity,
-    cwd: &Path,
-    env_paths: &EnvIncludePaths,
-) -> Result<Closure, Unresolvable> {
-    let line = CommandLine::of(&compile.args);
-    if let Some(option) = line.untracked {
-        return Err(Unresolvable::Option(option));
-    }
-    let defaults = Defaults::of(identity, compile.lang, &line);
-    scan_with(compile, &defaults, &line, cwd, env_paths)
+    let search = Search::new(cwd, &path.quote, &path.chain, path.private.clone())?;
+    let mut scanner = Scanner::new(&search, false, &command_line_defines(&pre.defines));
+    scanner.roots(compile, cwd, &forced(compile))?;
+    scanner.run()?;
+    Ok(scanner.closure(cwd))
 }
 
 /// Lists the files `compile` reads by asking `compiler` (as the user named it: `clang++` and
@@ -184,7 +145,7 @@ pub fn scan(
 pub fn from_preprocessor(
     compiler: &Path,
     compile: &Compile,
-    identity: &Identity,
+    path: &SearchPath,
     cwd: &Path,
 ) -> anyhow::Result<Closure> {
     let here = std::env::current_dir().context("cannot read the working directory")?;
@@ -194,7 +155,7 @@ pub fn from_preprocessor(
         here.display(),
         cwd.display()
     );
-    let mut args = preprocessor_args(&compile.args);
+    let mut args = args::without_outputs(&compile.args);
     args.extend(["-M".to_owned(), "-v".to_owned()]);
     let out = process::capture(compiler, &args, None)
         .with_context(|| format!("cannot run {} -M", compiler.display()))?;
@@ -213,13 +174,15 @@ pub fn from_preprocessor(
             compiler.display()
         )
     })?;
-    let line = CommandLine::of(&compile.args);
     // `-v` gives the search path, but which of its directories are the toolchain's is still
     // the identity's to say (an option like -stdlib moves libraries, not the compiler).
-    let private = Defaults::of(identity, compile.lang, &line).private;
-    let search = Search::new(cwd, &quote, &angle, private)?;
-    let mut scanner = Scanner::new(&search, true, &line.defines);
-    scanner.roots(compile, cwd, &line.forced)?;
+    let search = Search::new(cwd, &quote, &angle, path.private.clone())?;
+    let mut scanner = Scanner::new(
+        &search,
+        true,
+        &command_line_defines(&compile.preprocessor.defines),
+    );
+    scanner.roots(compile, cwd, &forced(compile))?;
     for dep in depfile::prerequisites(&String::from_utf8_lossy(&out.stdout)) {
         let path = cwd.join(&dep);
         if scanner.probe(path, How::Include)?.is_none() {
@@ -230,221 +193,21 @@ pub fn from_preprocessor(
     Ok(scanner.closure(cwd))
 }
 
-/// The scan with the compiler's directories given (the tests give them without a compiler).
-fn scan_with(
-    compile: &Compile,
-    defaults: &Defaults,
-    line: &CommandLine,
-    cwd: &Path,
-    env_paths: &EnvIncludePaths,
-) -> Result<Closure, Unresolvable> {
-    let dirs = &compile.include_dirs;
-    let chain: Vec<&str> = dirs
-        .angle
+/// The files the command line includes before the source: `-imacros`, then `-include`.
+fn forced(compile: &Compile) -> Vec<String> {
+    let pre = &compile.preprocessor;
+    pre.imacros.iter().chain(&pre.includes).cloned().collect()
+}
+
+/// The object-like `-D` macros, which an `#include MACRO` may name (a function-like one
+/// cannot be an include's operand by itself).
+fn command_line_defines(defines: &[String]) -> Vec<(Vec<u8>, Body)> {
+    defines
         .iter()
-        .chain(&env_paths.cpath)
-        .chain(&dirs.system)
-        .chain(&env_paths.lang)
-        .chain(&defaults.search)
-        .chain(&dirs.after)
-        .map(String::as_str)
-        .collect();
-    let quote: Vec<&str> = dirs.quote.iter().map(String::as_str).collect();
-    let search = Search::new(cwd, &quote, &chain, defaults.private.clone())?;
-    let mut scanner = Scanner::new(&search, false, &line.defines);
-    scanner.roots(compile, cwd, &line.forced)?;
-    scanner.run()?;
-    Ok(scanner.closure(cwd))
-}
-
-/// Whether a default include directory is the compiler's own, shipped in its toolchain archive
-/// rather than with each job: a directory below `lib*/gcc/` or `lib*/gcc-cross/` (gcc's
-/// `libsubdir`, `<prefix>/lib/gcc/<target>/<version>`, which holds `include` and
-/// `include-fixed`) or below `lib*/clang/` (clang's resource directory,
-/// `<prefix>/lib/clang/<version>`). Those headers belong to one compiler version and the
-/// toolchain packer takes them from where the driver reports them. Everything else a compiler
-/// searches by default is a library (libc in `/usr/include`, libstdc++ in
-/// `/usr/include/c++/12`, `/usr/local/include`, a cross compiler's target headers) and is
-/// shipped: when unsure, shipping costs bandwidth while not shipping breaks the compile.
-///
-/// Only the identity's default directories are tested: a user's `-I` into another compiler's
-/// private directory is shipped like any other.
-pub fn is_toolchain_dir(dir: &Path) -> bool {
-    let parts: Vec<&OsStr> = dir
-        .components()
-        .filter_map(|c| match c {
-            Component::Normal(s) => Some(s),
-            _ => None,
-        })
-        .collect();
-    parts.windows(3).any(|w| {
-        w[0].as_bytes().starts_with(b"lib")
-            && matches!(w[1].as_bytes(), b"gcc" | b"gcc-cross" | b"clang")
-    })
-}
-
-/// The compiler's own directories for one compile.
-#[derive(Debug, Clone, Default)]
-struct Defaults {
-    /// Searched for `<...>` after the command line's and the environment's directories.
-    search: Vec<String>,
-    /// Those that are the toolchain's (of either language, for the same toolchain).
-    private: Vec<PathBuf>,
-}
-
-impl Defaults {
-    fn of(identity: &Identity, lang: Lang, line: &CommandLine) -> Defaults {
-        let cxx = matches!(lang, Lang::Cxx | Lang::ObjCxx | Lang::CxxPreprocessed);
-        let mut search: Vec<String> = if line.nostdinc {
-            Vec::new()
-        } else if cxx {
-            identity.cxx_dirs.clone()
-        } else {
-            identity.c_dirs.clone()
-        };
-        if line.nostdincxx {
-            // The C++ library's directories are those a C compile does not search.
-            search.retain(|d| identity.c_dirs.contains(d));
-        }
-        let private = identity
-            .c_dirs
-            .iter()
-            .chain(&identity.cxx_dirs)
-            .map(PathBuf::from)
-            .filter(|d| is_toolchain_dir(d))
-            .collect();
-        Defaults { search, private }
-    }
-}
-
-/// What the arguments say beyond [`crate::args::IncludeDirs`].
-#[derive(Debug, Default)]
-struct CommandLine {
-    /// `-include` and `-imacros` files, as given.
-    forced: Vec<String>,
-    /// `-D` definitions that could name a header.
-    defines: Vec<(Vec<u8>, Body)>,
-    nostdinc: bool,
-    nostdincxx: bool,
-    /// The first option that moves the default directories in a way the scan does not model.
-    untracked: Option<String>,
-}
-
-/// Options that change which directories the compiler searches by default, or prefix them.
-const UNTRACKED: &[&str] = &[
-    "--sysroot",
-    "-isysroot",
-    "-iprefix",
-    "-iwithprefix",
-    "-iwithprefixbefore",
-    "-iwithsysroot",
-    "-imultilib",
-    "-imultiarch",
-    "-stdlib",
-    "-target",
-    "--target",
-    "-gcc-toolchain",
-    "--gcc-toolchain",
-    "-resource-dir",
-    "-cxx-isystem",
-    "-iframework",
-    "-F",
-    "-m32",
-    "-mx32",
-    "-m16",
-    "-mabi",
-];
-
-impl CommandLine {
-    fn of(args: &[String]) -> CommandLine {
-        let mut line = CommandLine::default();
-        let mut i = 0;
-        while i < args.len() {
-            let arg = args[i].as_str();
-            let next = args.get(i + 1).map(String::as_str);
-            i += 1;
-            match arg {
-                "-include" | "-imacros" => {
-                    line.forced.extend(next.map(str::to_owned));
-                    i += 1;
-                    continue;
-                }
-                "-D" | "--define-macro" => {
-                    if let Some(d) = next {
-                        line.define(d);
-                    }
-                    i += 1;
-                    continue;
-                }
-                "-nostdinc" => line.nostdinc = true,
-                "-nostdinc++" => line.nostdincxx = true,
-                _ => {}
-            }
-            if let Some(file) = arg
-                .strip_prefix("-include")
-                .or_else(|| arg.strip_prefix("-imacros"))
-                .filter(|f| !f.is_empty() && !arg.starts_with("-include-pch"))
-            {
-                line.forced.push(file.to_owned());
-            } else if let Some(d) = arg
-                .strip_prefix("--define-macro=")
-                .or_else(|| arg.strip_prefix("-D"))
-            {
-                line.define(d);
-            } else if let Some(parts) = arg.strip_prefix("-Wp,") {
-                for d in parts.split(',').filter_map(|p| p.strip_prefix("-D")) {
-                    line.define(d);
-                }
-            }
-            let name = arg.split_once('=').map_or(arg, |(n, _)| n);
-            let untracked = UNTRACKED
-                .iter()
-                .any(|u| name == *u || (u.starts_with("-i") && arg.starts_with(u)))
-                || (arg.starts_with("-F") && arg.len() > 2);
-            if untracked && line.untracked.is_none() {
-                line.untracked = Some(arg.to_owned());
-            }
-        }
-        line
-    }
-
-    /// `NAME=body` or `NAME` from `-D`.
-    fn define(&mut self, def: &str) {
-        let (name, body) = def.split_once('=').unwrap_or((def, "1"));
-        if name.contains('(') {
-            // A function-like macro from the command line that wraps `__has_include` would
-            // make probes the scan cannot see.
-            if body.contains("__has_") && self.untracked.is_none() {
-                self.untracked = Some(format!("-D{def}"));
-            }
-            return;
-        }
-        self.defines
-            .push((name.as_bytes().to_vec(), Body::of(body.as_bytes())));
-    }
-}
-
-/// The compile's arguments without its outputs and dependency options, for a `-M` run (the
-/// same cut as the cache's own `-M` run in `compile`).
-fn preprocessor_args(args: &[String]) -> Vec<String> {
-    let mut out = Vec::with_capacity(args.len() + 2);
-    let mut skip_next = false;
-    for a in args {
-        if skip_next {
-            skip_next = false;
-            continue;
-        }
-        match a.as_str() {
-            "-o" | "-MF" | "-MT" | "-MQ" => skip_next = true,
-            "-c" | "-S" | "-MD" | "-MMD" | "-MP" => {}
-            s if s.starts_with("-Wp,-MD,") || s.starts_with("-Wp,-MMD,") => {}
-            s if s.len() > 3
-                && (s.starts_with("-MF") || s.starts_with("-MT") || s.starts_with("-MQ")) => {}
-            s if s.len() > 2 && s.starts_with("-o") => {}
-            _ => out.push(a.clone()),
-        }
-    }
-    out
+        .map(|d| d.split_once('=').unwrap_or((d, "1")))
+        .filter(|(name, _)| !name.contains('('))
+        .map(|(name, body)| (name.as_bytes().to_vec(), Body::of(body.as_bytes())))
+        .collect()
 }
 
 /// The `#include "..."` and `#include <...>` directory lists of `-v` output.
@@ -1186,7 +949,7 @@ fn resolve_dots(spelled: &Path) -> Result<Option<(PathBuf, Vec<PathBuf>)>, Unres
 /// Speed: it jumps with `memchr` from one `#` or possible comment or literal start to the
 /// next, so text between them costs what the vectorized search costs; whether a `#` starts its
 /// line is decided by looking back over blanks.
-fn lex(data: &[u8], mut directive: impl FnMut(usize, &[u8])) {
+fn lex(data: &[u8], mut directive: impl FnMut(usize, &[u8]) -> ControlFlow<()>) {
     let n = data.len();
     let mut line = Vec::with_capacity(256);
     let mut i = 0;
@@ -1206,7 +969,9 @@ fn lex(data: &[u8], mut directive: impl FnMut(usize, &[u8])) {
             let at = next_hash;
             i = if starts_line(data, at, leading_comment_end) {
                 let end = logical_line(data, at + 1, &mut line);
-                directive(at, &line);
+                if directive(at, &line).is_break() {
+                    return;
+                }
                 end
             } else {
                 at + 1
@@ -1452,8 +1217,73 @@ fn directives(data: &[u8], wanted: &FxSet<Vec<u8>>, wrappers: &[Wrapper]) -> Fou
             b"define" => define(rest, wanted, wrappers, &mut found, line_no),
             _ => {}
         }
+        ControlFlow::Continue(())
     });
     found
+}
+
+/// The header name of a source's first `#include`, when it is written literally: gcc looks
+/// for a precompiled `name.gch` before it (see `compile::c_family`). The lexing stops there.
+pub fn first_include(data: &[u8]) -> Option<String> {
+    let mut found = None;
+    lex(data, |_, line| {
+        let (name, rest) = split_ident(trim(line));
+        if name != b"include" {
+            return ControlFlow::Continue(());
+        }
+        found = match include_operand(rest) {
+            Some(Operand::Quoted(n) | Operand::Angle(n)) => String::from_utf8(n).ok(),
+            _ => None,
+        };
+        ControlFlow::Break(())
+    });
+    found
+}
+
+/// A file name tested by `__has_include` (or `__has_embed`, or embedded by `#embed`), as
+/// written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Probe {
+    pub name: String,
+    /// `"name"` (searched from the including file's directory first) rather than `<name>`.
+    pub quoted: bool,
+}
+
+/// The names a file tests with `__has_include` and kin, read by the same directive reader as
+/// the farm's scan, for the cache's manifest. `Err` names the first test whose operand is not
+/// a literal (a macro, or a macro of the file's own that wraps `__has_include`), which the
+/// manifest cannot follow. Mentions that are not calls, such as `#ifdef __has_include`, and
+/// those in comments are not probes.
+pub fn include_probes(data: &[u8]) -> Result<Vec<Probe>, String> {
+    let found = directives(data, &FxSet::default(), &[]);
+    if let Some(w) = found.wrappers.first() {
+        return Err(format!(
+            "the macro {}, which wraps `__has_include`",
+            String::from_utf8_lossy(&w.name)
+        ));
+    }
+    let mut out = Vec::new();
+    for r in found.refs.iter().filter(|r| r.how == How::Probe) {
+        let (name, quoted) = match &r.operand {
+            Operand::Quoted(n) => (n, true),
+            Operand::Angle(n) => (n, false),
+            Operand::Macro(t) | Operand::Complex(t) => {
+                return Err(format!(
+                    "`__has_include({})` on line {}",
+                    String::from_utf8_lossy(t),
+                    r.line
+                ))
+            }
+        };
+        let name = String::from_utf8(name.clone()).map_err(|_| {
+            format!(
+                "a `__has_include` of a name that is not UTF-8 on line {}",
+                r.line
+            )
+        })?;
+        out.push(Probe { name, quoted });
+    }
+    Ok(out)
 }
 
 /// Whether `text` may hold a probe: most directives do not, and this look is cheaper than the
@@ -1696,6 +1526,10 @@ fn split_ident(t: &[u8]) -> (&[u8], &[u8]) {
 mod tests {
     use super::*;
     use crate::args;
+    use crate::compiler::Identity;
+    use crate::env::Env;
+    use crate::search_path::is_toolchain_dir;
+    use crate::testing::identity;
     use std::fs;
     use std::time::{Duration, Instant};
 
@@ -1731,17 +1565,17 @@ mod tests {
 
         /// Scans `args` (a compile command) with no compiler directories.
         fn scan(&self, args: &[&str]) -> Result<Closure, Unresolvable> {
-            self.scan_with(args, &Defaults::default(), &EnvIncludePaths::default())
+            self.scan_in(args, &Env::default())
         }
 
-        fn scan_with(
-            &self,
-            args: &[&str],
-            defaults: &Defaults,
-            env: &EnvIncludePaths,
-        ) -> Result<Closure, Unresolvable> {
+        /// Scans `args` with no compiler directories in the environment `env`.
+        fn scan_in(&self, args: &[&str], env: &Env) -> Result<Closure, Unresolvable> {
             let c = compile(args);
-            scan_with(&c, defaults, &CommandLine::of(&c.args), &self.root, env)
+            scan(
+                &c,
+                &SearchPath::of(&c, &identity(&[], &[]), env),
+                &self.root,
+            )
         }
 
         /// The shipped files, relative to the root (others absolute).
@@ -1756,17 +1590,13 @@ mod tests {
         }
     }
 
-    fn compile(args: &[&str]) -> Compile {
-        args::classify(args.iter().map(|s| s.to_string()).collect()).expect("a cacheable compile")
+    /// Scans `c` along the search path `id` gives it, with no environment.
+    fn scan_as(c: &Compile, id: &Identity, cwd: &Path) -> Result<Closure, Unresolvable> {
+        scan(c, &SearchPath::of(c, id, &Env::default()), cwd)
     }
 
-    fn identity(c_dirs: &[&str], cxx_dirs: &[&str]) -> Identity {
-        serde_json::from_value(serde_json::json!({
-            "path": "/usr/bin/cc", "family": "Gcc", "digest": "", "version": "cc 1",
-            "c_dirs": c_dirs, "cxx_dirs": cxx_dirs,
-            "stat": {"size": 0, "mtime_ns": 0, "ctime_ns": 0, "ino": 0, "dev": 0},
-        }))
-        .unwrap()
+    fn compile(args: &[&str]) -> Compile {
+        args::classify(args.iter().map(|s| s.to_string()).collect()).expect("a cacheable compile")
     }
 
     #[test]
@@ -2144,26 +1974,14 @@ int n = 1'000'000; /* x */ #include "not_at_line_start.h"
         let own_dir = t.path(own);
         let sys_dir = t.path("sys/include");
         let id = identity(&[own_dir.to_str().unwrap(), sys_dir.to_str().unwrap()], &[]);
-        let c = scan(
-            &compile(&["-c", "main.c"]),
-            &id,
-            &t.root,
-            &EnvIncludePaths::default(),
-        )
-        .unwrap();
+        let c = scan_as(&compile(&["-c", "main.c"]), &id, &t.root).unwrap();
         assert_eq!(
             t.shipped(&c),
             ["main.c", "sys/include/stdint.h", "sys/include/stdlib.h"]
         );
         assert_eq!(c.dirs, [t.root.clone(), sys_dir]);
         // -nostdinc: none of the compiler's directories is searched.
-        let c = scan(
-            &compile(&["-c", "main.c", "-nostdinc"]),
-            &id,
-            &t.root,
-            &EnvIncludePaths::default(),
-        )
-        .unwrap();
+        let c = scan_as(&compile(&["-c", "main.c", "-nostdinc"]), &id, &t.root).unwrap();
         assert_eq!(t.shipped(&c), ["main.c"]);
     }
 
@@ -2172,7 +1990,6 @@ int n = 1'000'000; /* x */ #include "not_at_line_start.h"
         let t = Tree::new();
         t.file("main.c", "");
         let id = identity(&[], &[]);
-        let env = EnvIncludePaths::default();
         for extra in [
             &["--sysroot=/x"][..],
             &["--sysroot", "/x"],
@@ -2186,17 +2003,11 @@ int n = 1'000'000; /* x */ #include "not_at_line_start.h"
             args.extend(extra);
             let c = compile(&args);
             assert!(
-                matches!(scan(&c, &id, &t.root, &env), Err(Unresolvable::Option(_))),
+                matches!(scan_as(&c, &id, &t.root), Err(Unresolvable::Option(_))),
                 "{extra:?}"
             );
         }
-        assert!(scan(
-            &compile(&["-c", "main.c", "-O2", "-DX=1"]),
-            &id,
-            &t.root,
-            &env
-        )
-        .is_ok());
+        assert!(scan_as(&compile(&["-c", "main.c", "-O2", "-DX=1"]), &id, &t.root).is_ok());
     }
 
     #[test]
@@ -2215,13 +2026,45 @@ int n = 1'000'000; /* x */ #include "not_at_line_start.h"
             ("C_INCLUDE_PATH", "sys"),
             ("CPLUS_INCLUDE_PATH", "cxx"),
         ]);
-        let paths = EnvIncludePaths::from_env(&env, Lang::C);
-        assert_eq!(paths.cpath, ["envinc", "."]);
-        assert_eq!(paths.lang, ["sys"]);
-        let c = t
-            .scan_with(&["-c", "main.c"], &Defaults::default(), &paths)
-            .unwrap();
+        let c = t.scan_in(&["-c", "main.c"], &env).unwrap();
         assert_eq!(t.shipped(&c), ["envinc/e.h", "h.h", "main.c", "sys/s.h"]);
+    }
+
+    #[test]
+    fn the_first_include_is_read_by_the_same_lexer() {
+        let src = b"/* #include \"no.h\" */\n// #include <no.h>\n#include_next <no.h>\n  #  include \"pch.h\"\n#include <b.h>\n";
+        assert_eq!(first_include(src).as_deref(), Some("pch.h"));
+        assert_eq!(first_include(b"#include HDR\n#include <b.h>\n"), None);
+        assert_eq!(first_include(b"int x;\n"), None);
+    }
+
+    #[test]
+    fn include_probes_for_the_manifest_are_read_by_the_same_reader() {
+        let text = b"#ifdef __has_include\n#if __has_include(\"port/cfg.h\") && __has_include_next( <x/y.h> )\n#endif\n#endif\n#if defined(__has_include)\n// __has_include(<in/a/comment.h>)\n";
+        let probes = include_probes(text).unwrap();
+        assert_eq!(
+            probes,
+            [
+                Probe {
+                    name: "port/cfg.h".into(),
+                    quoted: true
+                },
+                Probe {
+                    name: "x/y.h".into(),
+                    quoted: false
+                }
+            ]
+        );
+        assert!(include_probes(b"#if __has_include(\"open\n").is_err());
+        assert_eq!(include_probes(b"int x;"), Ok(vec![]));
+        assert_eq!(
+            include_probes(
+                b"#if __has_include(\"a.h\")\n#elif __has_include_next(CFG) || 1\n#endif\n"
+            ),
+            Err("`__has_include(CFG)` on line 2".to_owned())
+        );
+        let wrapped = b"#define HAS(x) __has_include(x)\n#if HAS(<a.h>)\n#endif\n";
+        assert!(include_probes(wrapped).unwrap_err().contains("HAS"));
     }
 
     #[test]
@@ -2317,12 +2160,7 @@ int n = 1'000'000; /* x */ #include "not_at_line_start.h"
         let here = std::env::current_dir().unwrap();
         let mut tested = 0;
         for name in ["gcc", "g++", "clang", "clang++"] {
-            let Ok(path) =
-                crate::compiler::find(name, &crate::env::Env::capture(), Path::new("/nonexistent"))
-            else {
-                eprintln!("{name}: not installed, skipped");
-                continue;
-            };
+            let path = crate::testing::require(name);
             let id = crate::compiler::identify(&path, &records).unwrap();
             let cxx = name.ends_with("++");
             for (source, _) in SOURCES.iter().filter(|(s, _)| s.ends_with(".cpp") == cxx) {
@@ -2332,12 +2170,11 @@ int n = 1'000'000; /* x */ #include "not_at_line_start.h"
                     .map(String::from)
                     .to_vec();
                 let c = args::classify(args.clone()).unwrap();
-                let env = EnvIncludePaths::default();
-                let closure = scan(&c, &id, &here, &env).unwrap();
+                let closure = scan_as(&c, &id, &here).unwrap();
                 let times: Vec<Duration> = (0..9)
                     .map(|_| {
                         let start = Instant::now();
-                        scan(&c, &id, &here, &env).unwrap();
+                        scan_as(&c, &id, &here).unwrap();
                         start.elapsed()
                     })
                     .collect();
@@ -2375,7 +2212,9 @@ int n = 1'000'000; /* x */ #include "not_at_line_start.h"
                     median(times),
                 );
                 // The preprocessor's list, with the probes added, is a superset too.
-                let listed = from_preprocessor(&path, &c, &id, &here).unwrap();
+                let listed =
+                    from_preprocessor(&path, &c, &SearchPath::of(&c, &id, &Env::default()), &here)
+                        .unwrap();
                 for f in needed.iter().filter(|f| !is_toolchain_file(&id, f)) {
                     assert!(
                         listed.files.contains(f),
@@ -2397,11 +2236,7 @@ int n = 1'000'000; /* x */ #include "not_at_line_start.h"
 
     #[test]
     fn a_computed_include_falls_back_to_the_preprocessor() {
-        let Ok(gcc) = crate::compiler::find("gcc", &crate::env::Env::capture(), Path::new("/x"))
-        else {
-            eprintln!("gcc: not installed, skipped");
-            return;
-        };
+        let gcc = crate::testing::require("gcc");
         let t = Tree::new();
         let src = t.file(
             "computed.c",
@@ -2412,10 +2247,11 @@ int n = 1'000'000; /* x */ #include "not_at_line_start.h"
         let c = compile(&["-c", src.to_str().unwrap(), "-o", "/dev/null"]);
         let here = std::env::current_dir().unwrap();
         assert!(matches!(
-            scan(&c, &id, &here, &EnvIncludePaths::default()),
+            scan_as(&c, &id, &here),
             Err(Unresolvable::Computed { line: 3, .. })
         ));
-        let listed = from_preprocessor(&gcc, &c, &id, &here).unwrap();
+        let listed =
+            from_preprocessor(&gcc, &c, &SearchPath::of(&c, &id, &Env::default()), &here).unwrap();
         assert!(listed
             .files
             .contains(&PathBuf::from("/usr/include/stdio.h")));
@@ -2426,53 +2262,5 @@ int n = 1'000'000; /* x */ #include "not_at_line_start.h"
         assert!(listed.files.contains(&src));
         assert!(!listed.files.iter().any(|f| is_toolchain_file(&id, f)));
         assert!(listed.dirs.contains(&PathBuf::from("/usr/include")));
-    }
-
-    /// `cargo test --release -p kiln-client closure::tests::scan_speed -- --ignored --nocapture`
-    #[test]
-    #[ignore = "a measurement, for release builds"]
-    fn scan_speed() {
-        let t = Tree::new();
-        let cases = [
-            (
-                "g++",
-                t.file(
-                    "x.cpp",
-                    "#include <vector>\n#include <string>\n#include <map>\n#include <iostream>\n",
-                ),
-            ),
-            (
-                "gcc",
-                t.file(
-                    "x.c",
-                    "#include <stdio.h>\n#include <stdlib.h>\n#include <string.h>\n",
-                ),
-            ),
-        ];
-        let records = t.dir("records");
-        for (compiler, src) in cases {
-            let Ok(path) =
-                crate::compiler::find(compiler, &crate::env::Env::capture(), Path::new("/x"))
-            else {
-                continue;
-            };
-            let id = crate::compiler::identify(&path, &records).unwrap();
-            let c = compile(&["-c", src.to_str().unwrap()]);
-            let env = EnvIncludePaths::default();
-            let times: Vec<Duration> = (0..300)
-                .map(|_| {
-                    let start = Instant::now();
-                    scan(&c, &id, &t.root, &env).unwrap();
-                    start.elapsed()
-                })
-                .collect();
-            let files = scan(&c, &id, &t.root, &env).unwrap().files.len();
-            let min = *times.iter().min().unwrap();
-            eprintln!(
-                "{compiler} {}: {files} files, min {min:?}, median {:?}",
-                src.display(),
-                median(times)
-            );
-        }
     }
 }

@@ -65,22 +65,10 @@ pub fn find(name: &str, env: &Env, self_exe: &Path) -> anyhow::Result<PathBuf> {
     } else {
         name.to_owned()
     };
-    if let Some(path_var) = env.os("PATH") {
-        for dir in std::env::split_paths(path_var) {
-            let candidate = dir.join(&base);
-            if let Ok(m) = std::fs::metadata(&candidate) {
-                if is_executable(&m) && !is_me(&m) {
-                    return Ok(candidate);
-                }
-            }
-        }
+    if let Some(found) = env.find_program(&base, |_, m| !is_me(m)) {
+        return Ok(found);
     }
     bail!("cannot find the compiler {base:?} in PATH (kiln wraps a compiler: `kiln gcc -c foo.c`)")
-}
-
-fn is_executable(m: &std::fs::Metadata) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    m.is_file() && m.permissions().mode() & 0o111 != 0
 }
 
 /// The identity of the compiler at `path`, from the record in `dir` when the binary has not

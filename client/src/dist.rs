@@ -14,6 +14,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::names::named_enum;
+
 use bytes::Bytes;
 use kiln_proto::content::{chunk_digest, chunks, Assembly};
 use kiln_proto::v1::scheduler_client::SchedulerClient;
@@ -53,73 +55,38 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(900);
 /// The largest output accepted from a builder.
 const MAX_OUTPUT: u64 = 1 << 30;
 
-/// Why a compile did not come back from the farm. Each is counted as `dist_fallback.<name>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fallback {
-    /// `--dist` without a scheduler address.
-    NoScheduler,
-    /// The scheduler could not be reached, or went away mid-job.
-    Unreachable(String),
-    /// The scheduler took a connection but stopped answering: a handshake, the answer to the
-    /// job, or a keepalive ping missed its deadline.
-    Stalled(String),
-    /// This client's own configuration is unusable (a CA file that cannot be read, a URL
-    /// that is not one).
-    Config(String),
-    NoBuilders(String),
-    NoCapacity(String),
-    /// Builders were tried and failed.
-    BuildersFailed(String),
-    /// The scheduler or builder refused the job or spoke another protocol version.
-    Refused(String),
-    /// The toolchain could not be packaged.
-    Toolchain(String),
-    /// The inputs could not be listed or read, or a file was missing on the builder.
-    Inputs(String),
-    /// The job was killed on the builder (a limit), or the stream broke.
-    Failed(String),
-    /// This compile cannot run elsewhere (it depends on this machine).
-    Unsupported(String),
-    /// The builder answered with outputs other than the ones asked for: the result is refused
-    /// whole, nothing of it is written, and the builder is reported suspect.
-    Suspect(String),
-}
-
-impl Fallback {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Fallback::NoScheduler => "no_scheduler",
-            Fallback::Unreachable(_) => "unreachable",
-            Fallback::Stalled(_) => "stalled",
-            Fallback::Config(_) => "config",
-            Fallback::NoBuilders(_) => "no_builders",
-            Fallback::NoCapacity(_) => "no_capacity",
-            Fallback::BuildersFailed(_) => "builders_failed",
-            Fallback::Refused(_) => "refused",
-            Fallback::Toolchain(_) => "toolchain",
-            Fallback::Inputs(_) => "inputs",
-            Fallback::Failed(_) => "failed",
-            Fallback::Unsupported(_) => "unsupported",
-            Fallback::Suspect(_) => "suspect",
-        }
+named_enum! {
+    /// Why a compile did not come back from the farm. Each is counted as `dist_fallback.<name>`.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Fallback {
+        /// `--dist` without a scheduler address.
+        NoScheduler = "no_scheduler",
+        /// The scheduler could not be reached, or went away mid-job.
+        Unreachable(String) = "unreachable",
+        /// The scheduler took a connection but stopped answering: a handshake, the answer to the
+        /// job, or a keepalive ping missed its deadline.
+        Stalled(String) = "stalled",
+        /// This client's own configuration is unusable (a CA file that cannot be read, a URL
+        /// that is not one).
+        Config(String) = "config",
+        NoBuilders(String) = "no_builders",
+        NoCapacity(String) = "no_capacity",
+        /// Builders were tried and failed.
+        BuildersFailed(String) = "builders_failed",
+        /// The scheduler or builder refused the job or spoke another protocol version.
+        Refused(String) = "refused",
+        /// The toolchain could not be packaged.
+        Toolchain(String) = "toolchain",
+        /// The inputs could not be listed or read, or a file was missing on the builder.
+        Inputs(String) = "inputs",
+        /// The job was killed on the builder (a limit), or the stream broke.
+        Failed(String) = "failed",
+        /// This compile cannot run elsewhere (it depends on this machine).
+        Unsupported(String) = "unsupported",
+        /// The builder answered with outputs other than the ones asked for: the result is refused
+        /// whole, nothing of it is written, and the builder is reported suspect.
+        Suspect(String) = "suspect",
     }
-
-    /// Every cause, for the stats.
-    pub const NAMES: &'static [&'static str] = &[
-        "no_scheduler",
-        "unreachable",
-        "stalled",
-        "config",
-        "no_builders",
-        "no_capacity",
-        "builders_failed",
-        "refused",
-        "toolchain",
-        "inputs",
-        "failed",
-        "unsupported",
-        "suspect",
-    ];
 }
 
 impl std::fmt::Display for Fallback {
@@ -700,7 +667,7 @@ async fn exchange(
         let data = digest
             .and_then(|d| received.get(&d))
             .ok_or_else(|| Fallback::Failed(format!("output {} did not arrive", out.path)))?;
-        write_output(Path::new(&out.path), data)
+        kiln_cache::replace_output(Path::new(&out.path), data)
             .map_err(|e| Fallback::Failed(format!("writing {}: {e}", out.path)))?;
     }
     use std::os::unix::process::ExitStatusExt;
@@ -768,19 +735,6 @@ async fn suspect(client: &mut Client, builder: &str, source: &Path, why: String)
 fn looks_like_missing_file(stderr: &[u8]) -> bool {
     let text = String::from_utf8_lossy(stderr);
     text.contains("No such file or directory") || text.contains("file not found")
-}
-
-fn write_output(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.kiln-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
 }
 
 /// Tells the scheduler that `builder`'s outputs for `label` differed from a local compile.

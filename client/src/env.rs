@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
 
 /// A snapshot of the environment.
 #[derive(Debug, Clone, Default)]
@@ -52,6 +53,25 @@ impl Env {
             _ => None,
         }
     }
+
+    /// Where `execvp` would find the program `name`: the first executable regular file called
+    /// `name` in a directory of `PATH` (glibc's `/bin:/usr/bin` when it is unset) that `accept`
+    /// takes. The compiler kiln runs and the programs its driver runs are found the same way.
+    pub fn find_program(
+        &self,
+        name: &str,
+        accept: impl Fn(&Path, &std::fs::Metadata) -> bool,
+    ) -> Option<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.os("PATH").unwrap_or(OsStr::new("/bin:/usr/bin"));
+        std::env::split_paths(path)
+            .map(|dir| dir.join(name))
+            .find(|p| {
+                std::fs::metadata(p).is_ok_and(|m| {
+                    m.is_file() && m.permissions().mode() & 0o111 != 0 && accept(p, &m)
+                })
+            })
+    }
 }
 
 /// Variables that change what the compiler produces, hashed into every key when set.
@@ -84,3 +104,31 @@ pub const SIDE_OUTPUT_VARS: &[&str] = &[
     "SUNPRO_DEPENDENCIES",
     "CC_PRINT_HEADERS",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn programs_are_found_in_path_order_past_the_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        for d in [&a, &b] {
+            std::fs::create_dir(d).unwrap();
+            let p = d.join("cc");
+            std::fs::write(&p, "").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        // Not executable: passed over as execvp would.
+        std::fs::write(dir.path().join("cc"), "").unwrap();
+        let path = std::env::join_paths([dir.path(), &a, &b]).unwrap();
+        let env = Env::from_pairs([("PATH", path)]);
+        assert_eq!(env.find_program("cc", |_, _| true), Some(a.join("cc")));
+        assert_eq!(
+            env.find_program("cc", |p, _| !p.starts_with(&a)),
+            Some(b.join("cc"))
+        );
+        assert_eq!(env.find_program("nothere", |_, _| true), None);
+    }
+}

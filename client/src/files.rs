@@ -64,80 +64,6 @@ impl Scan {
     }
 }
 
-/// A file name tested by `__has_include`, as written.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Probe {
-    pub name: String,
-    /// `"name"` (searched from the including file's directory first) rather than `<name>`.
-    pub quoted: bool,
-}
-
-/// The names a file tests with `__has_include` / `__has_include_next`. `None` when one of them
-/// is not a literal (a macro), which kiln cannot follow. Mentions that are not calls, such as
-/// `#ifdef __has_include`, are not probes.
-pub fn include_probes(data: &[u8]) -> Option<Vec<Probe>> {
-    probes_or_computed(data).ok()
-}
-
-/// The first `__has_include` of a file whose argument kiln cannot read literally, as written
-/// (to the end of its line), for the debug line that says why a compile is in preprocessor mode.
-pub fn computed_probe(data: &[u8]) -> Option<String> {
-    probes_or_computed(data).err()
-}
-
-fn probes_or_computed(data: &[u8]) -> Result<Vec<Probe>, String> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while let Some(found) = memchr::memmem::find(&data[at..], b"__has_include") {
-        let call = at + found;
-        let mut i = call + b"__has_include".len();
-        if data[i..].starts_with(b"_next") {
-            i += b"_next".len();
-        }
-        at = i;
-        let skip_ws = |mut i: usize| {
-            while data.get(i).is_some_and(|c| *c == b' ' || *c == b'\t') {
-                i += 1;
-            }
-            i
-        };
-        i = skip_ws(i);
-        if data.get(i) != Some(&b'(') {
-            continue;
-        }
-        let computed = || {
-            let line = data[call..]
-                .split(|c| *c == b'\n')
-                .next()
-                .unwrap_or_default();
-            String::from_utf8_lossy(line).trim_end().to_owned()
-        };
-        i = skip_ws(i + 1);
-        let close = match data.get(i) {
-            Some(b'<') => b'>',
-            Some(b'"') => b'"',
-            _ => return Err(computed()),
-        };
-        let start = i + 1;
-        let len = data[start..]
-            .iter()
-            .position(|c| *c == close || *c == b'\n')
-            .ok_or_else(computed)?;
-        if data[start + len] != close {
-            return Err(computed());
-        }
-        let name = std::str::from_utf8(&data[start..start + len])
-            .map_err(|_| computed())?
-            .to_owned();
-        out.push(Probe {
-            name,
-            quoted: close == b'"',
-        });
-        at = start + len;
-    }
-    Ok(out)
-}
-
 /// What `stat` says about a file: enough to notice any change made after it was hashed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Stat {
@@ -326,36 +252,6 @@ mod tests {
         }
         let u = Scan::of(b"__DATE__").union(Scan::of(b".incbin"));
         assert!(u.date && u.incbin && !u.time);
-    }
-
-    #[test]
-    fn include_probes_are_read_literally() {
-        let text = b"#ifdef __has_include\n#if __has_include(\"port/cfg.h\") && __has_include_next( <x/y.h> )\n#endif\n#endif\n#if defined(__has_include)\n";
-        let probes = include_probes(text).unwrap();
-        assert_eq!(
-            probes,
-            [
-                Probe {
-                    name: "port/cfg.h".into(),
-                    quoted: true
-                },
-                Probe {
-                    name: "x/y.h".into(),
-                    quoted: false
-                }
-            ]
-        );
-        assert_eq!(include_probes(b"#if __has_include(HEADER)\n"), None);
-        assert_eq!(include_probes(b"#if __has_include(\"open\n"), None);
-        assert_eq!(include_probes(b"int x;"), Some(vec![]));
-        assert_eq!(
-            computed_probe(
-                b"#if __has_include(\"a.h\")\n#elif __has_include_next(CFG) || 1\n#endif\n"
-            )
-            .as_deref(),
-            Some("__has_include_next(CFG) || 1")
-        );
-        assert_eq!(computed_probe(b"#if __has_include(<a.h>)\n"), None);
     }
 
     #[test]

@@ -16,9 +16,13 @@ pub mod gocache;
 pub mod log;
 pub mod manifest;
 pub mod masquerade;
+mod names;
 pub mod process;
 mod progress;
 pub mod remote;
 pub mod result;
+pub mod search_path;
 pub mod stats;
+#[cfg(test)]
+mod testing;
 pub mod toolchain;

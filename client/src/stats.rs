@@ -29,10 +29,24 @@ fn dir(cache_dir: &Path) -> PathBuf {
 }
 
 /// Applies `f` to this process's counter file; a failure only loses statistics, and a cache
-/// directory kiln cannot write is reported (once).
-fn bump(cache_dir: &Path, f: impl FnOnce(&mut Counters)) {
-    let shard = dir(cache_dir).join((std::process::id() % SHARDS).to_string());
-    if let Err(e) = Counters::update(&shard, f) {
+/// directory kiln cannot write is reported (once). On a full disk a new counter file cannot be
+/// made, so the count goes to one that exists: a full cache still counts what it serves.
+fn bump(cache_dir: &Path, f: impl Fn(&mut Counters)) {
+    let own = std::process::id() % SHARDS;
+    let mut result = Ok(());
+    for n in (0..SHARDS).map(|k| (own + k) % SHARDS) {
+        let shard = dir(cache_dir).join(n.to_string());
+        if n != own && !shard.metadata().is_ok_and(|m| m.len() > 0) {
+            continue;
+        }
+        // A write that found no space wrote nothing (the file was new and empty, or is
+        // rewritten within its own block): the count is made again in another file.
+        result = Counters::update(&shard, &f).map(drop);
+        if !matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::StorageFull) {
+            break;
+        }
+    }
+    if let Err(e) = result {
         if unwritable(&e) {
             warn_unwritable(
                 cache_dir,
@@ -176,19 +190,14 @@ pub fn zero(cache_dir: &Path) -> std::io::Result<()> {
 /// The statistics as a JSON document.
 pub fn to_json(c: &Counters, store: &Store, limits: Limits) -> serde_json::Value {
     let (size, files) = store.usage();
-    let uncacheable: serde_json::Map<String, serde_json::Value> = Reason::ALL
+    let uncacheable: serde_json::Map<String, serde_json::Value> = Reason::NAMES
         .iter()
-        .map(|r| {
-            (
-                r.name().to_owned(),
-                json!(c.get(&format!("uncacheable.{}", r.name()))),
-            )
-        })
+        .map(|r| (r.to_string(), json!(c.get(&format!("uncacheable.{r}")))))
         .filter(|(_, v)| v.as_i64() != Some(0))
         .collect();
-    let uncacheable_total: i64 = Reason::ALL
+    let uncacheable_total: i64 = Reason::NAMES
         .iter()
-        .map(|r| c.get(&format!("uncacheable.{}", r.name())))
+        .map(|r| c.get(&format!("uncacheable.{r}")))
         .sum();
     let dist_fallbacks: serde_json::Map<String, serde_json::Value> = crate::dist::Fallback::NAMES
         .iter()

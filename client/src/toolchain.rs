@@ -413,19 +413,11 @@ fn selected_gcc(verbose: &str) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Where `execvp` would find a bare program name.
+/// Where `execvp` would find a bare program name, when that is an absolute path (the
+/// toolchain records absolute paths).
 fn search_path(name: &str) -> Option<PathBuf> {
-    // The compiler inherits this process's environment, so it searches this PATH; glibc's
-    // default when PATH is unset is `/bin:/usr/bin`.
-    let env = crate::env::Env::capture();
-    let path = env
-        .os("PATH")
-        .map(OsString::from)
-        .unwrap_or_else(|| "/bin:/usr/bin".into());
-    std::env::split_paths(&path)
-        .filter(|dir| dir.is_absolute())
-        .map(|dir| dir.join(name))
-        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+    // The compiler inherits this process's environment, so it searches this PATH.
+    crate::env::Env::capture().find_program(name, |p, _| p.is_absolute())
 }
 
 /// Directories whose contents are shipped per job, never in a toolchain: a link from the
@@ -737,7 +729,6 @@ fn check(manifest: &Manifest) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::env::Env;
     use kiln_archive::{unpack, Limits};
     use std::os::unix::fs::symlink;
     use std::process::Command;
@@ -867,17 +858,6 @@ mod tests {
     }
 
     /// The compiler called `name` in PATH, if installed.
-    fn installed(name: &str) -> Option<PathBuf> {
-        let found = crate::compiler::find(name, &Env::capture(), Path::new("/nonexistent"));
-        match found {
-            Ok(path) => Some(path),
-            Err(_) => {
-                eprintln!("{name} is not installed: skipped");
-                None
-            }
-        }
-    }
-
     const COMPILERS: [&str; 4] = ["gcc", "g++", "clang", "clang++"];
 
     /// Follows `path` through the manifest's own entries, as the kernel would in the unpacked
@@ -913,12 +893,8 @@ mod tests {
 
     #[test]
     fn manifests_hold_only_relative_links_and_no_system_headers() {
-        let mut seen = 0;
         for name in COMPILERS {
-            let Some(compiler) = installed(name) else {
-                continue;
-            };
-            seen += 1;
+            let compiler = crate::testing::require(name);
             let m = manifest(&compiler).unwrap();
             for (path, source) in &m.entries {
                 assert!(
@@ -964,7 +940,6 @@ mod tests {
                 assert!(follow(&m, Path::new(&stddef)).is_some(), "{name}: {stddef}");
             }
         }
-        assert!(seen > 0, "none of {COMPILERS:?} is installed");
     }
 
     /// Runs `program` with `root` as `/`. As root this is chroot(8); otherwise a user namespace
@@ -994,9 +969,7 @@ mod tests {
     /// Packs `name`, unpacks it as a builder would, adds the job's inputs at their own paths and
     /// compiles in a chroot: the outputs must be the host's, byte for byte.
     fn compiles_in_a_chroot_as_on_the_host(name: &str) {
-        let Some(compiler) = installed(name) else {
-            return;
-        };
+        let compiler = crate::testing::require(name);
         let tmp = tempfile::tempdir().unwrap();
         let w = tmp.path().canonicalize().unwrap();
         let cxx = name.ends_with("++");
@@ -1145,12 +1118,9 @@ mod tests {
         compiles_in_a_chroot_as_on_the_host("clang++");
     }
 
-    /// The first of the compilers installed: the cheapest to pack first.
+    /// The cheapest compiler to pack.
     fn any_compiler() -> PathBuf {
-        COMPILERS
-            .iter()
-            .find_map(|name| installed(name))
-            .expect("one of gcc, g++, clang, clang++ is installed")
+        crate::testing::require(COMPILERS[0])
     }
 
     #[test]
