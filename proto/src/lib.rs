@@ -11,6 +11,7 @@ pub mod codec;
 pub mod content;
 pub mod logging;
 pub mod metrics;
+pub mod task;
 pub mod tls;
 
 pub use kiln_cache::Digest;
