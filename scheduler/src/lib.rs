@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod init;
+pub mod jobs;
 mod metrics;
 pub mod placement;
 mod service;
