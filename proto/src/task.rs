@@ -36,6 +36,10 @@ impl<T> Owned<T> {
     pub fn abort(&self) {
         self.0.abort();
     }
+
+    pub fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
 }
 
 /// Runs `future` as a task named `name`, owned by the returned handle.
@@ -85,11 +89,13 @@ impl Tracker {
         Tracker::default()
     }
 
-    /// Runs `future` as a task named `name`, owned by this tracker.
+    /// Runs `future` as a task named `name`, owned by this tracker. The handle may be awaited
+    /// for its result; dropping it leaves the task to the tracker (it is not aborted).
     #[allow(clippy::disallowed_methods)] // This is the door.
-    pub fn spawn<F>(&self, name: &'static str, future: F)
+    pub fn spawn<F>(&self, name: &'static str, future: F) -> tokio::task::JoinHandle<F::Output>
     where
-        F: Future<Output = ()> + Send + 'static,
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
     {
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let listed = Listed {
@@ -106,6 +112,7 @@ impl Tracker {
             .instrument(tracing::info_span!("task", name)),
         );
         tasks.insert(id, handle.abort_handle());
+        handle
     }
 
     /// Tasks running now.
@@ -171,7 +178,7 @@ mod tests {
         tracker.spawn("gated", async move {
             let _ = gate.await;
         });
-        tracker.spawn("forever", std::future::pending());
+        tracker.spawn("forever", std::future::pending::<()>());
         assert_eq!(tracker.len(), 2);
         go.send(()).unwrap();
         tracker.abort_all();

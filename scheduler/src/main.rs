@@ -276,11 +276,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if let Some(slots) = args.slots {
             config.slots = slots.max(1);
         }
-        Some(tokio::spawn(kiln_builder::serve(
-            config,
-            None,
-            stopped(stop_rx.clone()),
-        )))
+        Some(kiln_proto::task::spawn(
+            "local builder",
+            kiln_builder::serve(config, None, stopped(stop_rx.clone())),
+        ))
     } else {
         None
     };
