@@ -894,13 +894,15 @@ impl SchedulerRpc for Scheduler {
                 match next {
                     Err(e) => break format!("stream error: {}", e.message()),
                     Ok(None) => break "the builder closed its stream".to_string(),
+                    // Boxed: the handling's state lives only while a message is handled, not
+                    // in every idle builder's task (memory per builder, issue 17).
                     Ok(Some(FromBuilder { msg: Some(msg) })) => {
-                        this.on_builder_message(&id, msg, &mut alive).await
+                        Box::pin(this.on_builder_message(&id, msg, &mut alive)).await
                     }
                     Ok(Some(_)) => {}
                 }
             };
-            this.builder_lost(&id, &why).await;
+            Box::pin(this.builder_lost(&id, &why)).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
