@@ -29,7 +29,6 @@ use kiln_proto::v1::{
 };
 use kiln_proto::{digest_of, version_mismatch, Digest, MAX_MESSAGE, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Auth, Caller, Held, InFlight, Role};
@@ -84,7 +83,9 @@ impl Default for Config {
 }
 
 type ClientItem = Result<ToClient, Status>;
-type BuilderTx = mpsc::Sender<Result<ToBuilder, Status>>;
+/// Boxed, so that each builder's link queue holds pointers: its first block of slots is
+/// allocated when the builder joins, and at the message's own size it was ~9 KiB per builder.
+type BuilderTx = mpsc::Sender<Box<ToBuilder>>;
 
 /// Result bytes a job may have queued for a client that does not read them. Past this the
 /// client is cut off and the job cancelled: the builder's link is never held up for it.
@@ -172,6 +173,19 @@ impl tokio_stream::Stream for ClientStream {
                 .fetch_sub(c.data.len() as u64, Ordering::Relaxed);
         }
         polled
+    }
+}
+
+/// The stream of a builder's link.
+#[derive(Debug)]
+pub struct BuilderStream {
+    rx: mpsc::Receiver<Box<ToBuilder>>,
+}
+
+impl tokio_stream::Stream for BuilderStream {
+    type Item = Result<ToBuilder, Status>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx).map(|m| m.map(|m| Ok(*m)))
     }
 }
 
@@ -282,7 +296,7 @@ impl Scheduler {
                     // A link gone between the decision and now: the builder's loss places its
                     // jobs again.
                     if let Some(link) = self.link(&builder) {
-                        let _ = link.send(Ok(msg)).await;
+                        let _ = link.send(Box::new(msg)).await;
                     }
                 }
                 Out::Route(job, builder) => {
@@ -658,7 +672,7 @@ impl Scheduler {
                             chunk: Some(chunk),
                         })),
                     };
-                    if link.send(Ok(msg)).await.is_err() {
+                    if link.send(Box::new(msg)).await.is_err() {
                         break;
                     }
                 }
@@ -735,7 +749,7 @@ impl Scheduler {
                     chunk: Some(chunk),
                 })),
             };
-            let _ = link.send(Ok(msg)).await;
+            let _ = link.send(Box::new(msg)).await;
         }
         Ok(())
     }
@@ -786,7 +800,7 @@ fn validate(spec: &kiln_proto::v1::JobSpec) -> Result<Digest, String> {
 
 #[tonic::async_trait]
 impl SchedulerRpc for Scheduler {
-    type JoinStream = ReceiverStream<Result<ToBuilder, Status>>;
+    type JoinStream = BuilderStream;
     type CompileStream = ClientStream;
 
     async fn join(
@@ -871,7 +885,7 @@ impl SchedulerRpc for Scheduler {
                 heartbeat_ms: self.inner.config.heartbeat.as_millis() as u64,
             })),
         };
-        let _ = tx.try_send(Ok(welcome));
+        let _ = tx.try_send(Box::new(welcome));
         // The link before the table: a job placed there at once must find it.
         self.inner
             .links
@@ -904,7 +918,7 @@ impl SchedulerRpc for Scheduler {
             };
             Box::pin(this.builder_lost(&id, &why)).await;
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(BuilderStream { rx }))
     }
 
     async fn compile(
