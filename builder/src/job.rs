@@ -30,7 +30,7 @@ const MAX_OUTPUTS: usize = 64;
 /// The jobs of one scheduler session.
 #[derive(Default)]
 pub(crate) struct Jobs {
-    running: HashMap<u64, (mpsc::Sender<Chunk>, tokio::task::JoinHandle<()>)>,
+    running: HashMap<u64, (mpsc::Sender<Chunk>, kiln_net::task::Owned<()>)>,
 }
 
 impl Jobs {
@@ -46,7 +46,7 @@ impl Jobs {
             return;
         };
         let (tx, rx) = mpsc::channel(64);
-        let handle = tokio::spawn(run(shared.clone(), out.clone(), id, spec, rx));
+        let handle = kiln_net::task::spawn("job", run(shared.clone(), out.clone(), id, spec, rx));
         self.running.insert(id, (tx, handle));
     }
 
@@ -86,15 +86,27 @@ impl Drop for Jobs {
 /// aborted (`Jobs::cancel`, `abort_all`): issue 15 saw an interrupted build leave every slot
 /// taken for good when the slot was given back by code after an await.
 #[derive(Debug, Clone)]
-pub(crate) struct Slots(Arc<std::sync::Mutex<Vec<u32>>>);
+pub(crate) struct Slots(Arc<SlotsInner>);
+
+#[derive(Debug)]
+struct SlotsInner {
+    free: std::sync::Mutex<Vec<u32>>,
+    total: u32,
+    /// Told whenever a slot comes back, for [`Slots::all_free`].
+    freed: tokio::sync::Notify,
+}
 
 impl Slots {
     pub fn new(n: u32) -> Slots {
-        Slots(Arc::new(std::sync::Mutex::new((0..n).rev().collect())))
+        Slots(Arc::new(SlotsInner {
+            free: std::sync::Mutex::new((0..n).rev().collect()),
+            total: n,
+            freed: tokio::sync::Notify::new(),
+        }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.free.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A free slot, held until the guard is dropped.
@@ -110,6 +122,20 @@ impl Slots {
     pub fn free(&self) -> u32 {
         self.lock().len() as u32
     }
+
+    /// Returns once no job holds a slot: nothing runs in any container any more, so the pool
+    /// may remove their images (issue 18: shutdown removed them under running jobs).
+    pub async fn all_free(&self) {
+        loop {
+            let freed = self.0.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.free() == self.0.total {
+                return;
+            }
+            freed.await;
+        }
+    }
 }
 
 /// One taken slot; dropping it frees the slot.
@@ -122,6 +148,7 @@ pub(crate) struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.slots.lock().push(self.n);
+        self.slots.0.freed.notify_waiters();
     }
 }
 
@@ -616,7 +643,12 @@ async fn run_in_jail(
             ))?;
             pool.run(lease, run).await
         };
-        tokio::spawn(task.instrument(tracing::info_span!("jail run", job = id)))
+        shared
+            .runs
+            .spawn(
+                "jail run",
+                task.instrument(tracing::info_span!("jail run", job = id)),
+            )
             .await
             .map_err(|e| JobError::Retry(e.to_string()))??
     };
@@ -713,7 +745,7 @@ mod tests {
         let (took_tx, took_rx) = tokio::sync::oneshot::channel();
         let job = {
             let slots = slots.clone();
-            tokio::spawn(async move {
+            kiln_net::task::spawn("test job", async move {
                 let slot = slots.take().expect("a free slot");
                 let _ = took_tx.send(());
                 // A compile that never ends, as far as this task knows.
@@ -735,7 +767,7 @@ mod tests {
         let (end_tx, end_rx) = tokio::sync::oneshot::channel::<()>();
         let run = {
             let slot = slot.clone();
-            tokio::spawn(async move {
+            kiln_net::task::spawn("test run", async move {
                 let _ = end_rx.await;
                 drop(slot);
             })
@@ -744,8 +776,19 @@ mod tests {
         drop(slot);
         assert_eq!(slots.free(), 0, "a slot freed while its jail still runs");
         assert!(slots.take().is_none());
+        // Shutdown waits for that run before the pool removes images.
+        let waiting = {
+            let slots = slots.clone();
+            kiln_net::task::spawn("test shutdown", async move { slots.all_free().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(
+            !waiting.is_finished(),
+            "shutdown went on while a jail still ran"
+        );
         end_tx.send(()).unwrap();
         run.await.unwrap();
+        waiting.await.unwrap();
         assert_eq!(slots.free(), 1);
     }
 

@@ -101,6 +101,9 @@ pub(crate) struct Shared {
     inputs: inputs::Inputs,
     slots: job::Slots,
     metrics: metrics::Metrics,
+    /// Jail runs: they outlive an aborted job (a run cannot be stopped halfway) and end by the
+    /// jail's own limits; shutdown waits for them.
+    runs: kiln_net::task::Tracker,
 }
 
 impl Shared {
@@ -157,6 +160,7 @@ pub async fn serve(
         inputs,
         slots: job::Slots::new(config.slots),
         metrics: metrics::Metrics::default(),
+        runs: kiln_net::task::Tracker::new(),
         config,
     });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -164,14 +168,12 @@ pub async fn serve(
         let app = axum::Router::new()
             .route("/metrics", axum::routing::get(metrics_page))
             .with_state(shared.clone());
-        tokio::spawn(kiln_net::tls::serve_http(
-            listener,
-            listen,
-            app,
-            async move {
+        kiln_net::task::spawn(
+            "http server",
+            kiln_net::tls::serve_http(listener, listen, app, async move {
                 let _ = stop_rx.wait_for(|s| *s).await;
-            },
-        ))
+            }),
+        )
     });
     tokio::pin!(shutdown);
     let mut pause = Duration::from_millis(100);
@@ -209,6 +211,18 @@ pub async fn serve(
     if let Some(web) = web {
         web.await??;
     }
+    // The session is gone and its jobs aborted, but a job's container may still be in use: a
+    // jail run, or inputs being placed or outputs read on a blocking thread, hold its slot.
+    // Images are removed only once every slot is back (each run ends by the jail's limits).
+    let running = shared.config.slots.saturating_sub(shared.slots.free());
+    if running > 0 {
+        tracing::info!(
+            running,
+            "waiting for running jobs to end before removing their images"
+        );
+    }
+    shared.slots.all_free().await;
+    shared.runs.wait().await;
     shared.pool.shutdown().await;
     Ok(())
 }
@@ -314,10 +328,10 @@ async fn session(shared: Arc<Shared>, trouble: &mut LinkTrouble) -> anyhow::Resu
     }
 
     let heartbeat = Duration::from_millis(welcome.heartbeat_ms.clamp(100, 60_000));
-    let beat = {
+    let _beat = {
         let shared = shared.clone();
         let out = out.clone();
-        tokio::spawn(async move {
+        kiln_net::task::spawn("heartbeat", async move {
             let mut tick = tokio::time::interval(heartbeat);
             loop {
                 tick.tick().await;
@@ -333,7 +347,6 @@ async fn session(shared: Arc<Shared>, trouble: &mut LinkTrouble) -> anyhow::Resu
             }
         })
     };
-    let _beat = AbortOnDrop(beat);
 
     let mut jobs = job::Jobs::default();
     let result = loop {
@@ -350,15 +363,6 @@ async fn session(shared: Arc<Shared>, trouble: &mut LinkTrouble) -> anyhow::Resu
     };
     jobs.abort_all();
     result
-}
-
-/// Aborts a task when its owner goes away.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
 //! The plumbing kiln's servers and clients share beside the wire itself: TLS listeners and
 //! client endpoints (`tls`), tokens and their files (`auth`), Prometheus text (`metrics`), the
-//! `KILN_LOG` filter (`logging`), and the shutdown signal. Kept apart from `kiln-proto` so a crate
-//! that only speaks the protocol, or only unpacks archives, does not pull in a server stack.
+//! `KILN_LOG` filter (`logging`), the one door to spawning tasks (`task`), and the shutdown
+//! signal. Kept apart from `kiln-proto` so a crate that only speaks the protocol, or only
+//! unpacks archives, does not pull in a server stack.
 
 pub mod auth;
 pub mod logging;
 pub mod metrics;
+pub mod task;
 pub mod tls;
 
 /// For the servers: resolves on SIGINT or SIGTERM. The handlers are installed by the call,

@@ -14,6 +14,7 @@
 pub mod auth;
 mod fallbacks;
 pub mod init;
+pub mod jobs;
 mod metrics;
 pub mod placement;
 mod service;

@@ -216,10 +216,39 @@ fn security(args: &Args) -> anyhow::Result<(kiln_net::tls::Listen, kiln_schedule
     Ok((listen, auth))
 }
 
+/// Connections the kernel may queue before the scheduler accepts them (it caps this at its
+/// `net.core.somaxconn`).
+const ACCEPT_BACKLOG: u32 = 8192;
+
+/// Binds the gRPC listener with a deep accept queue: a whole fleet dials at once when the
+/// scheduler (re)starts, and at tokio's default of 1,024 queued dials the rest of 5,000
+/// builders had their connections dropped and retried seconds later (issue 17).
+async fn bind_for_fleet(at: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(at).await? {
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        match socket
+            .bind(addr)
+            .and_then(|()| socket.listen(ACCEPT_BACKLOG))
+        {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.map_or_else(
+        || anyhow::anyhow!("{at} names no address"),
+        anyhow::Error::from,
+    ))
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = kiln_net::shutdown_signal();
     let (listen, mut auth) = security(&args)?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
+    let listener = bind_for_fleet(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
@@ -276,11 +305,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if let Some(slots) = args.slots {
             config.slots = slots.max(1);
         }
-        Some(tokio::spawn(kiln_builder::serve(
-            config,
-            None,
-            stopped(stop_rx.clone()),
-        )))
+        Some(kiln_net::task::spawn(
+            "local builder",
+            kiln_builder::serve(config, None, stopped(stop_rx.clone())),
+        ))
     } else {
         None
     };

@@ -38,7 +38,7 @@ impl Outcome {
         Outcome::Abandoned,
     ];
 
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Outcome::Finished => "finished",
             Outcome::NoBuilders => "no_builders",

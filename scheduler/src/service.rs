@@ -1,26 +1,40 @@
-//! The gRPC service: builder links, job relay, retries, status.
+//! The gRPC service: I/O only. What happens to a job is decided by [`JobTable`]; this module
+//! reads the streams, feeds the table its events, and carries out what it answers.
+//!
+//! What is shared, and how (issue 17: the scheduler scales with cores, not builders):
+//! - the job table sits behind one lock, held for bookkeeping only: never across a send, a
+//!   hash or JSON building, and placement under it costs a few ordered-set steps;
+//! - chunks are relayed without it: each job's [`Route`] (its client's stream, its builder)
+//!   is found in a sharded map, and builder links in a read-mostly map;
+//! - a job's results go to its client through a queue of its own, so a client that reads
+//!   slowly delays only its own job, never the builder's other results;
+//! - a toolchain a client uploads is assembled by that job's reader and verified on a
+//!   task of its own; only the finished archive takes the store's lock;
+//! - the status, the dashboard and `/metrics` are built from copies taken under the lock.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use kiln_net::task::Tracker;
 use kiln_proto::content::{chunk_digest, chunks, Assembly};
 use kiln_proto::v1::scheduler_server::{Scheduler as SchedulerRpc, SchedulerServer};
 use kiln_proto::v1::{
-    from_builder, from_client, refused, to_builder, to_client, BuilderStatus, Chunk,
-    FallbackReport, FromBuilder, FromClient, JobCancel, JobChunk, JobStart, JobStatus, Need,
-    Placed, Refused, ReportReply, StatusReply, StatusRequest, SuspectReport, ToBuilder, ToClient,
-    Welcome,
+    from_builder, from_client, to_builder, to_client, BuilderStatus, Chunk, FallbackReport,
+    FromBuilder, FromClient, JobChunk, Need, ReportReply, StatusReply, StatusRequest,
+    SuspectReport, ToBuilder, ToClient, Welcome,
 };
 use kiln_proto::{digest_of, version_mismatch, Digest, MAX_MESSAGE, PROTOCOL_VERSION};
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Auth, Caller, Held, InFlight, Role};
-use crate::metrics::{Gauges, Metrics, Outcome};
-use crate::placement::{self, BuilderState, NoPlace, Registry, Wants};
+use crate::jobs::{JobId, JobTable, Limits, Out, Outcome, BUCKET, WINDOW};
+use crate::metrics::{Gauges, Metrics};
+use crate::placement::{self, BuilderState};
 use crate::toolchains::Toolchains;
 
 /// The scheduler's settings.
@@ -68,111 +82,156 @@ impl Default for Config {
     }
 }
 
-type ClientTx = mpsc::Sender<Result<ToClient, Status>>;
-type BuilderTx = mpsc::Sender<Result<ToBuilder, Status>>;
+type ClientItem = Result<ToClient, Status>;
+/// Boxed, so that each builder's link queue holds pointers: its first block of slots is
+/// allocated when the builder joins, and at the message's own size it was ~9 KiB per builder.
+type BuilderTx = mpsc::Sender<Box<ToBuilder>>;
 
-struct Job {
-    spec: kiln_proto::v1::JobSpec,
-    toolchain: Digest,
-    client: ClientTx,
-    builder: String,
-    attempt: u32,
-    tried: Vec<String>,
-    started: Instant,
-    /// The builder reported the result; the slot is free again.
-    finished: bool,
+/// Result bytes a job may have queued for a client that does not read them. Past this the
+/// client is cut off and the job cancelled: the builder's link is never held up for it.
+const CLIENT_BACKLOG: u64 = 256 << 20;
+
+/// One job's relay: its client's stream and the builder it runs on. Shared by the job's own
+/// reader and the builder's reader; nothing here is locked for longer than a field's copy.
+struct Route {
+    client: Mutex<Option<mpsc::UnboundedSender<ClientItem>>>,
+    /// Chunk bytes queued for the client and not yet taken by its stream.
+    backlog: Arc<AtomicU64>,
+    builder: Mutex<String>,
     /// Chunk bytes relayed for this job, to its builder and back.
-    bytes: u64,
-    /// Counts against its client's jobs in flight until the job is dropped.
+    bytes: AtomicU64,
+    toolchain: Digest,
+    /// Counts against its client's jobs in flight until the job's streams are gone.
     _held: Option<Held>,
-    /// The name of the client's token.
-    caller: String,
 }
 
-/// A job that is over, for the dashboard.
-#[derive(Debug, Clone)]
-struct Recent {
-    label: String,
-    /// The name of the client's token.
-    client: String,
-    builder: String,
-    ms: u64,
-    outcome: &'static str,
-    bytes: u64,
-    at: Instant,
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The state is bookkeeping; a panic elsewhere must not take the farm down with it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Jobs kept for the dashboard's list, and the window its throughput chart covers.
-const RECENT: usize = 50;
-const WINDOW: Duration = Duration::from_secs(300);
-
-struct State {
-    registry: Registry,
-    links: HashMap<String, BuilderTx>,
-    jobs: HashMap<u64, Job>,
-    toolchains: Toolchains,
-    /// Toolchains arriving from clients, by job.
-    uploads: HashMap<u64, Assembly>,
-    jobs_done: u64,
-    jobs_failed: u64,
-    /// The last [`RECENT`] jobs that ended.
-    recent: std::collections::VecDeque<Recent>,
-    /// When jobs finished over the last [`WINDOW`].
-    finished_at: std::collections::VecDeque<Instant>,
-    /// The shared cache's lookups over the last [`WINDOW`]: when, hits, misses.
-    cache_lookups: std::collections::VecDeque<(Instant, u64, u64)>,
-    /// Builders a cross-check found wrong, by name, and why: kept across their reconnects.
-    suspects: HashMap<String, String>,
-}
-
-impl Job {
-    /// What the dashboard keeps of it once it is over.
-    fn recent(&self, outcome: &'static str) -> Recent {
-        let at = Instant::now();
-        Recent {
-            label: self.spec.label.clone(),
-            client: self.caller.clone(),
-            builder: self.builder.clone(),
-            ms: at.duration_since(self.started).as_millis() as u64,
-            outcome,
-            bytes: self.bytes,
-            at,
+impl Route {
+    /// Queues `msg` for the client without waiting; false if the client is gone or was cut
+    /// off for not reading.
+    fn push(&self, msg: ClientItem) -> bool {
+        let n = match &msg {
+            Ok(ToClient {
+                msg: Some(to_client::Msg::Chunk(c)),
+            }) => c.data.len() as u64,
+            _ => 0,
+        };
+        let mut client = lock(&self.client);
+        let Some(tx) = client.as_ref() else {
+            return false;
+        };
+        if self.backlog.fetch_add(n, Ordering::Relaxed) + n > CLIENT_BACKLOG {
+            let _ = tx.send(Err(Status::resource_exhausted(format!(
+                "this job's client left more than {} MiB of results unread; the job is cancelled",
+                CLIENT_BACKLOG >> 20
+            ))));
+            *client = None;
+            return false;
         }
+        tx.send(msg).is_ok()
+    }
+
+    /// Ends the client's stream, after what is queued, with `error` last if there is one.
+    fn close(&self, error: Option<Status>) {
+        if let Some(tx) = lock(&self.client).take() {
+            if let Some(e) = error {
+                let _ = tx.send(Err(e));
+            }
+        }
+    }
+
+    fn builder(&self) -> String {
+        lock(&self.builder).clone()
+    }
+
+    fn is_on(&self, builder: &str) -> bool {
+        *lock(&self.builder) == builder
     }
 }
 
-impl State {
-    fn ended(&mut self, mut recent: Recent) {
-        let now = recent.at;
-        // Builders are listed by label, as in the builders' table.
-        recent.builder = label(&self.registry.builders, &recent.builder).unwrap_or_default();
-        let outcome = recent.outcome;
-        if self.recent.len() == RECENT {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(recent);
-        if outcome == "finished" {
-            self.finished_at.push_back(now);
-        }
-        while self
-            .finished_at
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > WINDOW)
+/// The stream of a job's messages to its client, counting the result bytes it takes off the
+/// job's queue.
+#[derive(Debug)]
+pub struct ClientStream {
+    rx: mpsc::UnboundedReceiver<ClientItem>,
+    backlog: Arc<AtomicU64>,
+}
+
+impl tokio_stream::Stream for ClientStream {
+    type Item = ClientItem;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ClientItem>> {
+        let polled = self.rx.poll_recv(cx);
+        if let Poll::Ready(Some(Ok(ToClient {
+            msg: Some(to_client::Msg::Chunk(c)),
+        }))) = &polled
         {
-            self.finished_at.pop_front();
+            self.backlog
+                .fetch_sub(c.data.len() as u64, Ordering::Relaxed);
         }
+        polled
     }
+}
+
+/// The stream of a builder's link.
+#[derive(Debug)]
+pub struct BuilderStream {
+    rx: mpsc::Receiver<Box<ToBuilder>>,
+}
+
+impl tokio_stream::Stream for BuilderStream {
+    type Item = Result<ToBuilder, Status>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx).map(|m| m.map(|m| Ok(*m)))
+    }
+}
+
+/// Jobs' routes, in shards so that jobs on different cores rarely meet on one lock.
+struct Routes([Mutex<HashMap<JobId, Arc<Route>>>; 32]);
+
+impl Routes {
+    fn shard(&self, job: JobId) -> &Mutex<HashMap<JobId, Arc<Route>>> {
+        &self.0[job as usize % self.0.len()]
+    }
+
+    fn get(&self, job: JobId) -> Option<Arc<Route>> {
+        lock(self.shard(job)).get(&job).cloned()
+    }
+
+    fn insert(&self, job: JobId, route: Arc<Route>) {
+        lock(self.shard(job)).insert(job, route);
+    }
+
+    fn remove(&self, job: JobId) -> Option<Arc<Route>> {
+        lock(self.shard(job)).remove(&job)
+    }
+}
+
+/// A builder's link: its stream's sender, and what stops its reader when the table loses it.
+struct Link {
+    tx: BuilderTx,
+    _stop: oneshot::Sender<()>,
 }
 
 struct Inner {
     config: Config,
-    state: Mutex<State>,
+    table: Mutex<JobTable>,
+    routes: Routes,
+    links: RwLock<HashMap<String, Link>>,
+    toolchains: Mutex<Toolchains>,
+    /// The shared cache's lookups over the last [`WINDOW`]: when, hits, misses.
+    cache_lookups: Mutex<VecDeque<(Instant, u64, u64)>>,
     next_job: AtomicU64,
     next_builder: AtomicU64,
     started: Instant,
     shutdown: watch::Receiver<bool>,
     metrics: Metrics,
     in_flight: InFlight,
+    /// The streams' readers, toolchain senders and verifiers: waited for at shutdown.
+    tasks: Tracker,
 }
 
 /// The scheduler service; cheap to clone.
@@ -187,32 +246,18 @@ impl std::fmt::Debug for Scheduler {
     }
 }
 
-fn refused(reason: refused::Reason, message: impl Into<String>) -> ToClient {
-    ToClient {
-        msg: Some(to_client::Msg::Refused(Refused {
-            reason: reason as i32,
-            message: message.into(),
-        })),
-    }
-}
-
 impl Scheduler {
     pub fn new(config: Config, shutdown: watch::Receiver<bool>) -> Scheduler {
         Scheduler {
             inner: Arc::new(Inner {
-                state: Mutex::new(State {
-                    registry: Registry::default(),
-                    links: HashMap::new(),
-                    jobs: HashMap::new(),
-                    toolchains: Toolchains::new(config.toolchain_cache),
-                    uploads: HashMap::new(),
-                    jobs_done: 0,
-                    jobs_failed: 0,
-                    recent: Default::default(),
-                    finished_at: Default::default(),
-                    cache_lookups: Default::default(),
-                    suspects: HashMap::new(),
-                }),
+                table: Mutex::new(JobTable::new(Limits {
+                    max_attempts: config.max_attempts,
+                    heartbeat: config.heartbeat,
+                })),
+                routes: Routes(std::array::from_fn(|_| Mutex::default())),
+                links: RwLock::default(),
+                toolchains: Mutex::new(Toolchains::new(config.toolchain_cache)),
+                cache_lookups: Mutex::default(),
                 config,
                 next_job: AtomicU64::new(1),
                 next_builder: AtomicU64::new(1),
@@ -220,7 +265,72 @@ impl Scheduler {
                 shutdown,
                 metrics: Metrics::default(),
                 in_flight: InFlight::default(),
+                tasks: Tracker::new(),
             }),
+        }
+    }
+
+    fn table(&self) -> MutexGuard<'_, JobTable> {
+        lock(&self.inner.table)
+    }
+
+    fn link(&self, builder: &str) -> Option<BuilderTx> {
+        self.inner
+            .links
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(builder)
+            .map(|l| l.tx.clone())
+    }
+
+    /// Carries out what the table decided, in order. No lock is held here.
+    async fn apply(&self, outs: Vec<Out>) {
+        for out in outs {
+            match out {
+                Out::Client(job, msg) => {
+                    if let Some(route) = self.inner.routes.get(job) {
+                        route.push(Ok(msg));
+                    }
+                }
+                Out::Builder(builder, msg) => {
+                    // A link gone between the decision and now: the builder's loss places its
+                    // jobs again.
+                    if let Some(link) = self.link(&builder) {
+                        let _ = link.send(Box::new(msg)).await;
+                    }
+                }
+                Out::Route(job, builder) => {
+                    if let Some(route) = self.inner.routes.get(job) {
+                        *lock(&route.builder) = builder;
+                    }
+                }
+                Out::Need(job, builder, need, toolchain) => {
+                    self.on_need(job, &builder, need, toolchain).await
+                }
+                Out::Close(job, error) => {
+                    if let Some(route) = self.inner.routes.remove(job) {
+                        route.close(error.map(Status::unavailable));
+                    }
+                }
+                Out::Disconnect(builder) => {
+                    // Dropping the link ends the builder's stream and stops its reader.
+                    self.inner
+                        .links
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&builder);
+                }
+                Out::Ended(outcome, took) => {
+                    self.inner.metrics.count(outcome);
+                    if outcome == Outcome::Finished {
+                        self.inner.metrics.job.observe(took);
+                    }
+                }
+                Out::FirstPlaced(took) => self.inner.metrics.placement.observe(took),
+                Out::Retried => {
+                    self.inner.metrics.retries.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -250,18 +360,13 @@ impl Scheduler {
             down = false;
             if let Some((hits, misses)) = last {
                 let at = Instant::now();
-                let mut st = self.lock();
-                st.cache_lookups.push_back((
-                    at,
-                    now.0.saturating_sub(hits),
-                    now.1.saturating_sub(misses),
-                ));
-                while st
-                    .cache_lookups
+                let mut lookups = lock(&self.inner.cache_lookups);
+                lookups.push_back((at, now.0.saturating_sub(hits), now.1.saturating_sub(misses)));
+                while lookups
                     .front()
                     .is_some_and(|(t, _, _)| at.duration_since(*t) > WINDOW)
                 {
-                    st.cache_lookups.pop_front();
+                    lookups.pop_front();
                 }
             }
             last = Some(now);
@@ -288,28 +393,33 @@ impl Scheduler {
         Ok((stats.hits, stats.misses))
     }
 
-    /// The farm now: what `kiln dist-status` and the dashboard show.
+    /// Loses builders that fell silent, by the table's clock, every heartbeat until shutdown.
+    async fn watch_heartbeats(self) {
+        let mut stop = self.inner.shutdown.clone();
+        let mut tick = tokio::time::interval(self.inner.config.heartbeat);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let outs = self.table().tick(Instant::now());
+            self.apply(outs).await;
+        }
+    }
+
+    /// The farm now: what `kiln dist-status` and the dashboard show. Built under the table's
+    /// lock from plain fields (no JSON), once per call.
     pub fn status_reply(&self) -> StatusReply {
         let now = Instant::now();
-        let st = self.lock();
-        // Names shared by more than one builder, counted once for the whole reply.
-        let mut named: HashMap<&str, usize> = HashMap::new();
-        for b in st.registry.builders.values() {
-            *named.entry(b.name.as_str()).or_default() += 1;
-        }
-        let label = |id: &str| match st.registry.builders.get(id) {
-            Some(b) if named[b.name.as_str()] > 1 => format!("{} ({id})", b.name),
-            Some(b) => b.name.clone(),
-            None => String::new(),
-        };
-        let builders = st
-            .registry
-            .builders
+        let t = self.table();
+        let fleet = t.fleet();
+        let builders = fleet
+            .builders()
             .iter()
             .map(|(id, b)| BuilderStatus {
                 id: id.clone(),
                 name: b.name.clone(),
-                label: label(id),
+                label: fleet.label(id).unwrap_or_default(),
                 last_failure_ms: b
                     .last_failure
                     .map(|t| now.saturating_duration_since(t).as_millis() as u64),
@@ -324,79 +434,67 @@ impl Scheduler {
                 toolchains_held: b.toolchains.len() as u32,
                 jobs_done: b.jobs_done,
                 jobs_failed: b.jobs_failed,
-                connected_ms: now.duration_since(b.connected).as_millis() as u64,
+                connected_ms: now.saturating_duration_since(b.connected).as_millis() as u64,
                 toolchains_received: b.toolchains_received,
                 suspect: b.suspect.clone().unwrap_or_default(),
             })
             .collect();
-        let mut jobs: Vec<JobStatus> = st
-            .jobs
-            .iter()
-            .map(|(id, j)| JobStatus {
-                id: *id,
-                builder: label(&j.builder),
-                builder_id: j.builder.clone(),
-                label: j.spec.label.clone(),
-                running_ms: now.duration_since(j.started).as_millis() as u64,
-                attempt: j.attempt,
-            })
-            .collect();
-        jobs.sort_by_key(|j| j.id);
         StatusReply {
             protocol_version: PROTOCOL_VERSION,
             builders,
-            jobs,
-            jobs_done: st.jobs_done,
-            jobs_failed: st.jobs_failed,
+            jobs: t.job_status(now),
+            jobs_done: t.jobs_done,
+            jobs_failed: t.jobs_failed,
             uptime_ms: now.duration_since(self.inner.started).as_millis() as u64,
         }
     }
 
     /// `GET /api/status`, the dashboard's data: the status, the jobs that ended last, and the
-    /// jobs finished per 10 seconds over the last five minutes (oldest first).
+    /// jobs finished per 10 seconds over the last five minutes (oldest first). The JSON is
+    /// built from copies, with no lock held.
     pub fn dashboard_json(&self) -> serde_json::Value {
         let status = self.status_reply();
-        let (recent, per_bucket, hit_rate) = {
-            let st = self.lock();
-            let now = Instant::now();
-            let recent: Vec<serde_json::Value> = st
-                .recent
-                .iter()
-                .rev()
-                .map(|r| {
-                    serde_json::json!({
-                        "label": r.label,
-                        "client": r.client,
-                        "builder": r.builder,
-                        "ms": r.ms,
-                        "outcome": r.outcome,
-                        "bytes": r.bytes,
-                        "ago_ms": now.duration_since(r.at).as_millis() as u64,
-                    })
+        let history = self.table().history();
+        let lookups_seen: Vec<(Instant, u64, u64)> =
+            lock(&self.inner.cache_lookups).iter().copied().collect();
+        let now = Instant::now();
+        let recent: Vec<serde_json::Value> = history
+            .recent
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "label": r.label,
+                    "client": r.client,
+                    "builder": r.builder,
+                    "ms": r.ms,
+                    "outcome": r.outcome.label(),
+                    "bytes": r.bytes,
+                    "ago_ms": now.saturating_duration_since(r.at).as_millis() as u64,
                 })
-                .collect();
-            let buckets = (WINDOW.as_secs() / 10) as usize;
-            let bucket = |t: &Instant| {
-                let age = (now.duration_since(*t).as_secs() / 10) as usize;
-                (age < buckets).then(|| buckets - 1 - age)
-            };
-            let mut per_bucket = vec![0u64; buckets];
-            for i in st.finished_at.iter().filter_map(bucket) {
-                per_bucket[i] += 1;
-            }
-            let mut lookups = vec![(0u64, 0u64); buckets];
-            for (t, hits, misses) in &st.cache_lookups {
-                if let Some(i) = bucket(t) {
-                    lookups[i].0 += hits;
-                    lookups[i].1 += misses;
-                }
-            }
-            let hit_rate: Vec<Option<f64>> = lookups
-                .iter()
-                .map(|(h, m)| (h + m > 0).then(|| *h as f64 / (h + m) as f64))
-                .collect();
-            (recent, per_bucket, hit_rate)
+            })
+            .collect();
+        let buckets = (WINDOW.as_secs() / BUCKET.as_secs()) as usize;
+        let bucket = |t: &Instant| {
+            let age = (now.saturating_duration_since(*t).as_secs() / BUCKET.as_secs()) as usize;
+            (age < buckets).then(|| buckets - 1 - age)
         };
+        let mut per_bucket = vec![0u64; buckets];
+        for (t, n) in &history.finished {
+            if let Some(i) = bucket(t) {
+                per_bucket[i] += n;
+            }
+        }
+        let mut lookups = vec![(0u64, 0u64); buckets];
+        for (t, hits, misses) in &lookups_seen {
+            if let Some(i) = bucket(t) {
+                lookups[i].0 += hits;
+                lookups[i].1 += misses;
+            }
+        }
+        let hit_rate: Vec<Option<f64>> = lookups
+            .iter()
+            .map(|(h, m)| (h + m > 0).then(|| *h as f64 / (h + m) as f64))
+            .collect();
         serde_json::json!({
             "uptime_ms": status.uptime_ms,
             "jobs_done": status.jobs_done,
@@ -407,7 +505,7 @@ impl Scheduler {
                 "jail": b.jail,
                 "slots": b.slots,
                 "running": b.running,
-                "toolchains": b.toolchains.len(),
+                "toolchains": b.toolchains_held,
                 "jobs_done": b.jobs_done,
                 "jobs_failed": b.jobs_failed,
                 "connected_ms": b.connected_ms,
@@ -431,333 +529,137 @@ impl Scheduler {
     /// `GET /metrics`: the counters and the registry's gauges, in Prometheus's text format.
     pub fn metrics_text(&self) -> String {
         let gauges = {
-            let st = self.lock();
-            let builders = st.registry.builders.values();
+            let t = self.table();
+            let (slots, slots_busy) = t.fleet().slots();
             Gauges {
-                builders: st.registry.builders.len() as u64,
-                slots: builders.clone().map(|b| u64::from(b.slots)).sum(),
-                slots_busy: builders.map(|b| u64::from(b.running)).sum(),
-                jobs_in_flight: st.jobs.len() as u64,
-                toolchains_kept_bytes: st.toolchains.bytes(),
+                builders: t.fleet().builders().len() as u64,
+                slots,
+                slots_busy,
+                jobs_in_flight: t.jobs_in_flight() as u64,
+                toolchains_kept_bytes: 0,
             }
+        };
+        let gauges = Gauges {
+            toolchains_kept_bytes: lock(&self.inner.toolchains).bytes(),
+            ..gauges
         };
         self.inner.metrics.render(gauges)
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // The state is bookkeeping; a panic elsewhere must not take the farm down with it.
-        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Places job `id` (first time or again) and starts it on the chosen builder. On failure the
-    /// client is told why and the job is forgotten.
-    async fn place(&self, id: u64) {
-        if *self.inner.shutdown.borrow() {
-            // Its builder's link closed because this scheduler is stopping: the job is not
-            // short of capacity, the scheduler is going away. The client says so and
-            // compiles locally.
-            let job = self.lock().jobs.remove(&id);
-            if let Some(job) = job {
-                tracing::info!(job = id, "job ended by the scheduler's shutdown");
-                let _ = job
-                    .client
-                    .send(Err(Status::unavailable(
-                        "the scheduler is shutting down; the job did not finish",
-                    )))
-                    .await;
-            }
-            return;
-        }
-        let decision = {
-            let mut st = self.lock();
-            let st = &mut *st;
-            let Some(job) = st.jobs.get_mut(&id) else {
-                return;
-            };
-            if job.attempt >= self.inner.config.max_attempts {
-                Err((
-                    refused::Reason::BuildersFailed,
-                    format!("{} builders failed this job", job.attempt),
-                ))
-            } else {
-                let wants = Wants {
-                    os: &job.spec.os,
-                    arch: &job.spec.arch,
-                    toolchain: job.toolchain,
-                    exclude: &job.tried,
-                };
-                match placement::place(&st.registry, &wants, Instant::now()) {
-                    Ok(builder) => {
-                        job.attempt += 1;
-                        if job.attempt == 1 {
-                            self.inner.metrics.placement.observe(job.started.elapsed());
-                        }
-                        job.tried.push(builder.clone());
-                        job.builder = builder.clone();
-                        job.finished = false;
-                        st.uploads.remove(&id);
-                        if let Some(b) = st.registry.builders.get_mut(&builder) {
-                            b.running += 1;
-                        }
-                        let start = ToBuilder {
-                            msg: Some(to_builder::Msg::Start(JobStart {
-                                job_id: id,
-                                spec: Some(job.spec.clone()),
-                            })),
-                        };
-                        let placed = ToClient {
-                            msg: Some(to_client::Msg::Placed(Placed {
-                                builder: st
-                                    .registry
-                                    .builders
-                                    .get(&builder)
-                                    .map(|b| b.name.clone())
-                                    .unwrap_or_default(),
-                                attempt: job.attempt,
-                            })),
-                        };
-                        Ok((
-                            st.links.get(&builder).cloned(),
-                            job.client.clone(),
-                            start,
-                            placed,
-                        ))
-                    }
-                    Err(NoPlace::NoBuilders) => Err((
-                        refused::Reason::NoBuilders,
-                        format!("no {}/{} builder is connected", job.spec.os, job.spec.arch),
-                    )),
-                    Err(NoPlace::NoCapacity) => Err((
-                        refused::Reason::NoCapacity,
-                        "every suitable builder is busy".into(),
-                    )),
-                }
-            }
-        };
-        match decision {
-            Ok((link, client, start, placed)) => {
-                let _ = client.send(Ok(placed)).await;
-                match link {
-                    Some(link) if link.send(Ok(start)).await.is_ok() => {}
-                    // The builder went away between placement and sending: its loss handler
-                    // (or this retry) places the job again.
-                    _ => Box::pin(self.retry(id, "the builder's link closed")).await,
-                }
-            }
-            Err((reason, message)) => {
-                let job = {
-                    let mut st = self.lock();
-                    let job = st.jobs.remove(&id);
-                    if let Some(j) = &job {
-                        st.ended(j.recent(match reason {
-                            refused::Reason::NoBuilders => "no_builders",
-                            refused::Reason::NoCapacity => "no_capacity",
-                            _ => "builders_failed",
-                        }));
-                    }
-                    job
-                };
-                if let Some(job) = job {
-                    self.inner.metrics.count(match reason {
-                        refused::Reason::NoBuilders => Outcome::NoBuilders,
-                        refused::Reason::NoCapacity => Outcome::NoCapacity,
-                        _ => Outcome::BuildersFailed,
-                    });
-                    tracing::info!(job = id, %message, "job refused");
-                    let _ = job.client.send(Ok(refused(reason, message))).await;
-                }
-            }
-        }
-    }
-
-    /// Job `id` failed on its builder through no fault of its own: try another.
-    async fn retry(&self, id: u64, why: &str) {
-        {
-            let mut st = self.lock();
-            let st = &mut *st;
-            let Some(job) = st.jobs.get_mut(&id) else {
-                return;
-            };
-            if let Some(b) = st.registry.builders.get_mut(&job.builder) {
-                if !job.finished {
-                    b.running = b.running.saturating_sub(1);
-                }
-                b.last_failure = Some(Instant::now());
-                b.jobs_failed += 1;
-            }
-            st.jobs_failed += 1;
-            self.inner.metrics.retries.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(job = id, builder = %job.builder, why, "job failed on its builder; placing it again");
-        }
-        self.place(id).await;
-    }
-
+    /// A builder is gone: the table sends its jobs elsewhere (or, when the scheduler is
+    /// stopping, ends them).
     async fn builder_lost(&self, id: &str, why: &str) {
-        let jobs: Vec<u64> = {
-            let mut st = self.lock();
-            st.links.remove(id);
-            if let Some(b) = st.registry.builders.get(id) {
-                tracing::warn!(builder = %b.name, id, why, "builder lost");
+        let outs = {
+            let mut t = self.table();
+            if *self.inner.shutdown.borrow() {
+                t.stop();
             }
-            st.jobs
-                .iter()
-                .filter(|(_, j)| j.builder == id)
-                .map(|(k, _)| *k)
-                .collect()
+            t.builder_lost(id, why, Instant::now())
         };
-        for job in jobs {
-            self.retry(job, why).await;
-        }
-        self.lock().registry.builders.remove(id);
+        self.apply(outs).await;
+        // Lost by its reader rather than by the clock: the link goes too.
+        self.inner
+            .links
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
-    async fn on_builder_message(&self, builder: &str, msg: from_builder::Msg) {
-        match msg {
-            from_builder::Msg::Register(_) => {}
+    /// One message on a builder's stream. Chunks are relayed without the table; the rest is
+    /// an event for it.
+    async fn on_builder_message(&self, builder: &str, msg: from_builder::Msg, alive: &mut Instant) {
+        let now = Instant::now();
+        let outs = match msg {
+            from_builder::Msg::Register(_) => return,
             from_builder::Msg::Heartbeat(hb) => {
-                if let Some(b) = self.lock().registry.builders.get_mut(builder) {
-                    b.slots = hb.slots.max(1);
-                }
+                *alive = now;
+                self.table().heartbeat(builder, hb.slots, now);
+                return;
             }
             from_builder::Msg::Toolchains(change) => {
-                let mut st = self.lock();
-                if let Some(b) = st.registry.builders.get_mut(builder) {
-                    for d in change.added.iter().filter_map(|d| digest_of(d).ok()) {
-                        b.toolchains.insert(d);
-                        b.toolchains_received += 1;
-                    }
-                    for d in change.evicted.iter().filter_map(|d| digest_of(d).ok()) {
-                        b.toolchains.remove(&d);
-                    }
-                }
+                let added: Vec<Digest> = change
+                    .added
+                    .iter()
+                    .filter_map(|d| digest_of(d).ok())
+                    .collect();
+                let evicted: Vec<Digest> = change
+                    .evicted
+                    .iter()
+                    .filter_map(|d| digest_of(d).ok())
+                    .collect();
+                self.table().toolchains(builder, &added, &evicted);
+                return;
             }
             from_builder::Msg::Need(need) => {
-                self.on_need(builder, need.job_id, need.need.unwrap_or_default())
-                    .await
+                self.table()
+                    .need(builder, need.job_id, need.need.unwrap_or_default())
             }
             from_builder::Msg::Chunk(c) => {
-                let n = c.chunk.as_ref().map_or(0, |c| c.data.len() as u64);
-                let client = {
-                    let mut st = self.lock();
-                    st.jobs
-                        .get_mut(&c.job_id)
-                        .filter(|j| j.builder == builder)
-                        .map(|j| {
-                            j.bytes += n;
-                            j.client.clone()
-                        })
-                };
-                if let (Some(client), Some(chunk)) = (client, c.chunk) {
-                    let n = chunk.data.len() as u64;
-                    self.inner
-                        .metrics
-                        .to_clients
-                        .fetch_add(n, Ordering::Relaxed);
-                    let _ = client
-                        .send(Ok(ToClient {
-                            msg: Some(to_client::Msg::Chunk(chunk)),
-                        }))
-                        .await;
-                }
-            }
-            from_builder::Msg::Finished(f) => {
-                let client = {
-                    let mut st = self.lock();
-                    let st = &mut *st;
-                    match st.jobs.get_mut(&f.job_id).filter(|j| j.builder == builder) {
-                        Some(job) => {
-                            job.finished = true;
-                            st.jobs_done += 1;
-                            self.inner.metrics.count(Outcome::Finished);
-                            self.inner.metrics.job.observe(job.started.elapsed());
-                            if let Some(b) = st.registry.builders.get_mut(builder) {
-                                b.running = b.running.saturating_sub(1);
-                                b.jobs_done += 1;
-                            }
-                            let client = job.client.clone();
-                            let recent = job.recent("finished");
-                            st.ended(recent);
-                            Some(client)
-                        }
-                        None => None,
+                // A builder streaming a large result may queue its heartbeats behind it: its
+                // chunks count as signs of life, told to the table at most every half beat.
+                if now.saturating_duration_since(*alive) > self.inner.config.heartbeat / 2 {
+                    *alive = now;
+                    let slots = self.table().fleet().get(builder).map(|b| b.slots);
+                    if let Some(slots) = slots {
+                        self.table().heartbeat(builder, slots, now);
                     }
-                };
-                if let (Some(client), Some(finished)) = (client, f.finished) {
-                    let _ = client
-                        .send(Ok(ToClient {
-                            msg: Some(to_client::Msg::Finished(finished)),
-                        }))
-                        .await;
                 }
-            }
-            from_builder::Msg::Rejected(r) => {
-                if self.client_of(builder, r.job_id).is_none() {
+                let (Some(route), Some(chunk)) = (self.inner.routes.get(c.job_id), c.chunk) else {
+                    return;
+                };
+                if !route.is_on(builder) {
                     return;
                 }
-                if r.retry {
-                    self.retry(r.job_id, &r.message).await;
-                } else {
-                    let job = {
-                        let mut st = self.lock();
-                        let job = st.jobs.remove(&r.job_id);
-                        if let Some(b) = st.registry.builders.get_mut(builder) {
-                            b.running = b.running.saturating_sub(1);
-                        }
-                        if let Some(j) = &job {
-                            st.ended(j.recent("refused"));
-                        }
-                        job
-                    };
-                    if let Some(job) = job {
-                        self.inner.metrics.count(Outcome::Refused);
-                        let _ = job
-                            .client
-                            .send(Ok(refused(refused::Reason::BadRequest, r.message)))
-                            .await;
-                    }
+                let n = chunk.data.len() as u64;
+                route.bytes.fetch_add(n, Ordering::Relaxed);
+                self.inner
+                    .metrics
+                    .to_clients
+                    .fetch_add(n, Ordering::Relaxed);
+                let delivered = route.push(Ok(ToClient {
+                    msg: Some(to_client::Msg::Chunk(chunk)),
+                }));
+                if !delivered {
+                    // Its client is gone or was cut off: the job is over, not the builder.
+                    self.client_gone(c.job_id).await;
                 }
-            }
-        }
-    }
-
-    fn client_of(&self, builder: &str, job: u64) -> Option<ClientTx> {
-        self.lock()
-            .jobs
-            .get(&job)
-            .filter(|j| j.builder == builder)
-            .map(|j| j.client.clone())
-    }
-
-    /// A builder lacks something for a job. Toolchains the scheduler holds go from here; the
-    /// rest is asked of the client.
-    async fn on_need(&self, builder: &str, job_id: u64, mut need: Need) {
-        let (client, link, toolchain) = {
-            let mut st = self.lock();
-            let st = &mut *st;
-            let Some(job) = st.jobs.get(&job_id).filter(|j| j.builder == builder) else {
                 return;
-            };
-            let toolchain = if need.toolchain {
-                st.toolchains
-                    .get(&job.toolchain)
-                    .map(|data| (job.toolchain, data))
-            } else {
-                None
-            };
-            if toolchain.is_some() {
-                need.toolchain = false;
             }
-            (
-                job.client.clone(),
-                st.links.get(builder).cloned(),
-                toolchain,
-            )
+            from_builder::Msg::Finished(f) => {
+                let bytes = self.bytes_of(f.job_id);
+                self.table()
+                    .finished(builder, f.job_id, f.finished, bytes, now)
+            }
+            from_builder::Msg::Rejected(r) => {
+                let bytes = self.bytes_of(r.job_id);
+                self.table()
+                    .rejected(builder, r.job_id, r.retry, r.message, bytes, now)
+            }
         };
-        if let (Some((digest, data)), Some(link)) = (toolchain, link) {
+        self.apply(outs).await;
+    }
+
+    fn bytes_of(&self, job: JobId) -> u64 {
+        self.inner
+            .routes
+            .get(job)
+            .map_or(0, |r| r.bytes.load(Ordering::Relaxed))
+    }
+
+    /// A builder lacks something for a job. Toolchains the scheduler holds go from here, on a
+    /// task of their own so a large archive holds up none of this builder's other messages;
+    /// the rest is asked of the client.
+    async fn on_need(&self, job_id: JobId, builder: &str, mut need: Need, digest: Digest) {
+        let data = if need.toolchain {
+            lock(&self.inner.toolchains).get(&digest)
+        } else {
+            None
+        };
+        if let (Some(data), Some(link)) = (data, self.link(builder)) {
+            need.toolchain = false;
             tracing::debug!(job = job_id, builder, "sending a cached toolchain");
-            // On its own task: a large archive must not hold up this builder's other messages.
             let this = self.clone();
-            tokio::spawn(async move {
+            self.inner.tasks.spawn("toolchain sender", async move {
                 for chunk in chunks(&digest, &data) {
                     let n = chunk.data.len() as u64;
                     this.inner
@@ -770,62 +672,73 @@ impl Scheduler {
                             chunk: Some(chunk),
                         })),
                     };
-                    if link.send(Ok(msg)).await.is_err() {
+                    if link.send(Box::new(msg)).await.is_err() {
                         break;
                     }
                 }
             });
         }
         if need.toolchain || !need.files.is_empty() {
-            let _ = client
-                .send(Ok(ToClient {
+            if let Some(route) = self.inner.routes.get(job_id) {
+                route.push(Ok(ToClient {
                     msg: Some(to_client::Msg::Need(need)),
-                }))
-                .await;
+                }));
+            }
         }
     }
 
-    /// A chunk from a client: relayed to the job's builder, and kept if it is part of a
-    /// toolchain the scheduler does not hold yet.
-    async fn on_client_chunk(&self, job_id: u64, chunk: Chunk) -> Result<(), Status> {
-        let link = {
-            let mut st = self.lock();
-            let st = &mut *st;
-            let Some(job) = st.jobs.get_mut(&job_id) else {
-                return Ok(());
-            };
-            job.bytes += chunk.data.len() as u64;
-            let (digest, size) =
-                chunk_digest(&chunk).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            if digest == job.toolchain && !st.toolchains.contains(&digest) {
-                if chunk.offset == 0 {
-                    match Assembly::new(digest, size, self.inner.config.max_toolchain) {
-                        Ok(a) => {
-                            st.uploads.insert(job_id, a);
+    /// A chunk from a client: relayed to the job's builder. If it is part of a toolchain the
+    /// scheduler does not hold yet, it is also assembled here, in the job's own reader, and
+    /// verified on a task of its own: no shared lock is held for either.
+    async fn on_client_chunk(
+        &self,
+        job_id: JobId,
+        route: &Route,
+        upload: &mut Option<Assembly>,
+        chunk: Chunk,
+    ) -> Result<(), Status> {
+        let n = chunk.data.len() as u64;
+        route.bytes.fetch_add(n, Ordering::Relaxed);
+        let (digest, size) =
+            chunk_digest(&chunk).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let assemble = digest == route.toolchain
+            && (upload.is_some()
+                || (chunk.offset == 0 && !lock(&self.inner.toolchains).contains(&digest)));
+        if assemble {
+            if chunk.offset == 0 {
+                *upload = Some(
+                    Assembly::new(digest, size, self.inner.config.max_toolchain)
+                        .map_err(|e| Status::invalid_argument(format!("toolchain: {e}")))?,
+                );
+            }
+            if let Some(asm) = upload.as_mut() {
+                if chunk.offset + n >= size {
+                    // The last chunk: hashing the whole archive is left to a task, so this
+                    // job's relay goes on meanwhile.
+                    let mut asm = upload.take().expect("checked above");
+                    let last = chunk.clone();
+                    let this = self.clone();
+                    self.inner.tasks.spawn("toolchain verifier", async move {
+                        match tokio::task::spawn_blocking(move || asm.add(&last)).await {
+                            Ok(Ok(Some(data))) => {
+                                lock(&this.inner.toolchains).insert(digest, data)
+                            }
+                            Ok(Ok(None)) => {}
+                            Ok(Err(e)) => {
+                                // The builder checks the digest too and refuses the job; here
+                                // the copy is just not kept.
+                                tracing::warn!(job = job_id, error = %e, "toolchain upload is corrupt");
+                            }
+                            Err(e) => tracing::warn!(job = job_id, "toolchain check failed: {e}"),
                         }
-                        Err(e) => return Err(Status::invalid_argument(format!("toolchain: {e}"))),
-                    }
-                }
-                if let Some(asm) = st.uploads.get_mut(&job_id) {
-                    match asm.add(&chunk) {
-                        Ok(Some(data)) => {
-                            st.uploads.remove(&job_id);
-                            st.toolchains.insert(digest, data);
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            // The builder checks the digest too and refuses the job; here the
-                            // copy is just not kept.
-                            tracing::warn!(job = job_id, error = %e, "toolchain upload is corrupt");
-                            st.uploads.remove(&job_id);
-                        }
-                    }
+                    });
+                } else if let Err(e) = asm.add(&chunk) {
+                    tracing::warn!(job = job_id, error = %e, "toolchain upload is corrupt");
+                    *upload = None;
                 }
             }
-            st.links.get(&job.builder).cloned()
-        };
-        if let Some(link) = link {
-            let n = chunk.data.len() as u64;
+        }
+        if let Some(link) = self.link(&route.builder()) {
             self.inner
                 .metrics
                 .to_builders
@@ -836,38 +749,22 @@ impl Scheduler {
                     chunk: Some(chunk),
                 })),
             };
-            let _ = link.send(Ok(msg)).await;
+            let _ = link.send(Box::new(msg)).await;
         }
         Ok(())
     }
 
-    /// The client's stream ended: the job is over for everyone.
-    async fn client_gone(&self, job_id: u64) {
-        let (job, link) = {
-            let mut st = self.lock();
-            st.uploads.remove(&job_id);
-            let job = st.jobs.remove(&job_id);
-            let link = job.as_ref().and_then(|j| st.links.get(&j.builder).cloned());
-            if let Some(j) = &job {
-                if !j.finished {
-                    self.inner.metrics.count(Outcome::Abandoned);
-                    let recent = j.recent("abandoned");
-                    st.ended(recent);
-                    if let Some(b) = st.registry.builders.get_mut(&j.builder) {
-                        b.running = b.running.saturating_sub(1);
-                    }
-                }
-            }
-            (job, link)
-        };
-        if let (Some(job), Some(link)) = (job, link) {
-            if !job.finished {
-                let msg = ToBuilder {
-                    msg: Some(to_builder::Msg::Cancel(JobCancel { job_id })),
-                };
-                let _ = link.send(Ok(msg)).await;
-            }
+    /// The client's stream ended (or it was cut off): the job is over for everyone.
+    async fn client_gone(&self, job_id: JobId) {
+        let route = self.inner.routes.remove(job_id);
+        let bytes = route
+            .as_ref()
+            .map_or(0, |r| r.bytes.load(Ordering::Relaxed));
+        if let Some(route) = &route {
+            route.close(None);
         }
+        let outs = self.table().client_gone(job_id, bytes, Instant::now());
+        self.apply(outs).await;
     }
 }
 
@@ -884,20 +781,6 @@ fn health(b: &BuilderState, now: Instant) -> &'static str {
     } else {
         "ok"
     }
-}
-
-/// Builder `id`'s label: its name, or `name (id)` when another joined builder has the same
-/// name (two builders on one host both default to its host name), so that people can tell them
-/// apart in `kiln dist-status` and on the dashboard. No allocation but the label's: it runs
-/// as each job ends.
-fn label(builders: &BTreeMap<String, BuilderState>, id: &str) -> Option<String> {
-    let b = builders.get(id)?;
-    let twins = builders.values().filter(|o| o.name == b.name).count();
-    Some(if twins > 1 {
-        format!("{} ({id})", b.name)
-    } else {
-        b.name.clone()
-    })
 }
 
 fn validate(spec: &kiln_proto::v1::JobSpec) -> Result<Digest, String> {
@@ -917,8 +800,8 @@ fn validate(spec: &kiln_proto::v1::JobSpec) -> Result<Digest, String> {
 
 #[tonic::async_trait]
 impl SchedulerRpc for Scheduler {
-    type JoinStream = ReceiverStream<Result<ToBuilder, Status>>;
-    type CompileStream = ReceiverStream<Result<ToClient, Status>>;
+    type JoinStream = BuilderStream;
+    type CompileStream = ClientStream;
 
     async fn join(
         &self,
@@ -973,34 +856,28 @@ impl SchedulerRpc for Scheduler {
             reg.name.clone()
         };
         let (tx, rx) = mpsc::channel(256);
-        {
-            let mut st = self.lock();
-            let suspect = st.suspects.get(&name).cloned();
-            st.registry.builders.insert(
-                id.clone(),
-                BuilderState {
-                    name: name.clone(),
-                    os: reg.os.clone(),
-                    arch: reg.arch.clone(),
-                    jail: reg.jail.clone(),
-                    slots: reg.slots,
-                    running: 0,
-                    toolchains: reg
-                        .toolchains
-                        .iter()
-                        .filter_map(|d| digest_of(d).ok())
-                        .collect(),
-                    last_failure: None,
-                    connected: Instant::now(),
-                    jobs_done: 0,
-                    jobs_failed: 0,
-                    toolchains_received: 0,
-                    suspect,
-                },
-            );
-            st.links.insert(id.clone(), tx.clone());
-        }
-        tracing::info!(builder = %name, id = %id, ?peer, credential = %caller.name, slots = reg.slots, os = %reg.os, arch = %reg.arch, "builder joined");
+        let (stop, mut stopped) = oneshot::channel();
+        let now = Instant::now();
+        let state = BuilderState {
+            name: name.clone(),
+            os: reg.os.clone(),
+            arch: reg.arch.clone(),
+            jail: reg.jail.clone(),
+            slots: reg.slots,
+            running: 0,
+            toolchains: reg
+                .toolchains
+                .iter()
+                .filter_map(|d| digest_of(d).ok())
+                .collect(),
+            last_failure: None,
+            connected: now,
+            jobs_done: 0,
+            jobs_failed: 0,
+            toolchains_received: 0,
+            suspect: None,
+        };
+        // The welcome is first on the link, before any job the table may place there.
         let welcome = ToBuilder {
             msg: Some(to_builder::Msg::Welcome(Welcome {
                 protocol_version: PROTOCOL_VERSION,
@@ -1008,30 +885,40 @@ impl SchedulerRpc for Scheduler {
                 heartbeat_ms: self.inner.config.heartbeat.as_millis() as u64,
             })),
         };
-        let _ = tx.send(Ok(welcome)).await;
-        drop(tx);
+        let _ = tx.try_send(Box::new(welcome));
+        // The link before the table: a job placed there at once must find it.
+        self.inner
+            .links
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), Link { tx, _stop: stop });
+        self.table().join(id.clone(), state, now);
+        tracing::info!(builder = %name, id = %id, ?peer, credential = %caller.name, slots = reg.slots, os = %reg.os, arch = %reg.arch, "builder joined");
         let this = self.clone();
-        let silence = self.inner.config.heartbeat * 3;
         let mut shutdown = self.inner.shutdown.clone();
-        tokio::spawn(async move {
+        self.inner.tasks.spawn("builder reader", async move {
+            let mut alive = Instant::now();
             let why = loop {
                 let next = tokio::select! {
-                    next = tokio::time::timeout(silence, incoming.message()) => next,
-                    _ = shutdown.changed() => break "the scheduler is shutting down".to_string(),
+                    next = incoming.message() => next,
+                    // The table lost it (silent for three heartbeats) and dropped its link.
+                    _ = &mut stopped => break "no heartbeat".to_string(),
+                    _ = shutdown.wait_for(|s| *s) => break "the scheduler is shutting down".to_string(),
                 };
                 match next {
-                    Err(_) => break format!("no heartbeat for {} ms", silence.as_millis()),
-                    Ok(Err(e)) => break format!("stream error: {}", e.message()),
-                    Ok(Ok(None)) => break "the builder closed its stream".to_string(),
-                    Ok(Ok(Some(FromBuilder { msg: Some(msg) }))) => {
-                        this.on_builder_message(&id, msg).await
+                    Err(e) => break format!("stream error: {}", e.message()),
+                    Ok(None) => break "the builder closed its stream".to_string(),
+                    // Boxed: the handling's state lives only while a message is handled, not
+                    // in every idle builder's task (memory per builder, issue 17).
+                    Ok(Some(FromBuilder { msg: Some(msg) })) => {
+                        Box::pin(this.on_builder_message(&id, msg, &mut alive)).await
                     }
-                    Ok(Ok(Some(_))) => {}
+                    Ok(Some(_)) => {}
                 }
             };
-            this.builder_lost(&id, &why).await;
+            Box::pin(this.builder_lost(&id, &why)).await;
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(BuilderStream { rx }))
     }
 
     async fn compile(
@@ -1075,49 +962,54 @@ impl SchedulerRpc for Scheduler {
             )));
         }
         let toolchain = validate(&spec).map_err(Status::invalid_argument)?;
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let backlog = Arc::new(AtomicU64::new(0));
         let id = self.inner.next_job.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(job = id, label = %spec.label, client = %caller.name, "job received");
         self.inner.metrics.received_from(&caller.name);
-        self.lock().jobs.insert(
-            id,
-            Job {
-                spec,
-                toolchain,
-                client: tx,
-                builder: String::new(),
-                attempt: 0,
-                tried: Vec::new(),
-                started: Instant::now(),
-                finished: false,
-                bytes: 0,
-                _held: held,
-                caller: caller.name,
-            },
-        );
-        self.place(id).await;
+        let route = Arc::new(Route {
+            client: Mutex::new(Some(tx)),
+            backlog: backlog.clone(),
+            builder: Mutex::default(),
+            bytes: AtomicU64::new(0),
+            toolchain,
+            _held: held,
+        });
+        self.inner.routes.insert(id, route.clone());
+        let outs = self
+            .table()
+            .submit(id, spec, toolchain, caller.name, Instant::now());
+        self.apply(outs).await;
         let this = self.clone();
-        tokio::spawn(async move {
+        let mut shutdown = self.inner.shutdown.clone();
+        self.inner.tasks.spawn("job reader", async move {
+            let mut upload = None;
             loop {
-                match incoming.message().await {
+                let next = tokio::select! {
+                    next = incoming.message() => next,
+                    _ = shutdown.wait_for(|s| *s) => {
+                        // Its builder's link closes too: the client compiles locally.
+                        route.close(Some(Status::unavailable(
+                            "the scheduler is shutting down; the job did not finish",
+                        )));
+                        break;
+                    }
+                };
+                match next {
                     Ok(Some(FromClient {
                         msg: Some(from_client::Msg::Chunk(chunk)),
                     })) => {
-                        if let Err(status) = this.on_client_chunk(id, chunk).await {
-                            let client = this.lock().jobs.get(&id).map(|j| j.client.clone());
-                            if let Some(client) = client {
-                                let _ = client.send(Err(status)).await;
-                            }
+                        if let Err(status) =
+                            this.on_client_chunk(id, &route, &mut upload, chunk).await
+                        {
+                            route.close(Some(status));
                             break;
                         }
                     }
                     Ok(Some(_)) => {}
                     Err(status) if status.code() == tonic::Code::InvalidArgument => {
                         // A message that does not decode: the client hears why its job ended.
-                        let client = this.lock().jobs.get(&id).map(|j| j.client.clone());
-                        if let Some(client) = client {
-                            let _ = client.send(Err(status)).await;
-                        }
+                        route.close(Some(status));
                         break;
                     }
                     Ok(None) | Err(_) => break,
@@ -1125,7 +1017,7 @@ impl SchedulerRpc for Scheduler {
             }
             this.client_gone(id).await;
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(ClientStream { rx, backlog }))
     }
 
     async fn status(
@@ -1176,24 +1068,9 @@ impl SchedulerRpc for Scheduler {
         );
         // The report is the client's word: it is logged in full for whoever looks into it.
         tracing::error!(builder = %r.builder, "builder marked suspect: {why}");
-        let mut st = self.lock();
-        let known = st.registry.builders.values().any(|b| b.name == r.builder);
-        if !known {
-            return Err(Status::not_found(format!(
-                "no builder named {:?} is joined",
-                r.builder
-            )));
-        }
-        for b in st
-            .registry
-            .builders
-            .values_mut()
-            .filter(|b| b.name == r.builder)
-        {
-            b.suspect = Some(why.clone());
-        }
-        st.suspects.insert(r.builder, why);
-        drop(st);
+        self.table()
+            .suspect(&r.builder, why)
+            .map_err(|e| Status::not_found(e.to_string()))?;
         self.inner
             .metrics
             .suspect_reports
@@ -1256,7 +1133,11 @@ pub async fn serve_listeners(
         .clone()
         .unwrap_or_else(|| config.listen.clone());
     let scheduler = Scheduler::new(config, stop_rx.clone());
-    let watcher = cache.map(|url| tokio::spawn(scheduler.clone().watch_cache(url)));
+    let tasks = scheduler.inner.tasks.clone();
+    if let Some(url) = cache {
+        tasks.spawn("cache watcher", scheduler.clone().watch_cache(url));
+    }
+    tasks.spawn("heartbeat watcher", scheduler.clone().watch_heartbeats());
     let web = http.map(|listener| {
         let app = axum::Router::new()
             .route("/metrics", axum::routing::get(metrics))
@@ -1264,14 +1145,12 @@ pub async fn serve_listeners(
             .route("/api/status", axum::routing::get(api_status))
             .with_state(scheduler.clone());
         let mut stop = stop_rx.clone();
-        tokio::spawn(kiln_net::tls::serve_http(
-            listener,
-            listen,
-            app,
-            async move {
+        kiln_net::task::spawn(
+            "http server",
+            kiln_net::tls::serve_http(listener, listen, app, async move {
                 let _ = stop.wait_for(|s| *s).await;
-            },
-        ))
+            }),
+        )
     });
     let service = SchedulerServer::new(scheduler)
         .max_decoding_message_size(MAX_MESSAGE)
@@ -1298,12 +1177,25 @@ pub async fn serve_listeners(
     if let Some(web) = web {
         web.await??;
     }
-    if let Some(watcher) = watcher {
-        watcher.await?;
+    // Every reader ends at the shutdown signal; what still runs after a grace period (a send
+    // to a link nobody reads any more) is aborted, so shutdown cannot hang on it.
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            tasks = tasks.len(),
+            "tasks still running at shutdown; aborting them"
+        );
+        tasks.abort_all();
+        tasks.wait().await;
     }
     served?;
     Ok(())
 }
+
+/// How long shutdown waits for the scheduler's tasks before it aborts them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 async fn metrics(
     axum::extract::State(scheduler): axum::extract::State<Scheduler>,

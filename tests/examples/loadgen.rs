@@ -6,14 +6,15 @@
 //! For each number of builders (and with TLS and tokens or without), it starts a scheduler,
 //! joins that many builders (one connection each, as real builders keep), then runs clients that
 //! compile for a few seconds: each job opens a connection of its own, as every `kiln` process
-//! does today (`--reuse` keeps one per client instead). A simulated builder answers each job at
+//! does today (`--reuse` keeps one per client instead, and `--share` gives all clients one
+//! connection whose streams carry their jobs side by side, as a per-user agent will). A simulated builder answers each job at
 //! once with a 1 KiB object, so what is measured is the scheduler: its CPU per job (from
 //! `/proc`), jobs per second, the latency a client sees, its memory per builder, and how long
 //! the builders took to join.
 //!
 //! ```text
 //! loadgen --scheduler PATH [--builders 10,100,1000] [--tls both|on|off] [--seconds 5]
-//!         [--clients 8] [--slots 4] [--reuse]
+//!         [--clients 8] [--slots 4] [--reuse | --share]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -43,6 +44,8 @@ struct Options {
     clients: usize,
     slots: u32,
     reuse: bool,
+    /// One connection for all clients, its streams multiplexed.
+    share: bool,
 }
 
 fn options() -> Result<Options, String> {
@@ -54,6 +57,7 @@ fn options() -> Result<Options, String> {
         clients: 8,
         slots: 4,
         reuse: false,
+        share: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -78,6 +82,7 @@ fn options() -> Result<Options, String> {
             "--clients" => o.clients = value()?.parse().map_err(|_| "--clients: a number")?,
             "--slots" => o.slots = value()?.parse().map_err(|_| "--slots: a number")?,
             "--reuse" => o.reuse = true,
+            "--share" => o.share = true,
             _ => return Err(format!("unknown option {flag} (see the top of loadgen.rs)")),
         }
     }
@@ -406,12 +411,24 @@ async fn clients(s: Arc<SchedulerInfo>, pid: u32, o: &Options) -> Round {
     let cpu_before = cpu_time(pid);
     let started = Instant::now();
     let mut tasks = Vec::new();
+    // With --share, one connection made before the clock starts, cloned into every client:
+    // its jobs then travel as concurrent streams of that one connection.
+    let shared = match o.share {
+        true => Some(
+            client_of(&s, &s.client_token)
+                .await
+                .expect("dial the scheduler"),
+        ),
+        false => None,
+    };
     for c in 0..o.clients {
-        let (s, stop, count, reuse) = (s.clone(), stop.clone(), count.clone(), o.reuse);
+        let (s, stop, count) = (s.clone(), stop.clone(), count.clone());
+        let reuse = o.reuse || o.share;
+        let shared = shared.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let (mut errors, mut first_error) = (0u64, None);
-            let mut kept: Option<Grpc> = None;
+            let mut kept: Option<Grpc> = shared;
             while !stop.load(Ordering::Relaxed) {
                 let n = count.fetch_add(1, Ordering::Relaxed) * 1000 + c as u64;
                 let t = Instant::now();
@@ -539,7 +556,13 @@ fn main() {
                 "{:<5} {:>8} {:>7} {:>8} {:>9.0} {:>13.0} {:>8.2} {:>8.2} {:>12.1} {:>10.2} {:>7}",
                 if tls { "on" } else { "off" },
                 n,
-                if o.reuse { "kept" } else { "per job" },
+                if o.share {
+                    "shared"
+                } else if o.reuse {
+                    "kept"
+                } else {
+                    "per job"
+                },
                 round.jobs,
                 round.jobs as f64 / round.wall.as_secs_f64(),
                 cpu_per_job,
