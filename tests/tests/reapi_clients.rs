@@ -1,0 +1,294 @@
+//! kiln's remote tier over the Remote Execution API (`KILN_REMOTE_CACHE=grpc://…`), against
+//! kiln-cache's REAPI services: a second machine served, the documented layout, big entries
+//! through ByteStream, missing blobs, dead servers and refused tokens.
+
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use kiln_client::remote::{Entry, Remote};
+use kiln_tests::{ok, require, CacheServer, Project};
+use prost::Message as _;
+use sha2::Digest as _;
+
+fn digest(data: &[u8]) -> re::Digest {
+    re::Digest {
+        hash: sha2::Sha256::digest(data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        size_bytes: data.len() as i64,
+    }
+}
+
+/// The action digest of a kiln entry, built here from the layout ARCHITECTURE.md documents.
+fn documented_action(kind: &str, key: &kiln_cache::Digest) -> re::Digest {
+    let command = re::Command {
+        arguments: vec![
+            "kiln-entry".into(),
+            "layout-1".into(),
+            kind.into(),
+            key.to_hex(),
+        ],
+        output_paths: vec!["entry".into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let action = re::Action {
+        command_digest: Some(digest(&command)),
+        input_root_digest: Some(digest(b"")),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    digest(&action)
+}
+
+/// kiln's remote tier as a compile would make it, from these settings.
+fn remote(dir: &std::path::Path, settings: &[(&str, &str)]) -> Remote {
+    let mut pairs = vec![("KILN_DIR", dir.to_str().unwrap())];
+    pairs.extend_from_slice(settings);
+    let env = kiln_client::env::Env::from_pairs(pairs);
+    let cfg = kiln_client::config::Config::load(&env, &Default::default()).unwrap();
+    Remote::from_config(&cfg).expect("a remote tier")
+}
+
+fn reapi_metric(server: &CacheServer, name: &str) -> f64 {
+    server
+        .metrics()
+        .get(&format!("{name}{{protocol=\"reapi\"}}"))
+        .copied()
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn kiln_over_reapi_serves_a_second_machine() {
+    require("gcc");
+    let store = tempfile::tempdir().unwrap();
+    let server = CacheServer::start(store.path(), &[]);
+    let url = format!("grpc://{}", server.addr);
+    let machine = || {
+        let mut p = Project::with_remote(&url);
+        p.env
+            .push(("KILN_REMOTE_INSTANCE".into(), "team/ci".into()));
+        p.write("inc/v.h", "#define V 42\n");
+        p.write(
+            "src/m.c",
+            "#include <stdio.h>\n#include \"v.h\"\nint m(void) { return printf(\"%d\\n\", V); }\n",
+        );
+        kiln_tests::settle();
+        p
+    };
+    let args = ["gcc", "-c", "src/m.c", "-o", "m.o", "-Iinc", "-O2"];
+    let a = machine();
+    let config = String::from_utf8(ok(&a.kiln(&["config"])).stdout.clone()).unwrap();
+    assert!(
+        config.contains(&url) && config.contains("team/ci"),
+        "{config}"
+    );
+    ok(&a.kiln(&args));
+    let s = a.stats();
+    assert_eq!(
+        (s["misses"].as_i64(), s["remote_uploads"].as_i64()),
+        (Some(1), Some(2)),
+        "{s}"
+    );
+    // The entries went in through REAPI, not kiln's own protocol.
+    assert!(reapi_metric(&server, "kiln_cache_puts_total") >= 6.0);
+
+    let b = machine();
+    b.kiln_matches_bare(&args, "m.o");
+    let s = b.stats();
+    assert_eq!(
+        (s["hits"].as_i64(), s["remote_hits"].as_i64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+    // Another instance name is another cache.
+    let mut c = machine();
+    c.env
+        .push(("KILN_REMOTE_INSTANCE".into(), "team/other".into()));
+    ok(&c.kiln(&args));
+    assert_eq!(c.stats()["remote_hits"], 0);
+    // With KILN_NO_PUSH a machine reads but never writes.
+    let mut d = machine();
+    d.env.push(("KILN_NO_PUSH".into(), "1".into()));
+    d.write("src/m.c", "int other(void) { return 7; }\n");
+    kiln_tests::settle();
+    ok(&d.kiln(&args));
+    assert_eq!(d.stats()["remote_uploads"], 0);
+}
+
+#[test]
+fn entries_follow_the_documented_layout_and_big_ones_go_through_bytestream() {
+    let store = tempfile::tempdir().unwrap();
+    let server = CacheServer::start(store.path(), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("grpc://{}", server.addr);
+    let r = remote(dir.path(), &[("KILN_REMOTE_CACHE", &url)]);
+    let key = kiln_cache::Hasher::new("test").str("small").finish();
+    assert_eq!(r.get(Entry::Result, &key).unwrap(), None);
+    let body = b"a small entry".to_vec();
+    assert!(r.put(Entry::Result, &key, &body).unwrap());
+    assert_eq!(r.get(Entry::Result, &key).unwrap(), Some(body.clone()));
+    assert_eq!(r.get(Entry::Manifest, &key).unwrap(), None, "kinds apart");
+
+    // What a REAPI client that knows nothing of kiln finds there.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ch = tonic::transport::Channel::from_shared(server.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let result = re::action_cache_client::ActionCacheClient::new(ch.clone())
+            .get_action_result(re::GetActionResultRequest {
+                action_digest: Some(documented_action("result", &key)),
+                ..Default::default()
+            })
+            .await
+            .expect("the entry is under the documented action")
+            .into_inner();
+        assert_eq!(result.exit_code, 0);
+        assert_eq!(result.output_files.len(), 1);
+        assert_eq!(result.output_files[0].path, "entry");
+        assert_eq!(result.output_files[0].digest, Some(digest(&body)));
+        // The action and its command are in the CAS too, so the entry names itself.
+        let mut cas =
+            re::content_addressable_storage_client::ContentAddressableStorageClient::new(ch);
+        let missing = cas
+            .find_missing_blobs(re::FindMissingBlobsRequest {
+                blob_digests: vec![documented_action("result", &key), digest(&body)],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .missing_blob_digests;
+        assert!(missing.is_empty(), "{missing:?}");
+    });
+
+    // Larger than a batch: written and read through ByteStream, and still identical.
+    let big: Vec<u8> = (0..5u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let big_key = kiln_cache::Hasher::new("test").str("big").finish();
+    let writes_before = reapi_metric(&server, "kiln_cache_puts_total");
+    assert!(r.put(Entry::GoOutput, &big_key, &big).unwrap());
+    assert_eq!(r.get(Entry::GoOutput, &big_key).unwrap(), Some(big));
+    assert_eq!(
+        reapi_metric(&server, "kiln_cache_puts_total") - writes_before,
+        4.0,
+        "command, action, body, action result"
+    );
+}
+
+#[test]
+fn an_entry_whose_blob_is_missing_is_a_miss() {
+    let store = tempfile::tempdir().unwrap();
+    let server = CacheServer::start(store.path(), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let r = remote(
+        dir.path(),
+        &[("KILN_REMOTE_CACHE", &format!("grpc://{}", server.addr))],
+    );
+    // An action result naming a blob nobody uploaded, put in through Bazel's HTTP protocol
+    // (which shares the empty instance and takes action results as they come).
+    let key = kiln_cache::Hasher::new("test").str("orphan").finish();
+    let orphan = re::ActionResult {
+        output_files: vec![re::OutputFile {
+            path: "entry".into(),
+            digest: Some(digest(b"never uploaded")),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let action = documented_action("result", &key);
+    let (status, _) = server.request(
+        "PUT",
+        &format!("/ac/{}", action.hash),
+        &orphan.encode_to_vec(),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(r.get(Entry::Result, &key).unwrap(), None);
+    // A miss, not a failure: the server is still asked.
+    let other = kiln_cache::Hasher::new("test").str("other").finish();
+    assert!(r.put(Entry::Result, &other, b"x").unwrap());
+    assert_eq!(r.get(Entry::Result, &other).unwrap(), Some(b"x".to_vec()));
+}
+
+#[test]
+fn a_dead_reapi_server_is_skipped() {
+    require("gcc");
+    let store = tempfile::tempdir().unwrap();
+    let server = CacheServer::start(store.path(), &[]);
+    let url = format!("grpc://{}", server.addr);
+    drop(server);
+    let p = Project::with_remote(&url);
+    p.write("a.c", "int a(void) { return 1; }\n");
+    kiln_tests::settle();
+    let args = ["gcc", "-c", "a.c", "-o", "a.o"];
+    let out = ok(&p.kiln(&args)).clone();
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(p.stats()["remote_errors"], 1);
+    let _ = std::fs::remove_file(p.path("a.o"));
+    ok(&p.kiln(&args));
+    assert_eq!(
+        p.stats()["remote_errors"],
+        1,
+        "a failed server is left alone for a while"
+    );
+    assert_eq!(p.stats()["hits"], 1);
+}
+
+#[test]
+fn a_refused_token_is_a_counted_error_and_the_build_goes_on() {
+    require("gcc");
+    let secrets = tempfile::tempdir().unwrap();
+    kiln_scheduler::init::farm(secrets.path(), &[]).unwrap();
+    let s = |name: &str| secrets.path().join(name).display().to_string();
+    let store = tempfile::tempdir().unwrap();
+    let server = CacheServer::start(
+        store.path(),
+        &[
+            "--tls-cert",
+            &s("server.pem"),
+            "--tls-key",
+            &s("server.key"),
+            "--tokens",
+            &s("client-tokens"),
+        ],
+    );
+    let url = format!("grpcs://{}", server.addr);
+    let machine = |token: &str| {
+        let mut p = Project::with_remote(&url);
+        p.env.push(("KILN_CA_FILE".into(), s("ca.pem")));
+        p.env.push(("KILN_TOKEN_FILE".into(), token.to_owned()));
+        p.env.push(("KILN_LOG".into(), "warn".into()));
+        p.write("a.c", "int a(void) { return 2; }\n");
+        kiln_tests::settle();
+        p
+    };
+    let args = ["gcc", "-c", "a.c", "-o", "a.o"];
+    let wrong = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(wrong.path(), "not-the-token\n").unwrap();
+    let p = machine(wrong.path().to_str().unwrap());
+    let out = ok(&p.kiln(&args)).clone();
+    assert!(p.path("a.o").exists());
+    assert_eq!(p.stats()["remote_errors"], 1);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&url)
+            && stderr.contains("Unauthenticated")
+            && stderr.contains("KILN_TOKEN_FILE"),
+        "{stderr}"
+    );
+    // The right token over TLS stores, and a second machine is served.
+    let a = machine(&s("client.token"));
+    ok(&a.kiln(&args));
+    assert_eq!(a.stats()["remote_uploads"], 2, "{}", a.stats());
+    let b = machine(&s("client.token"));
+    b.kiln_matches_bare(&args, "a.o");
+    assert_eq!(b.stats()["remote_hits"], 1);
+}
