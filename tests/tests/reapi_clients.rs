@@ -292,3 +292,259 @@ fn a_refused_token_is_a_counted_error_and_the_build_goes_on() {
     b.kiln_matches_bare(&args, "a.o");
     assert_eq!(b.stats()["remote_hits"], 1);
 }
+
+/// A BuildGrid server (`bgd server start`) offering CAS, ByteStream and the action cache on
+/// 127.0.0.1, its blobs on disk; killed when dropped.
+struct Buildgrid {
+    child: std::process::Child,
+    url: String,
+    storage: tempfile::TempDir,
+}
+
+impl Buildgrid {
+    fn start() -> Buildgrid {
+        require("bgd");
+        let storage = tempfile::tempdir().unwrap();
+        // bgd takes a port, not a listener: one the system just handed out and let go.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = storage.path().join("bgd.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "server:\n  - !channel\n    address: \"127.0.0.1:{port}\"\n    insecure-mode: true\n\
+                 authorization:\n  method: none\n\
+                 storages:\n  - !disk-storage &cas\n    path: {}\n\
+                 caches:\n  - !lru-action-cache &ac\n    storage: *cas\n    max-cached-refs: 100000\n    allow-updates: true\n    cache-failed-actions: true\n\
+                 instances:\n  - name: \"\"\n    services:\n      - !action-cache\n        cache: *ac\n      - !cas\n        storage: *cas\n      - !bytestream\n        storage: *cas\n",
+                storage.path().join("blobs").display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("bgd")
+            .args(["server", "start"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start bgd server");
+        let url = format!("http://127.0.0.1:{port}");
+        // Ready when its Capabilities service answers.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ready = rt.block_on(async {
+            for _ in 0..600 {
+                if let Ok(ch) = tonic::transport::Channel::from_shared(url.clone())
+                    .unwrap()
+                    .connect()
+                    .await
+                {
+                    let caps = re::capabilities_client::CapabilitiesClient::new(ch)
+                        .get_capabilities(re::GetCapabilitiesRequest::default())
+                        .await;
+                    if caps.is_ok() {
+                        return true;
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            false
+        });
+        let mut server = Buildgrid {
+            child,
+            url,
+            storage,
+        };
+        assert!(ready, "bgd server did not answer within 30 s");
+        if let Ok(Some(status)) = server.child.try_wait() {
+            panic!("bgd server exited: {status}");
+        }
+        server
+    }
+
+    /// Removes a blob from the server's disk storage; whether it was there.
+    fn remove_blob(&self, hash: &str) -> bool {
+        let mut found = false;
+        let mut dirs = vec![self.storage.path().join("blobs")];
+        while let Some(dir) = dirs.pop() {
+            for e in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = e.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.file_name() == Some(std::ffi::OsStr::new(&hash[2..]))
+                    && dir.file_name() == Some(std::ffi::OsStr::new(&hash[..2]))
+                {
+                    std::fs::remove_file(&path).unwrap();
+                    found = true;
+                }
+            }
+        }
+        found
+    }
+}
+
+impl Drop for Buildgrid {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn kiln_over_reapi_against_buildgrid() {
+    require("gcc");
+    let server = Buildgrid::start();
+    let url = server.url.replacen("http://", "grpc://", 1);
+    let machine = || {
+        let p = Project::with_remote(&url);
+        p.write("inc/v.h", "#define V 7\n");
+        p.write(
+            "m.c",
+            "#include <stdio.h>\n#include \"v.h\"\nint m(void) { return printf(\"%d\\n\", V * 6); }\n",
+        );
+        kiln_tests::settle();
+        p
+    };
+    let args = ["gcc", "-c", "m.c", "-o", "m.o", "-Iinc", "-O2"];
+    let a = machine();
+    ok(&a.kiln(&args));
+    let s = a.stats();
+    assert_eq!(
+        (s["misses"].as_i64(), s["remote_uploads"].as_i64()),
+        (Some(1), Some(2)),
+        "{s}"
+    );
+    // A second machine with an empty local cache: served by BuildGrid, the object identical.
+    let b = machine();
+    b.kiln_matches_bare(&args, "m.o");
+    let s = b.stats();
+    assert_eq!(
+        (s["hits"].as_i64(), s["remote_hits"].as_i64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+
+    // The result's body gone from BuildGrid's CAS (its action cache still names it): a miss
+    // on a third machine, not an error, and a fresh compile.
+    let results = a.entries('R');
+    assert_eq!(results.len(), 1);
+    let name = results[0].file_name().unwrap().to_str().unwrap();
+    let shard: Vec<String> = results[0]
+        .iter()
+        .rev()
+        .skip(1)
+        .take(2)
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect();
+    let key: kiln_cache::Digest = format!("{}{}{}", shard[1], shard[0], &name[..62])
+        .parse()
+        .unwrap();
+    let store = kiln_cache::Store::open(&a.cache, Default::default());
+    let kiln_cache::Lookup::Hit(body) = store.get(kiln_cache::Kind::Result, &key).unwrap() else {
+        panic!("machine a's result is not in its cache");
+    };
+    assert!(server.remove_blob(&digest(&body).hash));
+    let c = machine();
+    c.kiln_matches_bare(&args, "m.o");
+    let s = c.stats();
+    assert_eq!(
+        (
+            s["misses"].as_i64(),
+            s["remote_hits"].as_i64(),
+            s["remote_errors"].as_i64()
+        ),
+        (Some(1), Some(0), Some(0)),
+        "{s}"
+    );
+}
+
+#[test]
+fn buildgrid_cli_against_kiln_cache() {
+    require("bgd");
+    let p = Project::new();
+    let server = CacheServer::start(&p.path("store"), &[]);
+    let remote = format!("--remote={}", server.url());
+    let bgd = |args: &[&str]| -> String {
+        let out = ok(&p.command("bgd").args(args).output().unwrap()).clone();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    // Uploaded with `bgd cas upload-file`: a small file by batch, a big one by ByteStream.
+    let small = b"an output of some action\n".to_vec();
+    let big: Vec<u8> = (0..6_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(p.path("small.txt"), &small).unwrap();
+    std::fs::write(p.path("big.bin"), &big).unwrap();
+    let log = bgd(&[
+        "cas",
+        &remote,
+        "upload-file",
+        "--verify",
+        "small.txt",
+        "big.bin",
+    ]);
+    for data in [&small, &big] {
+        let d = digest(data);
+        assert!(
+            log.contains(&format!("digest=[{}/{}]", d.hash, d.size_bytes)),
+            "{log}"
+        );
+    }
+    // An action and its result, stored with `bgd actioncache update` (which reads the result
+    // from the CAS).
+    let action = re::Action {
+        command_digest: Some(digest(b"a command")),
+        input_root_digest: Some(digest(b"")),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let result = re::ActionResult {
+        output_files: vec![
+            re::OutputFile {
+                path: "small.txt".into(),
+                digest: Some(digest(&small)),
+                ..Default::default()
+            },
+            re::OutputFile {
+                path: "big.bin".into(),
+                digest: Some(digest(&big)),
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    std::fs::write(p.path("action.bin"), &action).unwrap();
+    std::fs::write(p.path("result.bin"), &result).unwrap();
+    bgd(&["cas", &remote, "upload-file", "action.bin", "result.bin"]);
+    let name = |d: re::Digest| format!("{}/{}", d.hash, d.size_bytes);
+    let (a, r) = (name(digest(&action)), name(digest(&result)));
+    let missed = bgd(&["actioncache", &remote, "get", &a]);
+    assert!(missed.contains("Miss"), "{missed}");
+    bgd(&["actioncache", &remote, "update", &a, &r]);
+    let found = bgd(&["actioncache", &remote, "get", "--json", &a]);
+    assert!(
+        found.contains(&digest(&small).hash) && found.contains(&digest(&big).hash),
+        "{found}"
+    );
+    // Another instance name is another cache.
+    let elsewhere = bgd(&["actioncache", &remote, "--instance-name=team", "get", &a]);
+    assert!(elsewhere.contains("Miss"), "{elsewhere}");
+    // Downloaded with `bgd cas download-file`, verified, identical.
+    bgd(&[
+        "cas",
+        &remote,
+        "download-file",
+        "--verify",
+        &name(digest(&small)),
+        "out/small.txt",
+        &name(digest(&big)),
+        "out/big.bin",
+    ]);
+    assert_eq!(p.read("out/small.txt"), small);
+    assert_eq!(p.read("out/big.bin"), big);
+    assert!(reapi_metric(&server, "kiln_cache_hits_total") >= 3.0);
+}
