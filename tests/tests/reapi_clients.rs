@@ -694,3 +694,34 @@ fn bazel_builds_against_kiln_cache_and_a_clean_rebuild_is_all_hits() {
     );
     assert_eq!(bazel.outputs(), first);
 }
+
+#[test]
+fn a_farm_result_is_stored_through_reapi() {
+    require("gcc");
+    let store = tempfile::tempdir().unwrap();
+    let server = CacheServer::start(store.path(), &[]);
+    let url = format!("grpc://{}", server.addr);
+    let farm = kiln_tests::Farm::start(1, 1);
+    farm.wait_for_builders(1);
+    let write = |p: &Project| {
+        p.write("f.c", "int f(int x) { return x * 11; }\n");
+        kiln_tests::settle();
+    };
+    let args = ["gcc", "-c", "f.c", "-o", "f.o", "-O2"];
+    // Compiled on the farm, stored in the REAPI cache by the client.
+    let mut a = farm.project();
+    a.env.push(("KILN_REMOTE_CACHE".into(), url.clone()));
+    write(&a);
+    ok(&a.kiln(&args));
+    let s = a.stats();
+    assert_eq!(
+        (s["dist_compiles"].as_i64(), s["remote_uploads"].as_i64()),
+        (Some(1), Some(2)),
+        "{s}"
+    );
+    // Another machine, no farm: served from the REAPI cache.
+    let b = Project::with_remote(&url);
+    write(&b);
+    b.kiln_matches_bare(&args, "f.o");
+    assert_eq!(b.stats()["remote_hits"], 1, "{}", b.stats());
+}
