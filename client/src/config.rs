@@ -35,9 +35,13 @@ pub struct Config {
     pub recache: bool,
     /// Keep statistics (`stats`, `KILN_STATS`).
     pub stats: bool,
-    /// A `kiln-cache` server used as a second tier (`remote_cache`, `KILN_REMOTE_CACHE`,
-    /// `https://HOST:PORT`, or `http://` for one run `--insecure`).
+    /// The shared cache used as a second tier (`remote_cache`, `KILN_REMOTE_CACHE`): a
+    /// `kiln-cache` at `https://HOST:PORT` (`http://` for one run `--insecure`), or any Remote
+    /// Execution API cache at `grpcs://HOST:PORT` (`grpc://` without TLS).
     pub remote_cache: Option<String>,
+    /// The REAPI instance name kiln's entries go in, for a `grpc(s)://` remote cache
+    /// (`remote_instance`, `KILN_REMOTE_INSTANCE`); none is the server's default instance.
+    pub remote_instance: Option<String>,
     /// Read from the remote tier but never write to it (`no_push`, `KILN_NO_PUSH`).
     pub no_push: bool,
     /// Upload to the remote tier from a process of its own, so a compile does not wait for
@@ -115,6 +119,7 @@ struct FileConfig {
     recache: Option<bool>,
     stats: Option<bool>,
     remote_cache: Option<String>,
+    remote_instance: Option<String>,
     no_push: Option<bool>,
     remote_async: Option<bool>,
     dist: Option<bool>,
@@ -227,6 +232,10 @@ impl Config {
                 origin(false, "KILN_REMOTE_CACHE", f.remote_cache.is_some()),
             ),
             (
+                "remote_instance",
+                origin(false, "KILN_REMOTE_INSTANCE", f.remote_instance.is_some()),
+            ),
+            (
                 "no_push",
                 origin(false, "KILN_NO_PUSH", f.no_push.is_some()),
             ),
@@ -315,10 +324,23 @@ impl Config {
                 .map(str::to_owned)
                 .or(file.remote_cache)
             {
-                Some(url) if !is_url(&url) => {
-                    bail!("remote cache {url:?} is not an https:// or http:// URL (KILN_REMOTE_CACHE=https://HOST:PORT)")
+                Some(url) => {
+                    crate::remote::Protocol::of(&url).map_err(anyhow::Error::msg)?;
+                    Some(url)
                 }
-                other => other,
+                None => None,
+            },
+            remote_instance: match env
+                .get("KILN_REMOTE_INSTANCE")
+                .map(str::to_owned)
+                .or(file.remote_instance)
+            {
+                Some(name)
+                    if name.starts_with('/') || name.ends_with('/') || name.contains("//") =>
+                {
+                    bail!("invalid remote_instance {name:?} (KILN_REMOTE_INSTANCE): a REAPI instance name is path segments joined by '/', like \"main\" or \"team/ci\"")
+                }
+                other => other.filter(|n| !n.is_empty()),
             },
             no_push: flag("KILN_NO_PUSH", file.no_push, false)?,
             remote_async: flag("KILN_REMOTE_ASYNC", file.remote_async, false)?,
@@ -501,5 +523,32 @@ mod tests {
         assert!(err.contains("KILN_DISABLE"), "{err}");
         let env = Env::from_pairs([("KILN_CONFIG", "/nonexistent/kiln.toml")]);
         assert!(Config::load(&env, &Overrides::default()).is_err());
+        // A remote cache kiln cannot speak to says which forms it can.
+        let env = Env::from_pairs([("KILN_DIR", "/x"), ("KILN_REMOTE_CACHE", "cache:9092")]);
+        let err = format!(
+            "{:#}",
+            Config::load(&env, &Overrides::default()).unwrap_err()
+        );
+        assert!(
+            err.contains("grpcs://HOST:PORT") && err.contains("https://HOST:PORT"),
+            "{err}"
+        );
+        let env = Env::from_pairs([
+            ("KILN_DIR", "/x"),
+            ("KILN_REMOTE_CACHE", "grpc://cache:9092"),
+            ("KILN_REMOTE_INSTANCE", "/main"),
+        ]);
+        let err = format!(
+            "{:#}",
+            Config::load(&env, &Overrides::default()).unwrap_err()
+        );
+        assert!(err.contains("KILN_REMOTE_INSTANCE"), "{err}");
+        let env = Env::from_pairs([
+            ("KILN_DIR", "/x"),
+            ("KILN_REMOTE_CACHE", "grpcs://cache:443"),
+            ("KILN_REMOTE_INSTANCE", "team/ci"),
+        ]);
+        let c = Config::load(&env, &Overrides::default()).unwrap();
+        assert_eq!(c.remote_instance.as_deref(), Some("team/ci"));
     }
 }

@@ -29,7 +29,10 @@ KILN_* variables, overridden by flags; kiln config shows each value and where it
   KILN_CACHE_SIZE     size cap, e.g. 500M, 20G (default 10G; 0 for no limit)
   KILN_CACHE_FILES    entry-count cap (default none)
   KILN_BASE_DIR, KILN_HASH_DIR, KILN_DISABLE, KILN_READONLY, KILN_RECACHE, KILN_STATS
-  KILN_REMOTE_CACHE   a kiln-cache server, https://HOST:PORT; KILN_NO_PUSH, KILN_REMOTE_ASYNC
+  KILN_REMOTE_CACHE   the shared cache: a kiln-cache, https://HOST:PORT, or any REAPI cache
+                      (bazel-remote, BuildBuddy, BuildGrid...), grpcs://HOST:PORT (grpc://
+                      without TLS), with KILN_REMOTE_INSTANCE its instance name;
+                      KILN_NO_PUSH, KILN_REMOTE_ASYNC
   KILN_SCHEDULER      the farm's scheduler, https://HOST:PORT (http:// only for a scheduler
                       run --insecure)
   KILN_DIST=1         compile misses on the farm (or --dist)
@@ -288,6 +291,7 @@ fn config_text(config: &Config) -> String {
         ("disable", config.disable.to_string()),
         ("stats", config.stats.to_string()),
         ("remote_cache", text(&config.remote_cache)),
+        ("remote_instance", text(&config.remote_instance)),
         ("no_push", config.no_push.to_string()),
         ("remote_async", config.remote_async.to_string()),
         ("dist", config.dist.to_string()),

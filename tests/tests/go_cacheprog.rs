@@ -77,30 +77,34 @@ fn go_build_is_served_from_kiln() {
 #[test]
 fn a_second_machine_is_served_from_kiln_cache() {
     require("go");
-    let store = tempfile::tempdir().unwrap();
-    let server = kiln_tests::CacheServer::start(store.path(), &[]);
-    let machine = || {
-        let p = Project::with_remote(&server.url());
-        p.write("go.mod", "module kilngo\n\ngo 1.24\n");
-        p.write("main.go", MAIN_GO);
-        p
-    };
-    let a = machine();
-    go(&a, "gocache", &["build", "-o", "app", "."]);
-    let s = a.stats();
-    assert!(s["remote_uploads"].as_i64().unwrap() > 20, "{s}");
+    // kiln's own protocol, then the Remote Execution API's (`grpc://`), each on a new store.
+    for scheme in ["http", "grpc"] {
+        let store = tempfile::tempdir().unwrap();
+        let server = kiln_tests::CacheServer::start(store.path(), &[]);
+        let url = format!("{scheme}://{}", server.addr);
+        let machine = || {
+            let p = Project::with_remote(&url);
+            p.write("go.mod", "module kilngo\n\ngo 1.24\n");
+            p.write("main.go", MAIN_GO);
+            p
+        };
+        let a = machine();
+        go(&a, "gocache", &["build", "-o", "app", "."]);
+        let s = a.stats();
+        assert!(s["remote_uploads"].as_i64().unwrap() > 20, "{url}: {s}");
 
-    // A fresh machine: empty GOCACHE, empty local kiln cache, the same server.
-    let b = machine();
-    go(&b, "gocache", &["build", "-o", "app", "."]);
-    let s = b.stats();
-    let (gets, remote_hits) = (
-        s["go_gets"].as_i64().unwrap(),
-        s["remote_hits"].as_i64().unwrap(),
-    );
-    assert!(
-        gets > 20 && remote_hits * 10 >= gets * 9,
-        "{remote_hits} remote hits of {gets} gets: {s}"
-    );
-    assert_eq!(a.read("app"), b.read("app"));
+        // A fresh machine: empty GOCACHE, empty local kiln cache, the same server.
+        let b = machine();
+        go(&b, "gocache", &["build", "-o", "app", "."]);
+        let s = b.stats();
+        let (gets, remote_hits) = (
+            s["go_gets"].as_i64().unwrap(),
+            s["remote_hits"].as_i64().unwrap(),
+        );
+        assert!(
+            gets > 20 && remote_hits * 10 >= gets * 9,
+            "{url}: {remote_hits} remote hits of {gets} gets: {s}"
+        );
+        assert_eq!(a.read("app"), b.read("app"));
+    }
 }

@@ -371,18 +371,27 @@ fn reapi_calls_need_the_token_kiln_cache_asks_for() {
     let token = std::fs::read_to_string(secrets.path().join("client.token")).unwrap();
     runtime().block_on(async {
         let ch = channel(&server).await;
+        // What the server offers is no secret (and Bazel 2.x asks it without its headers).
         let mut caps = re::capabilities_client::CapabilitiesClient::new(ch.clone());
-        let refused = caps
+        assert!(caps
             .get_capabilities(re::GetCapabilitiesRequest::default())
             .await
-            .unwrap_err();
+            .is_ok());
+        // What it stores is, with --private.
+        let mut ac = re::action_cache_client::ActionCacheClient::new(ch.clone());
+        let lookup = || re::GetActionResultRequest {
+            action_digest: Some(digest(b"an action")),
+            ..Default::default()
+        };
+        let refused = ac.get_action_result(lookup()).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unauthenticated);
         assert!(refused.message().contains("token"), "{refused:?}");
-        let mut request = tonic::Request::new(re::GetCapabilitiesRequest::default());
+        let mut request = tonic::Request::new(lookup());
         request.metadata_mut().insert(
             "authorization",
             format!("Bearer {}", token.trim()).parse().unwrap(),
         );
-        assert!(caps.get_capabilities(request).await.is_ok());
+        let answer = ac.get_action_result(request).await.unwrap_err();
+        assert_eq!(answer.code(), tonic::Code::NotFound, "{answer:?}");
     });
 }

@@ -8,7 +8,8 @@
 //! either protocol reads what the other wrote; every other instance name has a namespace of its
 //! own. Every blob is verified against its SHA-256 before it is stored, and an action result is
 //! served only while every blob it names is in the store (an evicted output is a miss, not a
-//! result the client cannot fetch). Bodies are held in memory up to `--max-body`, as the HTTP
+//! result the client cannot fetch), with the output files the client asks for inlined up to
+//! one batch's size. Bodies are held in memory up to `--max-body`, as the HTTP
 //! protocols' are; ByteStream reads are sent in chunks, and a write may be resumed after its
 //! connection broke (`QueryWriteStatus` says how much arrived; unfinished uploads are kept up to
 //! 256 MiB in all).
@@ -244,9 +245,10 @@ fn referenced(r: &re::ActionResult) -> Vec<(String, Option<&re::Digest>)> {
 impl re::capabilities_server::Capabilities for Reapi {
     async fn get_capabilities(
         &self,
-        request: Request<re::GetCapabilitiesRequest>,
+        _request: Request<re::GetCapabilitiesRequest>,
     ) -> Result<Response<re::ServerCapabilities>, Status> {
-        self.authorize(&request, false)?;
+        // Answered without a token, even --private: it says what the server offers, nothing
+        // that is stored, and Bazel 2.x asks it without the headers it sends on reads.
         let version = |minor| SemVer {
             major: 2,
             minor,
@@ -294,7 +296,7 @@ impl re::action_cache_server::ActionCache for Reapi {
             Got::Miss => return Err(Status::not_found(format!("no result for {}", action.hash))),
             Got::Failed(e) => return Err(Status::internal(e)),
         };
-        let result = <re::ActionResult as prost::Message>::decode(found.as_slice())
+        let mut result = <re::ActionResult as prost::Message>::decode(found.as_slice())
             .map_err(|_| Status::not_found(format!("no readable result for {}", action.hash)))?;
         // A result whose outputs were evicted cannot be used: a miss, so the client runs the
         // action again.
@@ -305,6 +307,30 @@ impl re::action_cache_server::ActionCache for Reapi {
                     "the result of {} names {what}, whose blob {} is gone",
                     action.hash, b.hash
                 )));
+            }
+        }
+        // The output files the client asked for inline, while they fit one batch: the client
+        // saves a read per file (kiln's remote tier reads every entry this way).
+        let mut budget = MAX_BATCH;
+        for f in &mut result.output_files {
+            if !r.inline_output_files.contains(&f.path) {
+                continue;
+            }
+            let b = blob(f.digest.as_ref())?;
+            if b.size > budget as u64 {
+                continue;
+            }
+            match self.read_blob(inst, &b).await? {
+                Some(data) => {
+                    budget -= data.len();
+                    f.contents = data;
+                }
+                None => {
+                    return Err(Status::not_found(format!(
+                        "the result of {} names output file {}, whose blob {} is gone",
+                        action.hash, f.path, b.hash
+                    )))
+                }
             }
         }
         Ok(Response::new(result))
