@@ -520,6 +520,11 @@ impl Scheduler {
                 "attempt": j.attempt,
             })).collect::<Vec<_>>(),
             "recent": recent,
+            "fallbacks": self.inner.metrics.fallbacks().into_iter().map(|(client, cause, count)| serde_json::json!({
+                "client": client,
+                "cause": cause,
+                "count": count,
+            })).collect::<Vec<_>>(),
             "finished_per_10s": per_bucket,
             "cache": self.inner.config.cache,
             "cache_hit_rate_per_10s": hit_rate,

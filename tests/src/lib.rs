@@ -752,6 +752,13 @@ impl Farm {
         kiln_client::dist::status_json(&status)
     }
 
+    /// The dashboard's data, `GET /api/status`.
+    pub fn dashboard(&self) -> serde_json::Value {
+        let (status, body) = http_request(&self.http.to_string(), "GET", "/api/status", &[], b"");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).expect("the dashboard's JSON")
+    }
+
     /// The scheduler's `/metrics`.
     pub fn metrics(&self) -> Metrics {
         scrape(&self.http.to_string())

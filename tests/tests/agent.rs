@@ -220,4 +220,16 @@ fn fallbacks_reach_the_schedulers_metrics_by_client_and_cause() {
         farm.metrics().get(&line).copied().filter(|n| *n >= 2.0)
     });
     assert_eq!(reported, 2.0);
+    // And on the dashboard's data, for an operator who is not scraping.
+    let shown = farm.dashboard()["fallbacks"].clone();
+    assert!(
+        shown
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["client"] == client.as_str()
+                && f["cause"] == cause.as_str()
+                && f["count"] == 2),
+        "{shown}"
+    );
 }
