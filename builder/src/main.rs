@@ -154,7 +154,7 @@ fn size(text: &str) -> Result<u64, String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    kiln_net::logging::init(args.log_format, std::env::var("KILN_LOG").ok().as_deref());
+    kiln_net::logging::init_from_env(args.log_format);
     if args.jail == "linux" {
         // Without root, the builder is root in a user namespace of its own (rootless mode).
         // Done before the runtime starts threads: a threaded process can unshare neither its

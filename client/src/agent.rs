@@ -255,7 +255,7 @@ async fn run(socket: &Path, farm: &Farm, idle: Duration) -> Result<(), AgentErro
     fs::set_permissions(&told, fs::Permissions::from_mode(0o600))
         .map_err(io_error("restricting", &told))?;
     let pending = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
-    let _reporter = Reporter::start(farm, upstream.clone(), pending.clone());
+    let _reporter = report_fallbacks(farm, upstream.clone(), pending.clone());
     let listener = UnixListener::bind(socket).map_err(io_error("listening on", socket))?;
     fs::set_permissions(socket, fs::Permissions::from_mode(0o600))
         .map_err(io_error("restricting", socket))?;
@@ -281,7 +281,8 @@ async fn run(socket: &Path, farm: &Farm, idle: Duration) -> Result<(), AgentErro
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let guard = Open::new(&open, &last_used);
-                tokio::spawn(connection(stream, upstream.clone(), guard));
+                // Ends with its connection.
+                kiln_net::task::detach("agent connection", connection(stream, upstream.clone(), guard));
             }
             _ = tick.tick() => {
                 match fs::metadata(socket) {
@@ -303,61 +304,51 @@ async fn run(socket: &Path, farm: &Farm, idle: Duration) -> Result<(), AgentErro
     }
 }
 
-/// Passes fallback counts on to the scheduler every [`REPORT_EVERY`], in a task of its own so
-/// a slow scheduler never holds up the relay. Counts a call fails to deliver are kept for the
-/// next; a scheduler that does not know the call (an older one) is not asked again.
-#[derive(Debug)]
-struct Reporter(tokio::task::JoinHandle<()>);
-
+/// Fallback counts told to the agent and not yet reported, by cause.
 type Pending = Arc<Mutex<std::collections::BTreeMap<&'static str, u64>>>;
 
-impl Reporter {
-    fn start(farm: &Farm, upstream: Channel, pending: Pending) -> Reporter {
-        let token = farm.token.interceptor();
-        Reporter(tokio::spawn(async move {
-            let Ok(token) = token else {
-                return;
+/// Passes fallback counts on to the scheduler every [`REPORT_EVERY`], in a task of its own so
+/// a slow scheduler never holds up the relay. Counts a call fails to deliver are kept for the
+/// next; a scheduler that does not know the call (an older one) is not asked again. Dropping
+/// the handle stops the task.
+fn report_fallbacks(farm: &Farm, upstream: Channel, pending: Pending) -> kiln_net::task::Owned<()> {
+    let token = farm.token.interceptor();
+    kiln_net::task::spawn("fallback reports", async move {
+        let Ok(token) = token else {
+            return;
+        };
+        let mut scheduler =
+            kiln_proto::v1::scheduler_client::SchedulerClient::with_interceptor(upstream, token);
+        let mut every = tokio::time::interval(REPORT_EVERY);
+        loop {
+            every.tick().await;
+            let counts = std::mem::take(&mut *pending.lock().expect("never poisoned"));
+            if counts.is_empty() {
+                continue;
+            }
+            let report = kiln_proto::v1::FallbackReport {
+                protocol_version: kiln_proto::PROTOCOL_VERSION,
+                counts: counts
+                    .iter()
+                    .map(|(cause, count)| kiln_proto::v1::FallbackCount {
+                        cause: (*cause).into(),
+                        count: *count,
+                    })
+                    .collect(),
             };
-            let mut scheduler = kiln_proto::v1::scheduler_client::SchedulerClient::with_interceptor(
-                upstream, token,
-            );
-            let mut every = tokio::time::interval(REPORT_EVERY);
-            loop {
-                every.tick().await;
-                let counts = std::mem::take(&mut *pending.lock().expect("never poisoned"));
-                if counts.is_empty() {
-                    continue;
-                }
-                let report = kiln_proto::v1::FallbackReport {
-                    protocol_version: kiln_proto::PROTOCOL_VERSION,
-                    counts: counts
-                        .iter()
-                        .map(|(cause, count)| kiln_proto::v1::FallbackCount {
-                            cause: (*cause).into(),
-                            count: *count,
-                        })
-                        .collect(),
-                };
-                match scheduler.fallbacks(report).await {
-                    Ok(_) => {}
-                    Err(s) if s.code() == tonic::Code::Unimplemented => return,
-                    Err(s) => {
-                        tracing::debug!(error = %s.message(), "fallback report not delivered; kept");
-                        let mut pending = pending.lock().expect("never poisoned");
-                        for (cause, count) in counts {
-                            *pending.entry(cause).or_insert(0) += count;
-                        }
+            match scheduler.fallbacks(report).await {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::Unimplemented => return,
+                Err(s) => {
+                    tracing::debug!(error = %s.message(), "fallback report not delivered; kept");
+                    let mut pending = pending.lock().expect("never poisoned");
+                    for (cause, count) in counts {
+                        *pending.entry(cause).or_insert(0) += count;
                     }
                 }
             }
-        }))
-    }
-}
-
-impl Drop for Reporter {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+        }
+    })
 }
 
 /// A client connection being served: counted while open, and the agent's last use when it ends.

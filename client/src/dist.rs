@@ -513,7 +513,7 @@ async fn exchange(
     let mut finished = None;
     let mut builder = String::new();
     // Uploads answering the current placement's needs; a new placement cancels them.
-    let mut senders: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let mut senders: Vec<kiln_net::task::Owned<()>> = Vec::new();
     let mut sent_toolchain = false;
     let mut pending: HashMap<Digest, Assembly> = HashMap::new();
     let mut received: HashMap<Digest, Bytes> = HashMap::new();
@@ -560,7 +560,7 @@ async fn exchange(
                 let tty = req.tty;
                 // Sending on its own task: the builder's answer may start before we finish.
                 senders.retain(|t| !t.is_finished());
-                senders.push(tokio::spawn(async move {
+                senders.push(kiln_net::task::spawn("upload", async move {
                     if let Some(path) = toolchain {
                         if let Ok(data) = std::fs::read(&path) {
                             let total = data.len() as u64;

@@ -726,7 +726,9 @@ fn check(manifest: &Manifest) -> anyhow::Result<()> {
     Ok(())
 }
 
+// The tests run real compilers and tools directly.
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use kiln_archive::{unpack, Limits};

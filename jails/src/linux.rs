@@ -195,6 +195,8 @@ impl LinuxJail {
                 .to_string_lossy()
                 .into_owned(),
         };
+        // The door to the jail helper, which runs each job.
+        #[allow(clippy::disallowed_methods)]
         let child = Command::new(&self.helper)
             .arg("run")
             .args(setup.to_args())

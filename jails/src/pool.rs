@@ -229,6 +229,9 @@ impl<B: Backend> Pool<B> {
         shared.checking_in.send_modify(|n| *n += 1);
         // Made before the task, so a task dropped before it ever runs still uncounts itself.
         let counted = CheckingIn(shared.clone());
+        // The pool's one task: owned through `checking_in`, which shutdown waits to reach zero
+        // (the jails crate stays free of kiln's server plumbing, so no kiln_net::task here).
+        #[allow(clippy::disallowed_methods)]
         tokio::spawn(async move {
             let _counted = counted;
             // The permit bounds concurrent resets and lets shutdown wait for them.

@@ -2,6 +2,9 @@
 //! tries to reach the network, read the host's files, write outside its upper layer, fork-bomb
 //! or run past its limit is stopped and reported, and the host is untouched.
 
+// A test drives the outside world directly: programs, the environment, tasks.
+#![allow(clippy::disallowed_methods)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;

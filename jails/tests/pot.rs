@@ -6,6 +6,9 @@
 //! start-up cleanup); the others check what the sequences achieve. What only a real FreeBSD
 //! host can prove is listed in docs/freebsd.md.
 
+// A test drives the outside world directly: programs, the environment, tasks.
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -56,6 +56,13 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
+/// [`init`] with the filter `KILN_LOG` gives, the servers' one read of the environment.
+pub fn init_from_env(format: LogFormat) {
+    #[allow(clippy::disallowed_methods)] // This is the door.
+    let spec = std::env::var("KILN_LOG").ok();
+    init(format, spec.as_deref());
+}
+
 /// Starts logging. `spec` is `KILN_LOG`'s value, if set; info otherwise. A value that cannot
 /// be read is said once and treated as `info`.
 pub fn init(format: LogFormat, spec: Option<&str>) {

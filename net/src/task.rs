@@ -54,6 +54,21 @@ where
     ))
 }
 
+/// Runs `future` as a task named `name` that nothing owns: for a task whose end is its own
+/// business, because it finishes its work or stops when its peer hangs up (an accept loop
+/// that ends when its stream is dropped, one connection, a handshake under a timeout). A task
+/// that something must be able to stop is [`spawn`]ed or [`Tracker`]ed instead.
+#[allow(clippy::disallowed_methods)] // This is the door.
+pub fn detach<F>(name: &'static str, future: F)
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    drop(tokio::spawn(
+        future.instrument(tracing::info_span!("task", name)),
+    ));
+}
+
 /// Owns any number of tasks; [`Tracker::wait`] returns once they have all ended, and
 /// [`Tracker::abort_all`] stops them. Clones share the same tasks.
 #[derive(Debug, Clone, Default)]

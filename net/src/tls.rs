@@ -315,7 +315,8 @@ pub fn incoming(
     listen: Listen,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
+    // Ends when the stream it feeds is dropped.
+    crate::task::detach("accept loop", async move {
         let acceptor = match &listen {
             Listen::Tls(config) => Some(tokio_rustls::TlsAcceptor::from(config.clone())),
             Listen::Insecure => None,
@@ -343,7 +344,7 @@ pub fn incoming(
                 Some(acceptor) => {
                     let acceptor = acceptor.clone();
                     let tx = tx.clone();
-                    tokio::spawn(async move {
+                    crate::task::detach("TLS handshake", async move {
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => {
                                 let _ = tx.send(Ok(Conn::Tls(Box::new(tls)))).await;
@@ -393,7 +394,8 @@ pub async fn serve_http(
             .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(conn), service)
             .into_owned();
         let watched = graceful.watch(connection);
-        tokio::spawn(async move {
+        // The graceful shutdown below waits for it.
+        crate::task::detach("HTTP connection", async move {
             if let Err(e) = watched.await {
                 tracing::debug!("connection ended: {e}");
             }
@@ -507,9 +509,12 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_http(listener, listen, axum::Router::new(), async {
-            let _ = stopped.await;
-        }));
+        let server = crate::task::spawn(
+            "test server",
+            serve_http(listener, listen, axum::Router::new(), async {
+                let _ = stopped.await;
+            }),
+        );
         let files = ClientFiles {
             ca: Some(dir.join("ca.pem")),
             identity: None,

@@ -157,7 +157,7 @@ fn main() -> anyhow::Result<()> {
         }
         None => {}
     }
-    kiln_net::logging::init(args.log_format, std::env::var("KILN_LOG").ok().as_deref());
+    kiln_net::logging::init_from_env(args.log_format);
     if args.local_builder {
         // Before any thread exists (see kiln-builder).
         if let Err(e) = kiln_jails::linux::private_mounts() {

@@ -249,12 +249,10 @@ pub async fn serve(
     let store = Arc::new(Store::open(&config.dir, config.limits));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let counts = Arc::new(Counts::default());
-    let trim = tokio::spawn(trim_loop(
-        store.clone(),
-        counts.clone(),
-        config.trim_interval,
-        stop_rx,
-    ));
+    let trim = kiln_net::task::spawn(
+        "trim",
+        trim_loop(store.clone(), counts.clone(), config.trim_interval, stop_rx),
+    );
     let state = AppState {
         store,
         max_body: config.max_body,

@@ -63,7 +63,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let shutdown = kiln_net::shutdown_signal();
-    kiln_net::logging::init(args.log_format, std::env::var("KILN_LOG").ok().as_deref());
+    kiln_net::logging::init_from_env(args.log_format);
     let files = args
         .tls_cert
         .clone()

@@ -363,6 +363,8 @@ fn stage1(setup: &Setup) -> Result<Option<Report>, String> {
     )
     .map_err(|e| format!("creating namespaces: {e}"))?;
     let exe = std::env::current_exe().map_err(|e| format!("finding kiln-jail: {e}"))?;
+    // The door to the jail's init: this program again, inside the new namespaces.
+    #[allow(clippy::disallowed_methods)]
     let mut child = Command::new(exe)
         .arg("init")
         .args(setup.to_args())
@@ -649,6 +651,8 @@ fn enter(
             .split_at(e.as_bytes().iter().position(|b| *b == b'=')?);
         Some((OsStr::from_bytes(k), OsStr::from_bytes(&v[1..])))
     });
+    // The door to the job itself: its program, with exactly its environment.
+    #[allow(clippy::disallowed_methods)]
     let err = Command::new(&job.argv[0])
         .args(&job.argv[1..])
         .env_clear()
