@@ -158,6 +158,12 @@ fn main() -> anyhow::Result<()> {
         None => {}
     }
     kiln_net::logging::init_from_env(args.log_format);
+    anyhow::ensure!(
+        !args.local_builder || cfg!(feature = "local-builder"),
+        "this kiln-scheduler was built without --local-builder (cargo feature local-builder): \
+         run a kiln-builder beside it instead"
+    );
+    #[cfg(feature = "local-builder")]
     if args.local_builder {
         // Before any thread exists (see kiln-builder).
         if let Err(e) = kiln_jails::linux::private_mounts() {
@@ -293,24 +299,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let builder = if let Some((url, token)) = local {
-        let helper = match args.jail_helper {
-            Some(p) => p,
-            None => std::env::current_exe()?.with_file_name("kiln-jail"),
-        };
-        let work_dir = std::path::absolute(&args.work_dir)?;
-        let mut config = kiln_builder::Config::new(&url, work_dir, helper);
-        config.token = kiln_net::auth::Credential::Token(token);
-        config.name = format!("{}-local", config.name);
-        if let Some(slots) = args.slots {
-            config.slots = slots.max(1);
-        }
-        Some(kiln_net::task::spawn(
-            "local builder",
-            kiln_builder::serve(config, None, stopped(stop_rx.clone())),
-        ))
-    } else {
-        None
+    let builder = match local {
+        Some((url, token)) => Some(local_builder(&args, url, token, stopped(stop_rx.clone()))?),
+        None => None,
     };
     let http = match &args.http {
         Some(at) => {
@@ -340,4 +331,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
         builder.await??;
     }
     Ok(())
+}
+
+/// The builder `--local-builder` runs in this process, joined to `url` with `token`.
+#[cfg(feature = "local-builder")]
+fn local_builder(
+    args: &Args,
+    url: String,
+    token: String,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<kiln_net::task::Owned<anyhow::Result<()>>> {
+    let helper = match &args.jail_helper {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("kiln-jail"),
+    };
+    let work_dir = std::path::absolute(&args.work_dir)?;
+    let mut config = kiln_builder::Config::new(&url, work_dir, helper);
+    config.token = kiln_net::auth::Credential::Token(token);
+    config.name = format!("{}-local", config.name);
+    if let Some(slots) = args.slots {
+        config.slots = slots.max(1);
+    }
+    Ok(kiln_net::task::spawn(
+        "local builder",
+        kiln_builder::serve(config, None, stopped),
+    ))
+}
+
+#[cfg(not(feature = "local-builder"))]
+fn local_builder(
+    _: &Args,
+    _: String,
+    _: String,
+    _: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<kiln_net::task::Owned<anyhow::Result<()>>> {
+    anyhow::bail!("this kiln-scheduler was built without --local-builder")
 }
