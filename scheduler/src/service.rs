@@ -788,6 +788,15 @@ fn health(b: &BuilderState, now: Instant) -> &'static str {
     }
 }
 
+/// Refuses a peer that speaks another protocol version, naming both.
+fn same_version(peer: &str, theirs: u32) -> Result<(), Status> {
+    if theirs == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(Status::failed_precondition(version_mismatch(peer, theirs)))
+    }
+}
+
 fn validate(spec: &kiln_proto::v1::JobSpec) -> Result<Digest, String> {
     let toolchain = spec
         .toolchain
@@ -835,12 +844,7 @@ impl SchedulerRpc for Scheduler {
                 "a builder's first message must be Register",
             ));
         };
-        if reg.protocol_version != PROTOCOL_VERSION {
-            return Err(Status::failed_precondition(version_mismatch(
-                "the builder",
-                reg.protocol_version,
-            )));
-        }
+        same_version("the builder", reg.protocol_version)?;
         if reg.slots == 0 || reg.os.is_empty() || reg.arch.is_empty() {
             return Err(Status::invalid_argument(
                 "a builder must register a platform and at least one slot",
@@ -960,12 +964,7 @@ impl SchedulerRpc for Scheduler {
                 "a job's first message must be its JobSpec",
             ));
         };
-        if spec.protocol_version != PROTOCOL_VERSION {
-            return Err(Status::failed_precondition(version_mismatch(
-                "the client",
-                spec.protocol_version,
-            )));
-        }
+        same_version("the client", spec.protocol_version)?;
         let toolchain = validate(&spec).map_err(Status::invalid_argument)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let backlog = Arc::new(AtomicU64::new(0));
@@ -1047,12 +1046,7 @@ impl SchedulerRpc for Scheduler {
                 .auth
                 .check(&request, Role::Client, "suspect reports need")?;
         let r = request.into_inner();
-        if r.protocol_version != PROTOCOL_VERSION {
-            return Err(Status::failed_precondition(version_mismatch(
-                "the client",
-                r.protocol_version,
-            )));
-        }
+        same_version("the client", r.protocol_version)?;
         if r.builder.is_empty() || r.builder.len() > 256 {
             return Err(Status::invalid_argument("a report names one builder"));
         }
@@ -1093,12 +1087,7 @@ impl SchedulerRpc for Scheduler {
                 .auth
                 .check(&request, Role::Client, "fallback reports need")?;
         let r = request.into_inner();
-        if r.protocol_version != PROTOCOL_VERSION {
-            return Err(Status::failed_precondition(version_mismatch(
-                "the client",
-                r.protocol_version,
-            )));
-        }
+        same_version("the client", r.protocol_version)?;
         crate::fallbacks::check(&r).map_err(Status::invalid_argument)?;
         for c in &r.counts {
             self.inner

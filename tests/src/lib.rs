@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 pub mod link;
+pub mod shared;
 
 /// The workspace's binaries (`kiln`, `kiln-cache`), built on first use so they are never stale.
 fn built(name: &str) -> PathBuf {

@@ -1,6 +1,6 @@
 //! `kiln-cache`, the HTTP cache server: its protocols at the wire, and the real clients.
 
-use kiln_tests::{ok, require, CacheServer, Project};
+use kiln_tests::{ok, require, shared, CacheServer, Project};
 
 fn sha256_hex(data: &[u8]) -> String {
     // The server checks CAS names; the test computes them with the system's sha256sum.
@@ -319,35 +319,14 @@ fn kiln_remote_tier_serves_a_second_machine() {
     let store = tempfile::tempdir().unwrap();
     let server = CacheServer::start(store.path(), &[]);
     let url = server.url();
-    let machine = || {
-        let p = Project::with_remote(&url);
-        p.write("inc/v.h", "#define V 42\n");
-        p.write(
-            "src/m.c",
-            "#include <stdio.h>\n#include \"v.h\"\nint m(void) { return printf(\"%d\\n\", V); }\n",
-        );
-        kiln_tests::settle();
-        p
-    };
-    let args = ["gcc", "-c", "src/m.c", "-o", "m.o", "-Iinc", "-O2"];
+    let machine = || shared::machine(&url, &[]);
+    let args = shared::ARGS;
     let a = machine();
-    ok(&a.kiln(&args));
-    let s = a.stats();
-    assert_eq!(
-        (s["misses"].as_i64(), s["remote_uploads"].as_i64()),
-        (Some(1), Some(2)),
-        "{s}"
-    );
+    shared::stores(&a);
 
     // Another machine: its own empty local cache, the same server.
     let b = machine();
-    b.kiln_matches_bare(&args, "m.o");
-    let s = b.stats();
-    assert_eq!(
-        (s["hits"].as_i64(), s["remote_hits"].as_i64()),
-        (Some(1), Some(1)),
-        "{s}"
-    );
+    shared::is_served(&b);
     // The remote hit was copied into b's local cache.
     ok(&b.kiln(&args));
     assert_eq!(b.stats()["remote_hits"], 1);

@@ -4,7 +4,7 @@
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use kiln_client::remote::{Entry, Remote};
-use kiln_tests::{ok, require, CacheServer, Project};
+use kiln_tests::{ok, require, shared, CacheServer, Project};
 use prost::Message as _;
 use sha2::Digest as _;
 
@@ -63,43 +63,20 @@ fn kiln_over_reapi_serves_a_second_machine() {
     let store = tempfile::tempdir().unwrap();
     let server = CacheServer::start(store.path(), &[]);
     let url = format!("grpc://{}", server.addr);
-    let machine = || {
-        let mut p = Project::with_remote(&url);
-        p.env
-            .push(("KILN_REMOTE_INSTANCE".into(), "team/ci".into()));
-        p.write("inc/v.h", "#define V 42\n");
-        p.write(
-            "src/m.c",
-            "#include <stdio.h>\n#include \"v.h\"\nint m(void) { return printf(\"%d\\n\", V); }\n",
-        );
-        kiln_tests::settle();
-        p
-    };
-    let args = ["gcc", "-c", "src/m.c", "-o", "m.o", "-Iinc", "-O2"];
+    let machine = || shared::machine(&url, &[("KILN_REMOTE_INSTANCE", "team/ci")]);
+    let args = shared::ARGS;
     let a = machine();
     let config = String::from_utf8(ok(&a.kiln(&["config"])).stdout.clone()).unwrap();
     assert!(
         config.contains(&url) && config.contains("team/ci"),
         "{config}"
     );
-    ok(&a.kiln(&args));
-    let s = a.stats();
-    assert_eq!(
-        (s["misses"].as_i64(), s["remote_uploads"].as_i64()),
-        (Some(1), Some(2)),
-        "{s}"
-    );
+    shared::stores(&a);
     // The entries went in through REAPI, not kiln's own protocol.
     assert!(reapi_metric(&server, "kiln_cache_puts_total") >= 6.0);
 
     let b = machine();
-    b.kiln_matches_bare(&args, "m.o");
-    let s = b.stats();
-    assert_eq!(
-        (s["hits"].as_i64(), s["remote_hits"].as_i64()),
-        (Some(1), Some(1)),
-        "{s}"
-    );
+    shared::is_served(&b);
     // Another instance name is another cache.
     let mut c = machine();
     c.env
@@ -402,34 +379,13 @@ fn kiln_over_reapi_against_buildgrid() {
     require("gcc");
     let server = Buildgrid::start();
     let url = server.url.replacen("http://", "grpc://", 1);
-    let machine = || {
-        let p = Project::with_remote(&url);
-        p.write("inc/v.h", "#define V 7\n");
-        p.write(
-            "m.c",
-            "#include <stdio.h>\n#include \"v.h\"\nint m(void) { return printf(\"%d\\n\", V * 6); }\n",
-        );
-        kiln_tests::settle();
-        p
-    };
-    let args = ["gcc", "-c", "m.c", "-o", "m.o", "-Iinc", "-O2"];
+    let machine = || shared::machine(&url, &[]);
+    let args = shared::ARGS;
     let a = machine();
-    ok(&a.kiln(&args));
-    let s = a.stats();
-    assert_eq!(
-        (s["misses"].as_i64(), s["remote_uploads"].as_i64()),
-        (Some(1), Some(2)),
-        "{s}"
-    );
+    shared::stores(&a);
     // A second machine with an empty local cache: served by BuildGrid, the object identical.
     let b = machine();
-    b.kiln_matches_bare(&args, "m.o");
-    let s = b.stats();
-    assert_eq!(
-        (s["hits"].as_i64(), s["remote_hits"].as_i64()),
-        (Some(1), Some(1)),
-        "{s}"
-    );
+    shared::is_served(&b);
 
     // The result's body gone from BuildGrid's CAS (its action cache still names it): a miss
     // on a third machine, not an error, and a fresh compile.
