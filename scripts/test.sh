@@ -14,6 +14,8 @@ cargo test --workspace "$@"
 
 # The jail tests again as an ordinary user, as a rootless builder runs them: `nobody`, root only
 # in a user namespace of its own (with a mount namespace it owns, as kiln-builder makes itself).
+# Built on its own first, with its output shown: a failure here says why.
+cargo test -p kiln-jails --test linux --no-run
 jail_tests=$(cargo test -p kiln-jails --test linux --no-run 2>&1 | grep -o 'target/[^ )]*/deps/linux-[0-9a-f]*' | tail -1)
 echo "== jail tests without root ($jail_tests as nobody)"
 as_nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
