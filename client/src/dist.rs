@@ -254,6 +254,10 @@ pub fn compile(req: &Request<'_>) -> Result<Done, Fallback> {
             .collect(),
         timeout_ms: 0,
         label: req.source.to_string_lossy().into_owned(),
+        // With a core to spare, a busy farm is answered at once and the compile runs here;
+        // without one, the job waits a little for the farm's next free slot instead of
+        // crowding this machine (icecream's local slots, decided with no round trip).
+        wait_for_slot: !core_to_spare(),
     };
     let source = std::fs::read(req.source).ok().map(Bytes::from);
     let hashed = std::time::Instant::now();
@@ -278,6 +282,22 @@ pub fn compile(req: &Request<'_>) -> Result<Done, Fallback> {
         "remote compile done"
     );
     Ok(done)
+}
+
+/// Whether this machine has a core to spare for a compile of its own now.
+fn core_to_spare() -> bool {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::fs::read_to_string("/proc/stat").map_or(true, |stat| spare_core(&stat, cores))
+}
+
+/// Fewer runnable tasks than cores, by `/proc/stat`'s `procs_running` (which counts the caller
+/// itself). Where that cannot be read the answer is yes, so the farm's "no capacity" stays an
+/// immediate answer, as it was before clients could wait.
+fn spare_core(stat: &str, cores: usize) -> bool {
+    stat.lines()
+        .find_map(|l| l.strip_prefix("procs_running "))
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .is_none_or(|running| running.saturating_sub(1) < cores)
 }
 
 /// How to reach the farm's scheduler: its URL, the CA its certificate chains to, and the client
@@ -922,6 +942,19 @@ mod tests {
             e = Some(Chained(t, e.map(Box::new)));
         }
         e.unwrap()
+    }
+
+    #[test]
+    fn a_core_is_spare_while_fewer_tasks_run_than_there_are_cores() {
+        let stat = |n: usize| format!("cpu  1 2 3\nctxt 99\nprocs_running {n}\nprocs_blocked 0\n");
+        // procs_running counts this process too.
+        assert!(spare_core(&stat(1), 2));
+        assert!(spare_core(&stat(2), 2));
+        assert!(!spare_core(&stat(3), 2));
+        assert!(!spare_core(&stat(17), 16));
+        // Unreadable: as before, the farm answers at once.
+        assert!(spare_core("cpu 1 2 3\n", 2));
+        assert!(spare_core("procs_running many\n", 2));
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub type JobId = u64;
 pub const RECENT: usize = 50;
 pub const WINDOW: Duration = Duration::from_secs(300);
 
+/// How long a job that may wait (`JobSpec.wait_for_slot`) is held for a slot before it is
+/// refused for no capacity: well inside the client's deadline for the job's placement.
+pub const QUEUE_WAIT: Duration = Duration::from_secs(5);
+
 /// The table's settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -68,6 +72,8 @@ pub enum Out {
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// Held for a free slot (its client has no core of its own to spare), since this moment.
+    Queued(Instant),
     /// On its builder, holding a slot.
     Running,
     /// On its builder, holding a slot, which asked for its toolchain or inputs.
@@ -124,6 +130,8 @@ pub struct JobTable {
     seen: HashMap<String, Instant>,
     /// Builders a cross-check found wrong, by name, and why: kept across their reconnects.
     suspects: HashMap<String, String>,
+    /// Jobs held for a slot, oldest first. A job that left meanwhile is skipped when met.
+    queue: VecDeque<JobId>,
     stopping: bool,
     pub jobs_done: u64,
     pub jobs_failed: u64,
@@ -156,6 +164,7 @@ impl JobTable {
             jobs: HashMap::new(),
             seen: HashMap::new(),
             suspects: HashMap::new(),
+            queue: VecDeque::new(),
             stopping: false,
             jobs_done: 0,
             jobs_failed: 0,
@@ -182,21 +191,29 @@ impl JobTable {
     }
 
     /// A builder joined with `b` (its suspicion, if its name has one, is restored).
-    pub fn join(&mut self, id: String, mut b: BuilderState, now: Instant) {
+    /// A builder joined; jobs held for a slot may go to it.
+    pub fn join(&mut self, id: String, mut b: BuilderState, now: Instant) -> Vec<Out> {
         b.suspect = self.suspects.get(&b.name).cloned();
         self.seen.insert(id.clone(), now);
         self.fleet.insert(id, b);
+        let mut out = Vec::new();
+        self.drain_queue(now, &mut out);
+        out
     }
 
     /// A builder's heartbeat, with the slots it has now.
-    pub fn heartbeat(&mut self, id: &str, slots: u32, now: Instant) {
+    pub fn heartbeat(&mut self, id: &str, slots: u32, now: Instant) -> Vec<Out> {
         if let Some(seen) = self.seen.get_mut(id) {
             *seen = now;
         }
         let slots = slots.max(1);
+        let mut out = Vec::new();
         if self.fleet.get(id).is_some_and(|b| b.slots != slots) {
             self.fleet.update(id, |b| b.slots = slots);
+            // More slots may serve the jobs held for one.
+            self.drain_queue(now, &mut out);
         }
+        out
     }
 
     /// A builder's toolchains changed.
@@ -316,6 +333,17 @@ impl JobTable {
                 }
             })
         };
+        // A first placement that finds no free slot waits for one when the client asked to.
+        if let Err((Outcome::NoCapacity, _)) = &decision {
+            let job = self.jobs.get_mut(&id).expect("looked up above");
+            if job.spec.wait_for_slot && job.attempt == 0 {
+                if !matches!(job.phase, Phase::Queued(_)) {
+                    job.phase = Phase::Queued(now);
+                    self.queue.push_back(id);
+                }
+                return;
+            }
+        }
         match decision {
             Ok(builder) => {
                 self.take_slot(&builder);
@@ -362,6 +390,25 @@ impl JobTable {
                 out.push(Out::Client(id, refused(reason, message)));
                 self.end(id, outcome, 0, now, out);
                 out.push(Out::Close(id, None));
+            }
+        }
+    }
+
+    /// Places the jobs held for a slot, oldest first, as far as the free slots go.
+    fn drain_queue(&mut self, now: Instant, out: &mut Vec<Out>) {
+        if self.queue.is_empty() {
+            return;
+        }
+        let held: Vec<JobId> = self.queue.drain(..).collect();
+        for id in held {
+            let queued =
+                |t: &JobTable| matches!(t.jobs.get(&id).map(|j| j.phase), Some(Phase::Queued(_)));
+            if !queued(self) {
+                continue;
+            }
+            self.place(id, now, out);
+            if queued(self) {
+                self.queue.push_back(id);
             }
         }
     }
@@ -479,6 +526,7 @@ impl JobTable {
                 },
             ));
         }
+        self.drain_queue(now, &mut out);
         out
     }
 
@@ -499,6 +547,7 @@ impl JobTable {
         };
         if retry {
             self.retry(id, &message, now, &mut out);
+            self.drain_queue(now, &mut out);
             return out;
         }
         if phase != Phase::Finished {
@@ -510,6 +559,7 @@ impl JobTable {
         ));
         self.end(id, Outcome::Refused, bytes, now, &mut out);
         out.push(Out::Close(id, None));
+        self.drain_queue(now, &mut out);
         out
     }
 
@@ -519,6 +569,11 @@ impl JobTable {
         let Some(job) = self.jobs.remove(&id) else {
             return out;
         };
+        if let Phase::Queued(_) = job.phase {
+            // Never placed: no slot, no builder to tell.
+            self.record(&job, Outcome::Abandoned, bytes, now, &mut out);
+            return out;
+        }
         if job.phase != Phase::Finished {
             self.free_slot(&job.builder);
             self.record(&job, Outcome::Abandoned, bytes, now, &mut out);
@@ -528,6 +583,7 @@ impl JobTable {
                     msg: Some(to_builder::Msg::Cancel(JobCancel { job_id: id })),
                 },
             ));
+            self.drain_queue(now, &mut out);
         }
         out
     }
@@ -570,6 +626,30 @@ impl JobTable {
         for id in lost {
             out.extend(self.builder_lost(&id, &why, now));
         }
+        // Jobs held for a slot too long: the client compiles them itself after all.
+        let expired: Vec<JobId> = self
+            .queue
+            .iter()
+            .copied()
+            .filter(|id| {
+                matches!(self.jobs.get(id).map(|j| j.phase),
+                    Some(Phase::Queued(since)) if now.saturating_duration_since(since) >= QUEUE_WAIT)
+            })
+            .collect();
+        for id in expired {
+            let message = format!(
+                "every suitable builder stayed busy for {} s",
+                QUEUE_WAIT.as_secs()
+            );
+            tracing::info!(job = id, %message, "held job refused");
+            out.push(Out::Client(
+                id,
+                refused(refused::Reason::NoCapacity, message),
+            ));
+            self.end(id, Outcome::NoCapacity, 0, now, &mut out);
+            out.push(Out::Close(id, None));
+        }
+        self.queue.retain(|id| self.jobs.contains_key(id));
         out
     }
 
@@ -886,6 +966,68 @@ mod tests {
         t.finished("b1", 2, None, 0, now);
         let out = t.submit(4, spec("c.c"), tc(), "ci".into(), now);
         assert_eq!(started_on(&out), Some("b1"));
+        t.check();
+    }
+
+    /// A job whose client has no core to spare.
+    fn waiting(label: &str) -> JobSpec {
+        JobSpec {
+            wait_for_slot: true,
+            ..spec(label)
+        }
+    }
+
+    #[test]
+    fn a_job_that_may_wait_gets_the_first_slot_that_frees() {
+        let now = Instant::now();
+        let mut t = table(2);
+        t.join("b1".into(), builder("one", 1, now), now);
+        t.submit(1, spec("a.c"), tc(), "ci".into(), now);
+        // Held, not refused: nothing is said to its client yet.
+        let out = t.submit(2, waiting("b.c"), tc(), "ci".into(), now);
+        assert!(out.is_empty(), "{out:?}");
+        assert!(matches!(t.phase(2), Some(Phase::Queued(_))));
+        let out = t.submit(3, waiting("c.c"), tc(), "ci".into(), now);
+        assert!(out.is_empty(), "{out:?}");
+        t.check();
+        // The slot comes back: the oldest held job gets it, the next one waits on.
+        let out = t.finished("b1", 1, None, 0, now);
+        assert_eq!(started_on(&out), Some("b1"));
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Out::Route(2, b) if b == "b1")));
+        assert_eq!(t.phase(2), Some(Phase::Running));
+        assert!(matches!(t.phase(3), Some(Phase::Queued(_))));
+        t.check();
+        // A held job whose client leaves is over, and holds up no one.
+        t.client_gone(3, 0, now);
+        t.submit(4, waiting("d.c"), tc(), "ci".into(), now);
+        // A new builder takes what is held.
+        let out = t.join("b2".into(), builder("two", 1, now), now);
+        assert_eq!(started_on(&out), Some("b2"));
+        assert_eq!(t.phase(4), Some(Phase::Running));
+        t.check();
+    }
+
+    #[test]
+    fn a_held_job_is_refused_when_no_slot_frees_in_time() {
+        let now = Instant::now();
+        let mut t = table(2);
+        t.join("b1".into(), builder("one", 1, now), now);
+        t.submit(1, spec("a.c"), tc(), "ci".into(), now);
+        t.submit(2, waiting("b.c"), tc(), "ci".into(), now);
+        // The builder beats on, busy; the clock runs.
+        t.heartbeat("b1", 1, now + QUEUE_WAIT / 2);
+        assert!(t.tick(now + QUEUE_WAIT / 2).is_empty());
+        t.heartbeat("b1", 1, now + QUEUE_WAIT);
+        let out = t.tick(now + QUEUE_WAIT);
+        assert_eq!(refusal(&out), Some(Reason::NoCapacity));
+        assert_eq!(outcome(&out), Some(Outcome::NoCapacity));
+        assert!(closes(&out, 2));
+        assert_eq!(t.phase(2), None);
+        // A slot freed later places nothing: the queue is empty.
+        let out = t.finished("b1", 1, None, 0, now + QUEUE_WAIT);
+        assert_eq!(started_on(&out), None);
         t.check();
     }
 

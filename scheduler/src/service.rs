@@ -578,7 +578,8 @@ impl Scheduler {
             from_builder::Msg::Register(_) => return,
             from_builder::Msg::Heartbeat(hb) => {
                 *alive = now;
-                self.table().heartbeat(builder, hb.slots, now);
+                let outs = self.table().heartbeat(builder, hb.slots, now);
+                self.apply(outs).await;
                 return;
             }
             from_builder::Msg::Toolchains(change) => {
@@ -901,7 +902,8 @@ impl SchedulerRpc for Scheduler {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), Link { tx, _stop: stop });
-        self.table().join(id.clone(), state, now);
+        let outs = self.table().join(id.clone(), state, now);
+        self.apply(outs).await;
         tracing::info!(builder = %name, id = %id, ?peer, credential = %caller.name, slots = reg.slots, os = %reg.os, arch = %reg.arch, "builder joined");
         let this = self.clone();
         let mut shutdown = self.inner.shutdown.clone();

@@ -100,6 +100,12 @@ pub struct JobSpec {
     /// Shown in status and logs only (the source file, say).
     #[prost(string, tag = "12")]
     pub label: ::prost::alloc::string::String,
+    /// The client has no idle core to compile on itself: when every suitable builder is busy, the
+    /// scheduler holds the job (a few seconds at most) for the first slot that frees instead of
+    /// refusing it for no capacity. Without it, no capacity is refused at once and the client
+    /// compiles locally on a core it has free.
+    #[prost(bool, tag = "13")]
+    pub wait_for_slot: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
