@@ -84,7 +84,14 @@ pub fn socket(dir: &Path, farm: &Farm) -> Option<PathBuf> {
 /// agent, in which case one is started in the background for the compiles that follow.
 pub async fn channel(socket: &Path, settings: impl Fn(Endpoint) -> Endpoint) -> Option<Channel> {
     if !socket.exists() {
-        start(socket);
+        // A directory another user made (a cache directory shared by a team) is never used,
+        // and no agent is started for it on every compile.
+        let foreign = socket
+            .parent()
+            .is_some_and(|dir| dir.exists() && check_private(dir).is_err());
+        if !foreign {
+            start(socket);
+        }
         return None;
     }
     let path = socket.to_path_buf();
@@ -190,6 +197,11 @@ fn private_dir(dir: &Path) -> Result<(), AgentError> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(io_error("creating", dir)(e)),
     }
+    check_private(dir)
+}
+
+/// Checks that `dir` is a directory of this user's that nobody else may enter.
+fn check_private(dir: &Path) -> Result<(), AgentError> {
     let meta = fs::symlink_metadata(dir).map_err(io_error("reading", dir))?;
     let mode = meta.permissions().mode() & 0o7777;
     if !meta.is_dir() || meta.uid() != current_uid() || mode & 0o077 != 0 {

@@ -185,6 +185,18 @@ fn an_agent_serves_only_its_own_user() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("is not a private directory"), "{stderr}");
+    // Compiles there go to the farm directly, and leave the directory as it was.
+    let mut other = other;
+    other.env = p.env.clone();
+    compile(&other, 1);
+    compile(&other, 2);
+    assert_eq!(stat(&other, "dist_compiles"), 2, "{}", other.stats());
+    let left: Vec<_> = std::fs::read_dir(other.cache.join("agent"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]
