@@ -266,15 +266,11 @@ pub fn compile(req: &Request<'_>) -> Result<Done, Fallback> {
         .build()
         .map_err(|e| Fallback::Failed(format!("starting the network runtime: {e}")))?;
     let runtime_ready = hashed.elapsed();
-    let done = runtime
-        .block_on(async {
-            tokio::time::timeout(JOB_TIMEOUT, exchange(req, spec, source, &inputs))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Fallback::Failed("the remote compile took too long".into()))
-                })
-        })
-        .inspect_err(|f| crate::agent::tell_fallback(req.scheduler, f.name()))?;
+    let done = runtime.block_on(async {
+        tokio::time::timeout(JOB_TIMEOUT, exchange(req, spec, source, &inputs))
+            .await
+            .unwrap_or_else(|_| Err(Fallback::Failed("the remote compile took too long".into())))
+    })?;
     tracing::debug!(
         runtime_ms = format!("{:.1}", runtime_ready.as_secs_f64() * 1e3),
         remote_ms = format!("{:.1}", hashed.elapsed().as_secs_f64() * 1e3),

@@ -50,6 +50,9 @@ impl Outcome {
     }
 }
 
+/// The most fallback causes kept apart for one client (kiln has 13).
+pub const MAX_CAUSES: usize = 32;
+
 /// What the scheduler counts.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -99,11 +102,19 @@ impl Metrics {
     }
 
     /// The client whose token is named `client` compiled `count` jobs locally for `cause`.
+    /// Causes are the client's word and become labels: past [`MAX_CAUSES`] of them for one
+    /// client, new ones are counted as `other`, so no client can grow the series without bound.
     pub fn fallbacks_from(&self, client: &str, cause: &str, count: u64) {
         let mut fallbacks = self.fallbacks.lock().unwrap_or_else(|e| e.into_inner());
-        let n = fallbacks
-            .entry((client.to_owned(), cause.to_owned()))
-            .or_default();
+        let key = (client.to_owned(), cause.to_owned());
+        let known = fallbacks.contains_key(&key)
+            || fallbacks.keys().filter(|(c, _)| c == client).count() < MAX_CAUSES;
+        let key = if known {
+            key
+        } else {
+            (client.to_owned(), "other".to_owned())
+        };
+        let n = fallbacks.entry(key).or_default();
         *n = n.saturating_add(count);
     }
 
@@ -226,6 +237,10 @@ mod tests {
         m.fallbacks_from("alice", "stalled", 2);
         m.fallbacks_from("alice", "stalled", 1);
         m.fallbacks_from("ci", "no_capacity", 4);
+        // A client inventing causes ends up in one series, not thousands.
+        for i in 0..100 {
+            m.fallbacks_from("mallory", &format!("cause_{i}"), 1);
+        }
         let text = m.render(Gauges {
             builders: 2,
             slots: 8,
@@ -240,6 +255,7 @@ mod tests {
             "kiln_scheduler_client_jobs_total{client=\"alice\"} 1",
             "kiln_scheduler_client_fallbacks_total{client=\"alice\",cause=\"stalled\"} 3",
             "kiln_scheduler_client_fallbacks_total{client=\"ci\",cause=\"no_capacity\"} 4",
+            "kiln_scheduler_client_fallbacks_total{client=\"mallory\",cause=\"other\"} 68",
             "kiln_scheduler_job_seconds_count 0",
             "kiln_scheduler_slots 8",
             "kiln_scheduler_slots_busy 3",

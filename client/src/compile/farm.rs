@@ -74,25 +74,31 @@ fn distribute<F: Family>(
     let Some(scheduler) = dist::Farm::from_config(inv.config) else {
         return (Err(Fallback::NoScheduler), None);
     };
-    let sent = match job.farm_job(inv, cmd) {
-        Ok(sent) => sent,
-        Err(fallback) => return (Err(fallback), None),
+    let (done, read) = match job.farm_job(inv, cmd) {
+        Ok(sent) => {
+            let done = dist::compile(&dist::Request {
+                scheduler: &scheduler,
+                toolchain: &sent.toolchain.archive,
+                toolchain_digest: sent.toolchain.digest,
+                argv: sent.argv,
+                cwd: &inv.cwd,
+                env: inv.env,
+                files: &sent.inputs.files,
+                read: &sent.inputs.read,
+                dirs: &sent.inputs.dirs,
+                outputs: &sent.outputs,
+                source: &sent.source,
+                tty: inv.stderr_tty,
+            });
+            (done, Some(sent.inputs.read))
+        }
+        Err(fallback) => (Err(fallback), None),
     };
-    let done = dist::compile(&dist::Request {
-        scheduler: &scheduler,
-        toolchain: &sent.toolchain.archive,
-        toolchain_digest: sent.toolchain.digest,
-        argv: sent.argv,
-        cwd: &inv.cwd,
-        env: inv.env,
-        files: &sent.inputs.files,
-        read: &sent.inputs.read,
-        dirs: &sent.inputs.dirs,
-        outputs: &sent.outputs,
-        source: &sent.source,
-        tty: inv.stderr_tty,
-    });
-    (done, Some(sent.inputs.read))
+    // Every fallback past this point, whatever made it, is the scheduler's to count too.
+    if let Err(fallback) = &done {
+        crate::agent::tell_fallback(&scheduler, fallback.name());
+    }
+    (done, read)
 }
 
 /// True for about `rate` of the calls.
