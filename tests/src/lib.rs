@@ -667,15 +667,28 @@ impl Farm {
             let _ = tx.send(());
             self.runtime.block_on(task).unwrap().unwrap();
         }
-        let listener = self
-            .runtime
-            .block_on(tokio::net::TcpListener::bind(self.addr))
-            .expect("rebinding the scheduler's address");
-        let http = self
-            .runtime
-            .block_on(tokio::net::TcpListener::bind(self.http))
-            .expect("rebinding the scheduler's metrics address");
+        let listener = self.rebind(self.addr);
+        let http = self.rebind(self.http);
         self.serve_scheduler(listener, http);
+    }
+
+    /// Binds `addr` again. The scheduler's port came from the ephemeral range, so while it is
+    /// closed a builder redialling it can be given that very port for its own end (a TCP
+    /// self-connect) until the failed handshake closes it: wait for the port, not a fixed time.
+    fn rebind(&self, addr: std::net::SocketAddr) -> tokio::net::TcpListener {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match self.runtime.block_on(tokio::net::TcpListener::bind(addr)) {
+                Ok(listener) => return listener,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("rebinding the scheduler's {addr}: {e}"),
+            }
+        }
     }
 
     /// Starts builder `i` (again).
