@@ -343,12 +343,22 @@ pub(crate) fn endpoint_settings(endpoint: Endpoint) -> Endpoint {
         .http2_adaptive_window(true)
 }
 
-async fn connect(farm: &Farm) -> Result<Client, Fallback> {
+/// How a call reaches the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Through the agent's shared connection when there is one: compiles.
+    Shared,
+    /// On a connection of the call's own: `kiln dist-status`, which diagnoses the scheduler
+    /// itself and must not report an agent's view of it.
+    Direct,
+}
+
+async fn connect(farm: &Farm, route: Route) -> Result<Client, Fallback> {
     let url = &farm.url;
     let interceptor = farm.token.interceptor().map_err(Fallback::Refused)?;
     let endpoint =
         kiln_net::tls::endpoint(url, &farm.tls).map_err(|e| Fallback::Config(e.to_string()))?;
-    if let Some(socket) = &farm.agent {
+    if let (Some(socket), Route::Shared) = (&farm.agent, route) {
         if let Some(channel) = crate::agent::channel(socket, endpoint_settings).await {
             return Ok(client(channel, interceptor));
         }
@@ -485,7 +495,7 @@ async fn exchange(
     source: Option<Bytes>,
     inputs: &HashMap<Digest, Input>,
 ) -> Result<Done, Fallback> {
-    let mut client = connect(req.scheduler).await?;
+    let mut client = connect(req.scheduler, Route::Shared).await?;
     // Room for the spec and the whole source, which are sent before the call starts reading
     // the channel: a larger source would otherwise wait for ever on a full channel.
     let source_chunks = source
@@ -764,7 +774,9 @@ pub fn report_suspect(
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let mut client = connect(farm).await.map_err(|f| anyhow::anyhow!("{f}"))?;
+        let mut client = connect(farm, Route::Shared)
+            .await
+            .map_err(|f| anyhow::anyhow!("{f}"))?;
         let report = client.report(kiln_proto::v1::SuspectReport {
             protocol_version: PROTOCOL_VERSION,
             builder: builder.into(),
@@ -796,7 +808,9 @@ pub fn status(farm: &Farm) -> anyhow::Result<StatusReply> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let mut client = connect(farm).await.map_err(|f| anyhow::anyhow!("{f}"))?;
+        let mut client = connect(farm, Route::Direct)
+            .await
+            .map_err(|f| anyhow::anyhow!("{f}"))?;
         let reply = tokio::time::timeout(CALL_TIMEOUT, client.status(StatusRequest {}))
             .await
             .map_err(|_| {
@@ -1054,7 +1068,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let Err(f) = runtime.block_on(connect(&farm)) else {
+        let Err(f) = runtime.block_on(connect(&farm, Route::Shared)) else {
             panic!("connected with a missing CA file");
         };
         assert_eq!(f.name(), "config", "{f}");
